@@ -1,0 +1,5 @@
+//! The `relay` binary: see `relay --help`.
+
+fn main() -> std::process::ExitCode {
+    relay::cli::main()
+}

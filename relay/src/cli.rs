@@ -1,0 +1,207 @@
+//! The `relay` command line: `relay serve` and `relay token`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::error;
+
+use crate::auth::{ANY_HOST, Role, Signer};
+use crate::config::{EXIT_CONFIG, KeySource, Secret, ServeArgs};
+use crate::host_id::HostId;
+use crate::{server, telemetry};
+
+/// WebSocket tunnel relay: reach hosts behind NAT over one outbound tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay server.
+    Serve(ServeArgs),
+    /// Mint a host or client token with the configured key.
+    Token(TokenArgs),
+}
+
+/// Flags of `relay token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// `host` to register tunnels, `client` to reach hosts.
+    #[arg(long, value_enum)]
+    pub role: Role,
+
+    /// A hostId the token allows (repeat for several; `*` for all).
+    #[arg(long = "host", required = true)]
+    pub hosts: Vec<String>,
+
+    /// How long the token is valid (e.g. 1h, 24h, 30d).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub ttl: Duration,
+
+    /// The `sub` claim: who the token is for.
+    #[arg(long, default_value = "relay-cli")]
+    pub sub: String,
+
+    /// HS256 secret to sign with.
+    #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM private key to sign with (RS256, EdDSA or ES256) instead of a secret.
+    #[arg(
+        long,
+        env = "RELAY_JWT_PRIVATE_KEY_FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_private_key_file: Option<PathBuf>,
+}
+
+/// Runs the command line; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // --help and --version are not errors; every other parse failure is bad
+            // configuration.
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => token(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("relay: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("relay: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match server::bind(config.listen) {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!(addr = %config.listen, %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let KeySource::Ephemeral(secret) = &config.keys {
+            print_dev_tokens(secret, listener.local_addr().map(|a| a.port()).unwrap_or(0));
+        }
+        match server::run(listener, config, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                error!("relay failed: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        error!("cannot listen for signals; stop the relay with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `--dev`: print a host and a client token for every host, and how to use them.
+fn print_dev_tokens(secret: &Secret, port: u16) {
+    let signer = Signer::hs256(secret.expose());
+    let all = [ANY_HOST.to_owned()];
+    let ttl = Duration::from_secs(24 * 3600);
+    let (Ok(host), Ok(client)) = (
+        signer.mint("dev-host", Role::Host, &all, ttl),
+        signer.mint("dev-client", Role::Client, &all, ttl),
+    ) else {
+        eprintln!("relay: could not mint dev tokens");
+        return;
+    };
+    println!(
+        "relay dev mode: ephemeral secret; these tokens work until this process exits (24h max)"
+    );
+    println!("host token: {host}");
+    println!("client token: {client}");
+    println!("try it:");
+    println!(
+        "  host agent:  ws://localhost:{port}/tunnel?hostId=demo  (Authorization: Bearer <host token>)"
+    );
+    println!(
+        "  client:      curl -H \"Authorization: Bearer <client token>\" http://localhost:{port}/hosts/demo/"
+    );
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    for host in &args.hosts {
+        if host != ANY_HOST
+            && let Err(err) = HostId::parse(host)
+        {
+            eprintln!("relay token: --host {host:?}: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let signer = match (&args.jwt_secret, &args.jwt_private_key_file) {
+        (Some(secret), None) => Signer::hs256(secret.expose()),
+        (None, Some(path)) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| Signer::from_private_pem(&pem))
+        {
+            Ok(signer) => signer,
+            Err(err) => {
+                eprintln!(
+                    "relay token: RELAY_JWT_PRIVATE_KEY_FILE {}: {err}",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => {
+            eprintln!("relay token: set RELAY_JWT_SECRET or RELAY_JWT_PRIVATE_KEY_FILE");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match signer.mint(&args.sub, args.role, &args.hosts, args.ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("relay token: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The client side: `/hosts/{hostId}/...` requests carried over the host's tunnel.
+//!
+//! A plain request becomes one v1 HTTP exchange; a WebSocket upgrade becomes a channel.
+//! Either way the client is authorized first (role `client`, host listed in the token)
+//! on the machine that serves the request.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt as _;
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span};
+
+use crate::auth::{Role, bearer_token};
+use crate::error::ClientError;
+use crate::host_id::HostId;
+use crate::protocol::{Frame, Headers, close_code};
+use crate::server::Relay;
+use crate::telemetry;
+use crate::tunnel::{Channel, ExchangeError, HttpRequest, HttpResponse, TunnelHandle};
+
+/// Path segment under a host that the relay answers itself.
+pub const WHOOWNS: &str = "/_whoowns";
+
+/// `ANY /hosts/{hostId}/{*path}`.
+pub(crate) async fn host_request(
+    State(relay): State<Relay>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let response = match serve(relay, peer, request).await {
+        Ok(response) => response,
+        Err(err) => {
+            debug!(%err, status = err.status().as_u16(), "client request refused");
+            err.into_response()
+        }
+    };
+    telemetry::client_request(response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn serve(relay: Relay, peer: SocketAddr, request: Request) -> Result<Response, ClientError> {
+    let (raw_host, rest) =
+        split_host_path(request.uri().path()).ok_or(ClientError::HostNotConnected)?;
+    let host = HostId::parse(raw_host)?;
+    let query = request.uri().query();
+    let token = bearer_token(request.headers(), query).ok_or(crate::auth::AuthError::Missing)?;
+    relay
+        .verifier()
+        .authorize(&token, Role::Client, &host)
+        .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
+
+    let tunnel = relay.route(&host).await?;
+    if request.method() == http::Method::GET && rest == WHOOWNS {
+        return Ok(axum::Json(json!({
+            "ok": true,
+            "region": relay.config().owner.region,
+            "machine": relay.config().owner.machine_id,
+        }))
+        .into_response());
+    }
+
+    let path = if rest.is_empty() { "/" } else { rest }.to_owned();
+    let query = strip_token(query);
+    if is_websocket_upgrade(request.headers()) {
+        let (mut parts, _body) = request.into_parts();
+        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
+            .await
+            .map_err(|_| ClientError::NotWebSocket)?;
+        return Ok(open_channel(relay, tunnel, upgrade, path, query));
+    }
+    exchange(relay, tunnel, peer, request, path, query).await
+}
+
+/// One HTTP exchange over the tunnel.
+async fn exchange(
+    relay: Relay,
+    tunnel: TunnelHandle,
+    peer: SocketAddr,
+    request: Request,
+    path: String,
+    query: Option<String>,
+) -> Result<Response, ClientError> {
+    let limits = &relay.config().limits;
+    // Refuse before reading a byte of body if the tunnel is full.
+    let permit = tunnel.reserve()?;
+    let (parts, body) = request.into_parts();
+    if let Some(length) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && length > limits.max_body_bytes as u64
+    {
+        return Err(ClientError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        });
+    }
+    let body = axum::body::to_bytes(body, limits.max_body_bytes)
+        .await
+        .map_err(|err| {
+            if std::error::Error::source(&err)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
+            {
+                ClientError::BodyTooLarge {
+                    limit: limits.max_body_bytes,
+                }
+            } else {
+                ClientError::BodyUnreadable
+            }
+        })?;
+    let body = String::from_utf8(body.into()).map_err(|_| ClientError::BodyNotText)?;
+    let path = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let request = HttpRequest {
+        method: parts.method.as_str().to_owned(),
+        path,
+        headers: forward_headers(&parts.headers, peer.ip()),
+        body,
+    };
+    let response = tunnel
+        .exchange_reserved(permit, request, limits.exchange_timeout)
+        .await?;
+    into_client_response(response)
+}
+
+/// A WebSocket channel over the tunnel.
+fn open_channel(
+    relay: Relay,
+    tunnel: TunnelHandle,
+    upgrade: WebSocketUpgrade,
+    path: String,
+    query: Option<String>,
+) -> Response {
+    let queue = relay.config().limits.channel_queue;
+    let tracker = relay.tracker().clone();
+    let span = debug_span!("channel", host = %tunnel.host(), %path);
+    crate::host::configure(upgrade, &relay.config().limits)
+        .on_upgrade(move |socket| {
+            tracker.track_future(
+                async move {
+                    match tunnel.open_channel(path, query, queue).await {
+                        Ok(channel) => {
+                            telemetry::channel_open(1.0);
+                            run_channel(socket, channel).await;
+                            telemetry::channel_open(-1.0);
+                        }
+                        Err(_) => close_client(socket, Some(close_code::GOING_AWAY)).await,
+                    }
+                }
+                .instrument(span),
+            )
+        })
+        .into_response()
+}
+
+/// Carries frames between the client socket and the channel until either side closes.
+async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
+    loop {
+        tokio::select! {
+            // Host frames first: everything the host sent before its close is delivered
+            // before the close.
+            biased;
+            frame = channel.frames.recv() => match frame {
+                Some(frame) => {
+                    if socket.send(to_message(frame)).await.is_err() {
+                        channel.close(None).await;
+                        return;
+                    }
+                }
+                // The channel is gone: closed by the host, overflowed, or the tunnel went.
+                None => {
+                    let code = channel.closed.try_recv().unwrap_or(Some(close_code::GOING_AWAY));
+                    close_client(socket, code).await;
+                    return;
+                }
+            },
+            code = &mut channel.closed => {
+                while let Ok(frame) = channel.frames.try_recv() {
+                    if socket.send(to_message(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                close_client(socket, code.unwrap_or(Some(close_code::GOING_AWAY))).await;
+                return;
+            }
+            message = socket.recv() => {
+                let frame = match message {
+                    Some(Ok(Message::Text(text))) => Frame::Text(text.to_string()),
+                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes.to_vec()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        channel.close(frame.map(|f| f.code)).await;
+                        // The socket answers the client's Close as it is dropped.
+                        let _ = socket.close().await;
+                        return;
+                    }
+                    Some(Err(err)) => {
+                        let too_big = err
+                            .into_inner()
+                            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                        let code = if too_big { close_code::TOO_BIG } else { close_code::GOING_AWAY };
+                        channel.close(Some(code)).await;
+                        if too_big {
+                            close_client(socket, Some(code)).await;
+                        }
+                        return;
+                    }
+                    None => {
+                        channel.close(None).await;
+                        return;
+                    }
+                };
+                if channel.send(frame).await.is_err() {
+                    close_client(socket, Some(close_code::GOING_AWAY)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn to_message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(text) => Message::Text(text.into()),
+        Frame::Binary(bytes) => Message::Binary(bytes.into()),
+    }
+}
+
+/// Closes a client socket with `code` (no code when absent or not sendable on the wire).
+async fn close_client(mut socket: WebSocket, code: Option<u16>) {
+    let frame = code
+        .filter(|c| close_code::is_sendable(*c))
+        .map(|code| CloseFrame {
+            code,
+            reason: "".into(),
+        });
+    let _ = tokio::time::timeout(
+        crate::limits::CLOSE_TIMEOUT,
+        socket.send(Message::Close(frame)),
+    )
+    .await;
+}
+
+/// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).
+fn split_host_path(path: &str) -> Option<(&str, &str)> {
+    let after = path.strip_prefix("/hosts/")?;
+    Some(match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, ""),
+    })
+}
+
+/// The query string without any `token` parameter (which is for the relay, never the
+/// host). Other parameters keep their exact encoding and order.
+fn strip_token(query: Option<&str>) -> Option<String> {
+    let kept: Vec<&str> = query?
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            !pair.is_empty() && key != "token"
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and must
+/// not be forwarded.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// The request headers the host gets: hop-by-hop headers, the client's credentials and
+/// `Host` removed, framing left to the host's HTTP client, `X-Forwarded-*` added.
+fn forward_headers(headers: &HeaderMap, peer: IpAddr) -> Headers {
+    let listed_in_connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = Vec::with_capacity(headers.keys_len() + 3);
+    for name in headers.keys() {
+        if is_hop_by_hop(name)
+            || name == header::AUTHORIZATION
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == "x-forwarded-for"
+            || listed_in_connection.iter().any(|n| n == name.as_str())
+        {
+            continue;
+        }
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        let separator = if name == header::COOKIE { "; " } else { ", " };
+        out.push((name.as_str().to_owned(), values.join(separator)));
+    }
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let prior: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    out.push(("x-forwarded-for".into(), forwarded_for));
+    if !headers.contains_key("x-forwarded-proto") {
+        out.push(("x-forwarded-proto".into(), "http".into()));
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok())
+    {
+        out.push(("x-forwarded-host".into(), host.to_owned()));
+    }
+    Headers(out)
+}
+
+/// The client's response from the host's answer.
+fn into_client_response(response: HttpResponse) -> Result<Response, ClientError> {
+    let status = StatusCode::from_u16(response.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| {
+            ExchangeError::InvalidResponse(format!(
+                "status {} is not a final HTTP status",
+                response.status
+            ))
+        })?;
+    let mut out = Response::new(Body::from(response.body));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    for (name, value) in response.headers.0 {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) else {
+            telemetry::message_ignored("bad_header");
+            continue;
+        };
+        if is_hop_by_hop(&name) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        headers.append(name, value);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_path_splits_after_the_id() {
+        assert_eq!(split_host_path("/hosts/h1/a/b"), Some(("h1", "/a/b")));
+        assert_eq!(split_host_path("/hosts/h1/"), Some(("h1", "/")));
+        assert_eq!(split_host_path("/hosts/h1"), Some(("h1", "")));
+        assert_eq!(split_host_path("/other"), None);
+    }
+
+    #[test]
+    fn token_is_stripped_and_the_rest_kept_verbatim() {
+        assert_eq!(
+            strip_token(Some("a=1&token=x&b=%20")),
+            Some("a=1&b=%20".into())
+        );
+        assert_eq!(strip_token(Some("token=x")), None);
+        assert_eq!(
+            strip_token(Some("tokens=1&flag")),
+            Some("tokens=1&flag".into())
+        );
+        assert_eq!(strip_token(None), None);
+    }
+
+    #[test]
+    fn forwarded_headers_drop_credentials_and_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        headers.insert(header::HOST, "relay.example".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.append(header::ACCEPT, "a".parse().unwrap());
+        headers.append(header::ACCEPT, "b".parse().unwrap());
+        headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        let out = forward_headers(&headers, "::ffff:192.0.2.7".parse().unwrap());
+        let get = |n: &str| out.0.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("authorization"), None);
+        assert_eq!(get("host"), None);
+        assert_eq!(get("x-private"), None);
+        assert_eq!(get("transfer-encoding"), None);
+        assert_eq!(get("accept"), Some("a, b"));
+        assert_eq!(get("x-forwarded-for"), Some("10.0.0.1, 192.0.2.7"));
+        assert_eq!(get("x-forwarded-proto"), Some("http"));
+        assert_eq!(get("x-forwarded-host"), Some("relay.example"));
+    }
+
+    #[test]
+    fn host_response_with_informational_status_is_refused() {
+        let response = HttpResponse {
+            status: 101,
+            headers: Headers::default(),
+            body: Vec::new(),
+        };
+        assert!(into_client_response(response).is_err());
+    }
+}

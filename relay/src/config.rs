@@ -1,0 +1,395 @@
+//! Configuration of `relay serve`: flags, their environment variables, and validation.
+//!
+//! Everything is checked before anything binds; a bad value is the operator's fault and
+//! ends the process with exit code 64 (EX_USAGE) and a message naming the setting.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::Verifier;
+use crate::directory::Owner;
+use crate::limits::{self, Limits};
+use crate::telemetry::LogFormat;
+
+/// Exit code for invalid configuration (BSD `EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// A secret from the command line or environment. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Secret, String> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// JWT algorithms a public key file may be used with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyAlgorithm {
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    #[value(name = "RS256")]
+    Rs256,
+    /// Ed25519.
+    #[value(name = "EdDSA")]
+    EdDsa,
+    /// ECDSA P-256 with SHA-256.
+    #[value(name = "ES256")]
+    Es256,
+}
+
+impl From<KeyAlgorithm> for jsonwebtoken::Algorithm {
+    fn from(alg: KeyAlgorithm) -> Self {
+        match alg {
+            KeyAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
+            KeyAlgorithm::EdDsa => jsonwebtoken::Algorithm::EdDSA,
+            KeyAlgorithm::Es256 => jsonwebtoken::Algorithm::ES256,
+        }
+    }
+}
+
+/// Flags of `relay serve`. Every flag can also be set from the environment variable
+/// named in its help.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; the default `::` accepts IPv4 and IPv6.
+    #[arg(long, env = "RELAY_BIND", default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
+    pub bind: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "RELAY_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Region of this machine (Fly sets FLY_REGION).
+    #[arg(long, env = "FLY_REGION", default_value = "local")]
+    pub region: String,
+
+    /// Id of this machine (Fly sets FLY_MACHINE_ID). Default: derived from the hostname,
+    /// so a restarted process keeps its identity.
+    #[arg(long, env = "FLY_MACHINE_ID")]
+    pub machine_id: Option<String>,
+
+    /// Fly app name (Fly sets FLY_APP_NAME).
+    #[arg(long, env = "FLY_APP_NAME")]
+    pub app_name: Option<String>,
+
+    /// HS256 secret that host and client tokens are signed with.
+    #[arg(long, env = "RELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM public key file for RS256, EdDSA or ES256 tokens (instead of a secret).
+    #[arg(long, env = "RELAY_JWT_PUBLIC_KEY_FILE", conflicts_with = "jwt_secret")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Algorithm of the public key file. Default: taken from the key.
+    #[arg(long, env = "RELAY_JWT_ALGORITHM", requires = "jwt_public_key_file")]
+    pub jwt_algorithm: Option<KeyAlgorithm>,
+
+    /// Try the relay locally: an ephemeral secret, and a host and a client token printed
+    /// on stdout.
+    #[arg(long, env = "RELAY_DEV")]
+    pub dev: bool,
+
+    /// Interval between pings on every tunnel.
+    #[arg(long, env = "RELAY_PING_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub ping_interval: Duration,
+
+    /// Unanswered pings after which a tunnel is closed (1001).
+    #[arg(long, env = "RELAY_MAX_MISSED_PONGS", default_value_t = limits::MAX_MISSED_PONGS)]
+    pub max_missed_pongs: u32,
+
+    /// How long a client HTTP exchange waits for the host before 504.
+    #[arg(long, env = "RELAY_EXCHANGE_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub exchange_timeout: Duration,
+
+    /// Exchanges in flight per tunnel before 503 "host overloaded".
+    #[arg(long, env = "RELAY_MAX_PENDING", default_value_t = limits::MAX_PENDING_EXCHANGES)]
+    pub max_pending: usize,
+
+    /// Largest client request body, in bytes (413 above).
+    #[arg(long, env = "RELAY_MAX_BODY_BYTES", default_value_t = limits::MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+
+    /// Largest WebSocket message on any socket, in bytes (close 1009 above).
+    #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = limits::MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+
+    /// Messages that may wait in one tunnel's outbound queue.
+    #[arg(long, env = "RELAY_TUNNEL_QUEUE", default_value_t = limits::TUNNEL_QUEUE)]
+    pub tunnel_queue: usize,
+
+    /// Host frames that may wait for one slow client channel before it is closed (1013).
+    #[arg(long, env = "RELAY_CHANNEL_QUEUE", default_value_t = limits::CHANNEL_QUEUE)]
+    pub channel_queue: usize,
+
+    /// Lifetime of a directory entry without a heartbeat (heartbeats ride on pongs).
+    #[arg(long, env = "RELAY_DIRECTORY_TTL", value_parser = humantime::parse_duration,
+          default_value = "90s")]
+    pub directory_ttl: Duration,
+
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How the relay verifies tokens.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// HS256 with a shared secret.
+    Secret(Secret),
+    /// A public key (PEM) and its algorithm (None: from the key).
+    PublicKey {
+        /// Where the key was read from, for messages.
+        path: PathBuf,
+        /// The PEM.
+        pem: Vec<u8>,
+        /// The algorithm, if given.
+        algorithm: Option<KeyAlgorithm>,
+    },
+    /// `--dev`: a secret generated for this process only.
+    Ephemeral(Secret),
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// This machine, as written in the directory.
+    pub owner: Owner,
+    /// Fly app name, when on Fly.
+    pub app_name: Option<String>,
+    /// How tokens are verified.
+    pub keys: KeySource,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// A configuration error: the operator's fault; exits 64.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl ServeArgs {
+    /// Validates the flags into a [`Config`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the setting and what is wrong with it.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let err = |msg: String| Err(ConfigError(msg));
+        let machine_id = match self.machine_id {
+            Some(id) => id,
+            None => default_machine_id(),
+        };
+        let owner = Owner::new(&self.region, &machine_id)
+            .map_err(|e| ConfigError(format!("{e} (FLY_REGION / FLY_MACHINE_ID)")))?;
+
+        let keys = match (self.dev, self.jwt_secret, self.jwt_public_key_file) {
+            (true, None, None) => KeySource::Ephemeral(Secret(random_secret())),
+            (true, _, _) => {
+                return err(
+                    "--dev makes its own ephemeral secret: unset RELAY_JWT_SECRET / \
+                            RELAY_JWT_PUBLIC_KEY_FILE, or drop --dev"
+                        .into(),
+                );
+            }
+            (false, Some(secret), None) => {
+                if secret.0.len() < 16 {
+                    return err("RELAY_JWT_SECRET must be at least 16 bytes".into());
+                }
+                KeySource::Secret(secret)
+            }
+            (false, None, Some(path)) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    ConfigError(format!(
+                        "cannot read RELAY_JWT_PUBLIC_KEY_FILE {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                KeySource::PublicKey {
+                    path,
+                    pem,
+                    algorithm: self.jwt_algorithm,
+                }
+            }
+            (false, None, None) => {
+                return err("no token key: set RELAY_JWT_SECRET (HS256) or \
+                            RELAY_JWT_PUBLIC_KEY_FILE (RS256/EdDSA/ES256), or run \
+                            `relay serve --dev` to try it locally"
+                    .into());
+            }
+            (false, Some(_), Some(_)) => {
+                return err("set RELAY_JWT_SECRET or RELAY_JWT_PUBLIC_KEY_FILE, not both".into());
+            }
+        };
+
+        let positive = |name: &str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError(format!("{name} must be greater than zero")))
+            } else {
+                Ok(d)
+            }
+        };
+        let at_least = |name: &str, v: usize, min: usize| {
+            if v < min {
+                Err(ConfigError(format!("{name} must be at least {min}")))
+            } else {
+                Ok(v)
+            }
+        };
+        let limits = Limits {
+            ping_interval: positive("RELAY_PING_INTERVAL", self.ping_interval)?,
+            max_missed_pongs: at_least("RELAY_MAX_MISSED_PONGS", self.max_missed_pongs as usize, 1)?
+                as u32,
+            exchange_timeout: positive("RELAY_EXCHANGE_TIMEOUT", self.exchange_timeout)?,
+            max_pending: at_least("RELAY_MAX_PENDING", self.max_pending, 1)?,
+            max_body_bytes: self.max_body_bytes,
+            max_frame_bytes: at_least("RELAY_MAX_FRAME_BYTES", self.max_frame_bytes, 1024)?,
+            tunnel_queue: at_least("RELAY_TUNNEL_QUEUE", self.tunnel_queue, 1)?,
+            channel_queue: at_least("RELAY_CHANNEL_QUEUE", self.channel_queue, 1)?,
+            directory_ttl: positive("RELAY_DIRECTORY_TTL", self.directory_ttl)?,
+        };
+        if limits.directory_ttl <= limits.ping_interval {
+            return err(format!(
+                "RELAY_DIRECTORY_TTL ({:?}) must be longer than RELAY_PING_INTERVAL ({:?}): \
+                 heartbeats ride on pongs",
+                limits.directory_ttl, limits.ping_interval
+            ));
+        }
+
+        let config = Config {
+            listen: SocketAddr::new(self.bind, self.port),
+            owner,
+            app_name: self.app_name.filter(|s| !s.is_empty()),
+            keys,
+            limits,
+            log_format: self.log_format,
+        };
+        // Fail now, not on the first request, if the key is unusable.
+        config.verifier()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// The token verifier for this configuration.
+    ///
+    /// # Errors
+    /// When a public key file does not hold a usable key.
+    pub fn verifier(&self) -> Result<Verifier, ConfigError> {
+        match &self.keys {
+            KeySource::Secret(secret) | KeySource::Ephemeral(secret) => {
+                Ok(Verifier::hs256(secret.expose()))
+            }
+            KeySource::PublicKey {
+                path,
+                pem,
+                algorithm,
+            } => Verifier::from_public_pem(pem, algorithm.map(Into::into)).map_err(|e| {
+                ConfigError(format!("RELAY_JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))
+            }),
+        }
+    }
+}
+
+/// A machine id derived from the hostname: stable across restarts of the same machine,
+/// restricted to the characters an owner value allows.
+fn default_machine_id() -> String {
+    let hostname = gethostname::gethostname().to_string_lossy().to_lowercase();
+    let id: String = hostname
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let id = id.trim_matches('-').to_owned();
+    if id.is_empty() { "relay".into() } else { id }
+}
+
+fn random_secret() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["relay"];
+        argv.extend_from_slice(args);
+        Wrapper::try_parse_from(argv).unwrap().args.into_config()
+    }
+
+    #[test]
+    fn defaults_listen_dual_stack_on_8080() {
+        let config = parse(&["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"]).unwrap();
+        assert_eq!(config.listen.to_string(), "[::]:8080");
+        assert_eq!(config.owner.to_string(), "local:m1");
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn no_key_and_no_dev_is_refused_with_the_reason() {
+        let err = parse(&["--machine-id", "m1"]).unwrap_err().to_string();
+        assert!(err.contains("RELAY_JWT_SECRET"), "{err}");
+        assert!(err.contains("--dev"), "{err}");
+    }
+
+    #[test]
+    fn zero_durations_and_bad_identities_are_refused() {
+        let base = ["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"];
+        for extra in [
+            &["--ping-interval", "0s"][..],
+            &["--exchange-timeout", "0s"],
+            &["--max-pending", "0"],
+            &["--region", "a:b"],
+            &["--directory-ttl", "10s", "--ping-interval", "30s"],
+        ] {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            assert!(parse(&args).is_err(), "{extra:?} accepted");
+        }
+    }
+
+    #[test]
+    fn secret_is_masked_in_debug_output() {
+        let config = parse(&["--jwt-secret", "0123456789abcdef-very-secret"]).unwrap();
+        assert!(!format!("{config:?}").contains("very-secret"));
+    }
+}

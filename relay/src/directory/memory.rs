@@ -1,0 +1,225 @@
+//! The embedded, in-process directory: the default when no Redis is configured.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Directory, DirectoryError, Owner};
+use crate::host_id::HostId;
+
+/// An in-memory directory with the same semantics as the shared one: TTL per entry,
+/// compare-and-delete, no resurrection by heartbeat, and a per-owner index so that
+/// clearing an owner costs what it owns.
+#[derive(Debug)]
+pub struct MemoryDirectory {
+    ttl: Duration,
+    /// std Mutex: every critical section is a few map operations and never awaits.
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<HostId, Entry>,
+    /// hostIds each owner holds. An owner whose set becomes empty is removed.
+    by_owner: HashMap<Owner, HashSet<HostId>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    owner: Owner,
+    expires_at: Instant,
+}
+
+impl MemoryDirectory {
+    /// An empty directory whose entries live `ttl` without a heartbeat.
+    pub fn new(ttl: Duration) -> MemoryDirectory {
+        MemoryDirectory {
+            ttl,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the maps inconsistent in a way
+        // that matters more than losing the directory, so recover the guard.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl State {
+    fn remove(&mut self, host: &HostId) -> Option<Entry> {
+        let entry = self.entries.remove(host)?;
+        if let Some(hosts) = self.by_owner.get_mut(&entry.owner) {
+            hosts.remove(host);
+            if hosts.is_empty() {
+                self.by_owner.remove(&entry.owner);
+            }
+        }
+        Some(entry)
+    }
+
+    fn live_owner(&self, host: &HostId, now: Instant) -> Option<&Owner> {
+        self.entries
+            .get(host)
+            .filter(|e| e.expires_at > now)
+            .map(|e| &e.owner)
+    }
+}
+
+#[async_trait]
+impl Directory for MemoryDirectory {
+    async fn register(
+        &self,
+        host: &HostId,
+        owner: &Owner,
+    ) -> Result<Option<Owner>, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let previous = state
+            .live_owner(host, now)
+            .filter(|prev| *prev != owner)
+            .cloned();
+        state.remove(host);
+        state.entries.insert(
+            host.clone(),
+            Entry {
+                owner: owner.clone(),
+                expires_at: now + self.ttl,
+            },
+        );
+        state
+            .by_owner
+            .entry(owner.clone())
+            .or_default()
+            .insert(host.clone());
+        Ok(previous)
+    }
+
+    async fn unregister(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
+        let mut state = self.state();
+        if state.entries.get(host).is_some_and(|e| e.owner == *owner) {
+            state.remove(host);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn lookup(&self, host: &HostId) -> Result<Option<Owner>, DirectoryError> {
+        Ok(self.state().live_owner(host, Instant::now()).cloned())
+    }
+
+    async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        match state.entries.get_mut(host) {
+            Some(entry) if entry.owner == *owner && entry.expires_at > now => {
+                entry.expires_at = now + self.ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn clear_owned(&self, owner: &Owner) -> Result<usize, DirectoryError> {
+        let mut state = self.state();
+        let Some(hosts) = state.by_owner.remove(owner) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for host in hosts {
+            if state.entries.get(&host).is_some_and(|e| e.owner == *owner) {
+                state.entries.remove(&host);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn sweep(&self, limit: usize) -> Result<usize, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let expired: Vec<HostId> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires_at <= now)
+            .map(|(host, _)| host.clone())
+            .take(limit)
+            .collect();
+        for host in &expired {
+            state.remove(host);
+        }
+        Ok(expired.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(s: &str) -> HostId {
+        HostId::parse(s).unwrap()
+    }
+    fn owner(s: &str) -> Owner {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn unregister_is_compare_and_delete() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        assert_eq!(dir.register(&host("h"), &a).await.unwrap(), None);
+        assert_eq!(dir.register(&host("h"), &b).await.unwrap(), Some(a.clone()));
+        assert!(!dir.unregister(&host("h"), &a).await.unwrap());
+        assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(b.clone()));
+        assert!(dir.unregister(&host("h"), &b).await.unwrap());
+        assert_eq!(dir.lookup(&host("h")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn heartbeat_after_unregister_resurrects_nothing() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let a = owner("ams:a");
+        dir.register(&host("h"), &a).await.unwrap();
+        dir.unregister(&host("h"), &a).await.unwrap();
+        assert!(!dir.heartbeat(&host("h"), &a).await.unwrap());
+        assert_eq!(dir.lookup(&host("h")).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_without_heartbeat_and_live_with_one() {
+        let dir = MemoryDirectory::new(Duration::from_secs(10));
+        let a = owner("ams:a");
+        dir.register(&host("kept"), &a).await.unwrap();
+        dir.register(&host("lost"), &a).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(dir.heartbeat(&host("kept"), &a).await.unwrap());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dir.lookup(&host("kept")).await.unwrap(), Some(a.clone()));
+        assert_eq!(dir.lookup(&host("lost")).await.unwrap(), None);
+        assert!(!dir.heartbeat(&host("lost"), &a).await.unwrap());
+        assert_eq!(dir.sweep(100).await.unwrap(), 1);
+        assert_eq!(dir.sweep(100).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn clear_owned_removes_only_own_entries() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        for i in 0..100 {
+            dir.register(&host(&format!("a{i}")), &a).await.unwrap();
+            dir.register(&host(&format!("b{i}")), &b).await.unwrap();
+        }
+        // b takes over one of a's hosts: clearing a must leave it alone.
+        dir.register(&host("a0"), &b).await.unwrap();
+        assert_eq!(dir.clear_owned(&a).await.unwrap(), 99);
+        assert_eq!(dir.lookup(&host("a0")).await.unwrap(), Some(b.clone()));
+        assert_eq!(dir.lookup(&host("a5")).await.unwrap(), None);
+        assert_eq!(dir.clear_owned(&a).await.unwrap(), 0);
+        assert_eq!(dir.clear_owned(&b).await.unwrap(), 101);
+    }
+}

@@ -1,0 +1,135 @@
+//! The tunnel directory: which relay machine owns the tunnel of each host.
+//!
+//! Every machine keeps its tunnels in process (the [`crate::registry`]) and publishes
+//! ownership here, so a request that lands on another machine can be routed to the
+//! owner. Entries live by TTL and are refreshed by heartbeats (pongs); writes that remove
+//! or refresh an entry are compare-and-act on the owner, so a machine can never remove or
+//! resurrect an entry another machine has taken since.
+//!
+//! [`MemoryDirectory`] is the embedded default (one machine, no Redis).
+
+mod memory;
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+
+use crate::host_id::HostId;
+
+pub use memory::MemoryDirectory;
+
+/// One relay machine, as written in the directory: `region:machineId`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    /// Fly region (or `local`).
+    pub region: String,
+    /// Machine id, unique within the app.
+    pub machine_id: String,
+}
+
+/// Why a region or machine id is not usable in an owner value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} must be 1-64 characters from [A-Za-z0-9_.-]")]
+pub struct InvalidOwner {
+    what: &'static str,
+    value: String,
+}
+
+impl Owner {
+    /// An owner from a region and a machine id, both checked so that the encoded form
+    /// `region:machineId` decodes back unambiguously.
+    ///
+    /// # Errors
+    /// When either part is empty, too long or has a character outside `[A-Za-z0-9_.-]`.
+    pub fn new(region: &str, machine_id: &str) -> Result<Owner, InvalidOwner> {
+        fn check(what: &'static str, value: &str) -> Result<(), InvalidOwner> {
+            let ok = !value.is_empty()
+                && value.len() <= 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidOwner {
+                    what,
+                    value: value.to_owned(),
+                })
+            }
+        }
+        check("region", region)?;
+        check("machine id", machine_id)?;
+        Ok(Owner {
+            region: region.to_owned(),
+            machine_id: machine_id.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.region, self.machine_id)
+    }
+}
+
+impl FromStr for Owner {
+    type Err = InvalidOwner;
+
+    /// ```
+    /// use relay::directory::Owner;
+    /// let owner: Owner = "ams:e7843d4f".parse().unwrap();
+    /// assert_eq!((owner.region.as_str(), owner.machine_id.as_str()), ("ams", "e7843d4f"));
+    /// assert_eq!(owner.to_string(), "ams:e7843d4f");
+    /// ```
+    fn from_str(s: &str) -> Result<Owner, InvalidOwner> {
+        let (region, machine) = s.split_once(':').unwrap_or((s, ""));
+        Owner::new(region, machine)
+    }
+}
+
+/// A directory operation failed. The relay's infrastructure (not a host or client) is at
+/// fault; callers log it and carry on with what they hold locally.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The backend could not be reached or answered with an error.
+    #[error("directory unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer in time.
+    #[error("directory timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The backend holds a value the relay cannot decode.
+    #[error("directory holds a corrupt entry: {0}")]
+    Corrupt(String),
+}
+
+/// Where each host's tunnel is. All operations are safe against concurrent machines.
+///
+/// # Cancel safety
+/// Every method is a single request to the backend; dropping the future either leaves the
+/// operation undone or done, never half-done (multi-step writes are atomic).
+#[async_trait]
+pub trait Directory: Send + Sync + fmt::Debug + 'static {
+    /// Makes `owner` the owner of `host` with a fresh TTL, whoever owned it before.
+    /// Returns the previous owner, if another one was live.
+    async fn register(&self, host: &HostId, owner: &Owner)
+    -> Result<Option<Owner>, DirectoryError>;
+
+    /// Removes `host` only if `owner` still owns it (compare-and-delete). Returns whether
+    /// an entry was removed.
+    async fn unregister(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError>;
+
+    /// The live owner of `host`, if any.
+    async fn lookup(&self, host: &HostId) -> Result<Option<Owner>, DirectoryError>;
+
+    /// Refreshes the TTL of `host` only if `owner` still owns it; never recreates an entry
+    /// that was removed. Returns whether the entry was refreshed.
+    async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError>;
+
+    /// Removes every entry `owner` still owns (compare-and-delete each), at a cost
+    /// proportional to what it owns. Returns how many were removed.
+    async fn clear_owned(&self, owner: &Owner) -> Result<usize, DirectoryError>;
+
+    /// Drops at most `limit` expired entries. Returns how many were dropped.
+    async fn sweep(&self, limit: usize) -> Result<usize, DirectoryError>;
+}

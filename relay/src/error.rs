@@ -1,0 +1,80 @@
+//! Errors answered to clients, each saying whose fault it is.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::host_id::InvalidHostId;
+use crate::tunnel::ExchangeError;
+
+/// Why a client request could not be carried. The status code follows from whose fault
+/// it is: 4xx the client's, 502/504 the host's, 503 "nobody here to serve it".
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Client: the hostId in the path is not valid.
+    #[error("{0}")]
+    InvalidHostId(#[from] InvalidHostId),
+    /// Client: no or bad credentials.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    /// Client: a plain request where a WebSocket upgrade is required.
+    #[error("this endpoint needs a WebSocket upgrade")]
+    NotWebSocket,
+    /// Client: the request body is over the limit.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Client: v1 tunnels carry text bodies only.
+    #[error("request body is not UTF-8 text; v1 tunnels carry text bodies only")]
+    BodyNotText,
+    /// Client: the body could not be read (the client went away mid-upload).
+    #[error("could not read the request body")]
+    BodyUnreadable,
+    /// Nobody holds a tunnel for this host.
+    #[error("host not connected")]
+    HostNotConnected,
+    /// The exchange with the host failed (overloaded, timeout, tunnel closed, bad answer).
+    #[error("{0}")]
+    Exchange(#[from] ExchangeError),
+}
+
+impl ClientError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ClientError::InvalidHostId(_) | ClientError::BodyUnreadable => StatusCode::BAD_REQUEST,
+            ClientError::Auth(err) => err.status(),
+            ClientError::NotWebSocket => StatusCode::UPGRADE_REQUIRED,
+            ClientError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ClientError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ClientError::HostNotConnected => StatusCode::SERVICE_UNAVAILABLE,
+            ClientError::Exchange(err) => match err {
+                ExchangeError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+                ExchangeError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                ExchangeError::TunnelClosed | ExchangeError::InvalidResponse(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
+            },
+        }
+    }
+}
+
+impl IntoResponse for ClientError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if let ClientError::Auth(AuthError::Missing | AuthError::Expired | AuthError::Invalid(_)) =
+            self
+        {
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}

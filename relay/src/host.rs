@@ -1,0 +1,160 @@
+//! The host side: `GET /tunnel?hostId=<id>` turns a host agent's WebSocket into a tunnel.
+//!
+//! Registration order matters: the tunnel is put in the local registry before it is
+//! published in the directory, so a request routed here by the directory always finds it;
+//! and when it ends it is removed from the directory only if it was still the registered
+//! tunnel (compare-and-delete on both levels).
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use http::HeaderMap;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::auth::{AuthError, Role, bearer_token};
+use crate::error::ClientError;
+use crate::host_id::HostId;
+use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
+use crate::protocol::close_code;
+use crate::server::Relay;
+use crate::telemetry;
+use crate::tunnel::TunnelHandle;
+
+/// Applies the relay's socket limits and buffer sizes to a WebSocket upgrade.
+pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
+    upgrade
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2))
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+}
+
+/// Why a tunnel registration was refused. The agent is at fault; it gets close 1008.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("missing hostId query parameter")]
+    MissingHostId,
+    #[error("{0}")]
+    InvalidHostId(#[from] crate::host_id::InvalidHostId),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+}
+
+/// `GET /tunnel?hostId=<id>`.
+pub(crate) async fn accept(
+    State(relay): State<Relay>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return ClientError::NotWebSocket.into_response();
+    };
+    let upgrade = configure(upgrade, &relay.config().limits);
+    let tracker = relay.tracker().clone();
+    match authorize(&relay, &headers, query.as_deref()) {
+        Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
+            tracker.track_future(serve_tunnel(relay, socket, host, subject, peer))
+        }),
+        Err(refusal) => {
+            if let Refusal::Auth(err) = &refusal {
+                telemetry::auth_failed("tunnel", err.kind());
+            }
+            info!(%peer, reason = %refusal, "tunnel refused");
+            upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, refusal)))
+        }
+    }
+    .into_response()
+}
+
+fn authorize(
+    relay: &Relay,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(HostId, String), Refusal> {
+    let raw = query
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "hostId")
+                .map(|(_, v)| v.into_owned())
+        })
+        .ok_or(Refusal::MissingHostId)?;
+    let host = HostId::parse(&raw)?;
+    let token = bearer_token(headers, query).ok_or(AuthError::Missing)?;
+    let claims = relay.verifier().authorize(&token, Role::Host, &host)?;
+    Ok((host, claims.sub))
+}
+
+/// Closes a refused tunnel with 1008 and the reason, then waits briefly for the agent's
+/// Close so it reads the code rather than a reset.
+async fn refuse(mut socket: WebSocket, refusal: Refusal) {
+    let reason = refusal.to_string();
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code: close_code::POLICY,
+                reason: reason[..end].into(),
+            })))
+            .await?;
+        while let Some(message) = socket.next().await {
+            if matches!(message?, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<_, axum::Error>(())
+    })
+    .await;
+}
+
+/// Runs one registered tunnel from registration to unregistration.
+async fn serve_tunnel(
+    relay: Relay,
+    socket: WebSocket,
+    host: HostId,
+    subject: String,
+    peer: SocketAddr,
+) {
+    let limits = &relay.config().limits;
+    let (handle, session) = TunnelHandle::new(host.clone(), limits, relay.shutdown_token());
+    let span = info_span!("tunnel", host = %host, tunnel = %handle.id());
+    async move {
+        if let Some(old) = relay.registry().insert(handle.clone()) {
+            info!(old = %old.id(), "replacing the previous tunnel for this host");
+            old.close(close_code::REPLACED);
+        }
+        telemetry::tunnel_registered();
+        relay.publish(&host).await;
+        info!(%peer, sub = %subject, "tunnel registered");
+
+        let on_pong = {
+            let relay = relay.clone();
+            let host = host.clone();
+            move || relay.heartbeat(&host)
+        };
+        let end = session.run(socket, on_pong).await;
+        info!(reason = end.label(), detail = ?end, "tunnel closed");
+        telemetry::tunnel_unregistered(end.label());
+
+        if relay.registry().remove(&host, handle.id()) {
+            relay.unpublish(&host).await;
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Logs a directory failure; the tunnel keeps serving locally either way.
+pub(crate) fn directory_failed(op: &'static str, host: &HostId, err: &dyn std::fmt::Display) {
+    telemetry::directory_error(op);
+    warn!(%host, op, error = %err, "directory operation failed; serving locally");
+}

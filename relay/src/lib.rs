@@ -1,0 +1,38 @@
+//! `relay`: a WebSocket tunnel relay.
+//!
+//! A host agent behind NAT opens one outbound WebSocket, its *tunnel*, to the relay.
+//! Clients call `/hosts/<hostId>/...` over HTTP or WebSocket, and the relay carries each
+//! exchange over that host's tunnel using the v1 JSON protocol (`docs/protocol.md`).
+//!
+//! # Layout
+//! - [`cli`]: the `relay` command line (`serve`, `token`); the binary only calls it.
+//! - [`config`]: flags and environment of `relay serve`, validated before binding.
+//! - [`limits`]: every timeout and limit, with its default and why.
+//! - [`protocol`]: the v1 wire messages and close codes.
+//! - [`host_id`]: validated hostIds.
+//! - [`auth`]: JWT claims, verification and minting.
+//! - [`server`]: shared state ([`server::Relay`]), the router and the serve loop.
+//! - [`host`]: the host side: `/tunnel` registrations.
+//! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
+//! - [`tunnel`]: the per-tunnel actor and its handle: a multiplexer of streams.
+//! - [`registry`]: the tunnels this process holds.
+//! - [`directory`]: which machine owns each host (in memory by default).
+//! - [`error`]: errors answered to clients, by whose fault they are.
+//! - [`telemetry`]: logging, redaction and metrics.
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod directory;
+pub mod error;
+pub mod host;
+pub mod host_id;
+pub mod limits;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod telemetry;
+pub mod tunnel;

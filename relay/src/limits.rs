@@ -1,0 +1,111 @@
+//! Every timeout and limit the relay applies, with its default and the reason for it.
+//!
+//! The defaults live here as constants so that the whole policy can be read in one
+//! place; [`Limits`] carries the values actually in force (each one can be overridden
+//! from the command line or the environment, see [`crate::config`]).
+
+use std::time::Duration;
+
+/// How often the relay sends a v1 `ping` on every tunnel.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Unanswered pings after which a tunnel is declared dead and closed with 1001.
+/// Three gives a dead socket ~90 s, below the 75 s + ping interval a host waits on its side.
+pub const MAX_MISSED_PONGS: u32 = 3;
+
+/// How long one HTTP exchange may wait for the host's `http:response` before the client
+/// gets 504.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Exchanges that may be in flight on one tunnel at once; one more gets 503 "host
+/// overloaded" at once instead of queueing without bound.
+pub const MAX_PENDING_EXCHANGES: usize = 1_000;
+
+/// Largest request body the relay accepts from a client. v1 carries bodies inside one
+/// JSON frame, so the relay has to buffer them whole.
+pub const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// Largest WebSocket message the relay accepts on any socket (tunnel or client channel).
+/// Must leave room for a maximal body plus JSON escaping.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Capacity of a tunnel's outbound queue (messages waiting to be written to the host).
+/// When full, senders wait: that is the backpressure a slow host exerts on its clients.
+pub const TUNNEL_QUEUE: usize = 1_024;
+
+/// Frames from the host that may wait for one slow client channel. v1 has no flow
+/// control, so a client that falls this far behind is closed (1013) rather than letting
+/// it stall every other stream on the tunnel or grow memory without bound.
+pub const CHANNEL_QUEUE: usize = 256;
+
+/// Lifetime of a directory entry without a heartbeat. Heartbeats ride on pongs, so the
+/// default lets three ping rounds go missing before a host is forgotten.
+pub const DIRECTORY_TTL: Duration = Duration::from_secs(90);
+
+/// How often the embedded directory drops expired entries.
+pub const DIRECTORY_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Most expired entries one sweep removes, so a sweep never holds the directory lock long.
+pub const DIRECTORY_SWEEP_BATCH: usize = 10_000;
+
+/// How long the relay waits for a Close frame to be written before giving up on a socket.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a WebSocket close handshake may take on shutdown before the task is abandoned.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Read buffer of every WebSocket. Small, because most tunnels are idle most of the time
+/// and the buffer is per socket (see BENCHMARKS.md for the RSS per idle tunnel).
+pub const WS_READ_BUFFER: usize = 4 * 1024;
+
+/// Write buffer of every WebSocket: frames are batched up to this size before a write.
+pub const WS_WRITE_BUFFER: usize = 8 * 1024;
+
+/// Longest reason text in a WebSocket Close frame (RFC 6455 allows 123 bytes).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// The limits in force for one relay process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// See [`PING_INTERVAL`].
+    pub ping_interval: Duration,
+    /// See [`MAX_MISSED_PONGS`].
+    pub max_missed_pongs: u32,
+    /// See [`EXCHANGE_TIMEOUT`].
+    pub exchange_timeout: Duration,
+    /// See [`MAX_PENDING_EXCHANGES`].
+    pub max_pending: usize,
+    /// See [`MAX_BODY_BYTES`].
+    pub max_body_bytes: usize,
+    /// See [`MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+    /// See [`TUNNEL_QUEUE`].
+    pub tunnel_queue: usize,
+    /// See [`CHANNEL_QUEUE`].
+    pub channel_queue: usize,
+    /// See [`DIRECTORY_TTL`].
+    pub directory_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            ping_interval: PING_INTERVAL,
+            max_missed_pongs: MAX_MISSED_PONGS,
+            exchange_timeout: EXCHANGE_TIMEOUT,
+            max_pending: MAX_PENDING_EXCHANGES,
+            max_body_bytes: MAX_BODY_BYTES,
+            max_frame_bytes: MAX_FRAME_BYTES,
+            tunnel_queue: TUNNEL_QUEUE,
+            channel_queue: CHANNEL_QUEUE,
+            directory_ttl: DIRECTORY_TTL,
+        }
+    }
+}
+
+/// Deadline of one directory operation on the request path, so a slow directory degrades
+/// to "serve what is local" instead of stalling registrations.
+pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Backlog of the listening socket: room for a fleet of agents reconnecting at once.
+pub const LISTEN_BACKLOG: i32 = 4_096;

@@ -1,0 +1,74 @@
+//! The tunnels held by this process, by hostId.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::host_id::HostId;
+use crate::tunnel::{TunnelHandle, TunnelId};
+
+/// The local tunnel table. At most one tunnel per hostId: the newest wins.
+///
+/// A std Mutex with synchronous methods only: each critical section is one map operation,
+/// and callers clone the handle out before awaiting anything.
+#[derive(Debug, Default)]
+pub struct Registry {
+    tunnels: Mutex<HashMap<HostId, TunnelHandle>>,
+}
+
+impl Registry {
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, TunnelHandle>> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers `handle` for its host. Returns the tunnel it replaced, which the caller
+    /// must close.
+    pub fn insert(&self, handle: TunnelHandle) -> Option<TunnelHandle> {
+        self.tunnels().insert(handle.host().clone(), handle)
+    }
+
+    /// The live tunnel for `host`. A handle whose session has ended is removed on sight.
+    pub fn get(&self, host: &HostId) -> Option<TunnelHandle> {
+        let mut tunnels = self.tunnels();
+        match tunnels.get(host) {
+            Some(handle) if handle.is_closed() => {
+                tunnels.remove(host);
+                None
+            }
+            Some(handle) => Some(handle.clone()),
+            None => None,
+        }
+    }
+
+    /// Removes the tunnel for `host` only if it is still `id` (a newer tunnel for the same
+    /// host stays). Returns whether it was removed.
+    pub fn remove(&self, host: &HostId, id: TunnelId) -> bool {
+        let mut tunnels = self.tunnels();
+        if tunnels.get(host).is_some_and(|h| h.id() == id) {
+            tunnels.remove(host);
+            return true;
+        }
+        false
+    }
+
+    /// Whether a tunnel for `host` is registered.
+    pub fn contains(&self, host: &HostId) -> bool {
+        self.tunnels().contains_key(host)
+    }
+
+    /// Number of tunnels.
+    pub fn len(&self) -> usize {
+        self.tunnels().len()
+    }
+
+    /// Whether no tunnel is registered.
+    pub fn is_empty(&self) -> bool {
+        self.tunnels().is_empty()
+    }
+
+    /// Every handle, for operations that act on all tunnels (drain, shutdown).
+    pub fn handles(&self) -> Vec<TunnelHandle> {
+        self.tunnels().values().cloned().collect()
+    }
+}

@@ -1,0 +1,122 @@
+//! Logs and metrics: tracing setup, token redaction, and every metric the relay records.
+//!
+//! Tokens never reach a log line: the relay never logs headers, and every URI it logs goes
+//! through [`redact_uri`] first.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global tracing subscriber: level from `RUST_LOG` (default `info`), logs
+/// on stderr so that stdout stays free for command output (tokens, status).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder is installed (embedding); then this handle just
+        // renders nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// A copy of `uri` safe to log: the value of every `token` query parameter is replaced.
+///
+/// ```
+/// use relay::telemetry::redact_uri;
+/// assert_eq!(redact_uri("/tunnel?hostId=a&token=eyJx.y.z"), "/tunnel?hostId=a&token=REDACTED");
+/// assert_eq!(redact_uri("/hosts/a/x"), "/hosts/a/x");
+/// ```
+pub fn redact_uri(uri: &str) -> String {
+    let Some((path, query)) = uri.split_once('?') else {
+        return uri.to_owned();
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("token") => format!("{key}=REDACTED"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", redacted.join("&"))
+}
+
+// === metrics ===
+
+/// A host message was ignored (`malformed`, `unknown_type`, `unknown_id`, `binary`).
+pub fn message_ignored(reason: &'static str) {
+    metrics::counter!("relay_tunnel_messages_ignored_total", "reason" => reason).increment(1);
+}
+
+/// A client channel was closed because its client read too slowly.
+pub fn channel_overflow() {
+    metrics::counter!("relay_channel_overflows_total").increment(1);
+}
+
+/// A tunnel registered.
+pub fn tunnel_registered() {
+    metrics::counter!("relay_tunnel_registrations_total").increment(1);
+    metrics::gauge!("relay_tunnels_connected").increment(1.0);
+}
+
+/// A tunnel ended, for `reason` (see [`crate::tunnel::SessionEnd::label`]).
+pub fn tunnel_unregistered(reason: &'static str) {
+    metrics::counter!("relay_tunnel_unregistrations_total", "reason" => reason).increment(1);
+    metrics::gauge!("relay_tunnels_connected").decrement(1.0);
+}
+
+/// A request was refused for lack of authorization.
+pub fn auth_failed(endpoint: &'static str, kind: &'static str) {
+    metrics::counter!("relay_auth_failures_total", "endpoint" => endpoint, "reason" => kind)
+        .increment(1);
+}
+
+/// A client HTTP exchange finished with `status`.
+pub fn client_request(status: u16, seconds: f64) {
+    let class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("relay_client_requests_total", "status" => class).increment(1);
+    metrics::histogram!("relay_client_request_seconds").record(seconds);
+}
+
+/// A client WebSocket channel opened (+1) or closed (-1).
+pub fn channel_open(delta: f64) {
+    metrics::gauge!("relay_channels_open").increment(delta);
+}
+
+/// A directory operation failed.
+pub fn directory_error(op: &'static str) {
+    metrics::counter!("relay_directory_errors_total", "op" => op).increment(1);
+}

@@ -1,0 +1,440 @@
+//! The tunnel actor: owns one host's socket and runs it until it ends.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt, Stream as FutStream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tracing::{debug, warn};
+
+use super::streams::{Delivery, Stream, StreamTable};
+use super::{Command, ExchangeError, HttpResponse, TunnelHandle};
+use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON};
+use crate::protocol::{
+    Encoding, Frame, HostMessage, Inbound, RelayMessage, StreamId, close_code, encode_base64,
+    parse_host_message,
+};
+use crate::telemetry;
+
+/// Commands written to the socket before one flush: batching small messages into one
+/// write matters under load, and the cap keeps one burst from delaying pings.
+const MAX_BATCH: usize = 64;
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The host sent a Close frame (with this code, if any).
+    HostClosed(Option<u16>),
+    /// The socket ended or failed without a Close frame.
+    HostGone(String),
+    /// Too many pings went unanswered.
+    PingTimeout,
+    /// The host sent a message over the frame limit.
+    TooBig,
+    /// Closed through a handle (replaced, drain, shutdown) with this code.
+    Closed(u16),
+}
+
+impl SessionEnd {
+    /// The code the relay sends in its Close frame, when the relay is the one closing.
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        match self {
+            SessionEnd::HostClosed(_) | SessionEnd::HostGone(_) => None,
+            SessionEnd::PingTimeout => Some((close_code::GOING_AWAY, "ping timeout")),
+            SessionEnd::TooBig => Some((close_code::TOO_BIG, "message over the frame limit")),
+            SessionEnd::Closed(code) => Some((
+                *code,
+                match *code {
+                    close_code::REPLACED => "replaced by a newer tunnel for this host",
+                    close_code::DRAINING => "relay draining, reconnect now",
+                    _ => "closed by the relay",
+                },
+            )),
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionEnd::HostClosed(_) => "host_closed",
+            SessionEnd::HostGone(_) => "host_gone",
+            SessionEnd::PingTimeout => "ping_timeout",
+            SessionEnd::TooBig => "frame_too_big",
+            SessionEnd::Closed(close_code::REPLACED) => "replaced",
+            SessionEnd::Closed(close_code::DRAINING) => "draining",
+            SessionEnd::Closed(_) => "closed",
+        }
+    }
+}
+
+/// The actor of one tunnel. Built by [`TunnelHandle::new`]; run it with the socket.
+#[derive(Debug)]
+pub struct Session {
+    handle: TunnelHandle,
+    rx: mpsc::Receiver<Command>,
+    limits: Limits,
+}
+
+/// State shared by the reader and writer halves of one session. Both run inside the
+/// session's single task, so the lock is never contended; it is a Mutex only because the
+/// two halves are separate futures. It is never held across an await.
+struct Shared {
+    streams: Mutex<StreamTable>,
+    /// Pings sent since the last pong.
+    unanswered_pings: AtomicU32,
+}
+
+impl Shared {
+    fn streams(&self) -> std::sync::MutexGuard<'_, StreamTable> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Session {
+    pub(super) fn new(
+        handle: TunnelHandle,
+        rx: mpsc::Receiver<Command>,
+        limits: Limits,
+    ) -> Session {
+        Session { handle, rx, limits }
+    }
+
+    /// Runs the tunnel over `socket` until the host goes, a ping times out, or a handle
+    /// closes it. Then fails every pending exchange at once, closes every channel (1001),
+    /// and closes the socket. `on_pong` is called for every pong (directory heartbeat).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping the future drops the socket without a Close frame and
+    /// leaves exchanges to fail when their senders drop. Close through the handle instead.
+    pub async fn run<S>(mut self, socket: S, on_pong: impl Fn() + Send) -> SessionEnd
+    where
+        S: FutStream<Item = Result<Message, axum::Error>>
+            + Sink<Message, Error = axum::Error>
+            + Unpin
+            + Send,
+    {
+        let (mut sink, mut stream) = socket.split();
+        let shared = Shared {
+            streams: Mutex::new(StreamTable::default()),
+            unanswered_pings: AtomicU32::new(0),
+        };
+        let cancel = self.handle.inner.cancel.clone();
+        let end = tokio::select! {
+            end = write_loop(&mut sink, &mut self.rx, &shared, &self.limits) => end,
+            end = read_loop(&mut stream, &self.handle, &shared, &on_pong) => end,
+            () = cancel.cancelled() => {
+                SessionEnd::Closed(self.handle.inner.close_code.load(Ordering::Relaxed))
+            }
+        };
+        // Make sure no handle can queue more work, then fail what is in flight: clients
+        // get their 502 or 1001 now, not after a timeout.
+        self.handle.inner.cancel.cancel();
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        shared.streams().fail_all(close_code::GOING_AWAY);
+
+        close_socket(&mut sink, &mut stream, &end).await;
+        end
+    }
+}
+
+/// Writes commands and pings to the host until the writer fails or pings time out.
+async fn write_loop<S>(
+    sink: &mut S,
+    rx: &mut mpsc::Receiver<Command>,
+    shared: &Shared,
+    limits: &Limits,
+) -> SessionEnd
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let mut ping = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = rx.recv() => {
+                let Some(command) = command else {
+                    // Unreachable while the session's own handle is alive; end cleanly.
+                    return SessionEnd::Closed(close_code::GOING_AWAY);
+                };
+                let mut batch = 0;
+                let mut next = Some(command);
+                while let Some(command) = next {
+                    if let Some(text) = apply(command, shared)
+                        && let Err(err) = sink.feed(Message::Text(text.into())).await
+                    {
+                        return SessionEnd::HostGone(format!("write failed: {err}"));
+                    }
+                    batch += 1;
+                    next = if batch < MAX_BATCH { rx.try_recv().ok() } else { None };
+                }
+                if let Err(err) = sink.flush().await {
+                    return SessionEnd::HostGone(format!("write failed: {err}"));
+                }
+            }
+            _ = ping.tick() => {
+                if shared.unanswered_pings.fetch_add(1, Ordering::Relaxed) >= limits.max_missed_pongs {
+                    return SessionEnd::PingTimeout;
+                }
+                let pruned = shared.streams().prune_abandoned();
+                if pruned > 0 {
+                    debug!(pruned, "dropped streams whose client stopped waiting");
+                }
+                if let Err(err) = sink.send(Message::Text(RelayMessage::Ping.to_json().into())).await {
+                    return SessionEnd::HostGone(format!("write failed: {err}"));
+                }
+            }
+        }
+    }
+}
+
+/// Applies one command to the stream table; returns the v1 message to send, if any.
+fn apply(command: Command, shared: &Shared) -> Option<String> {
+    match command {
+        Command::Http {
+            id,
+            request,
+            respond,
+        } => {
+            if respond.is_closed() {
+                // The client gave up while the command waited in the queue.
+                return None;
+            }
+            let text = RelayMessage::Http {
+                id,
+                method: &request.method,
+                path: &request.path,
+                headers: &request.headers,
+                body: (!request.body.is_empty()).then_some(request.body.as_str()),
+            }
+            .to_json();
+            shared.streams().insert(id, Stream::Exchange(respond));
+            Some(text)
+        }
+        Command::Abandon { id } => {
+            shared.streams().abandon(id);
+            None
+        }
+        Command::OpenChannel {
+            id,
+            path,
+            query,
+            to_client,
+        } => {
+            shared.streams().insert(id, Stream::Channel(to_client));
+            Some(
+                RelayMessage::WsOpen {
+                    id,
+                    path: &path,
+                    query: query.as_deref(),
+                }
+                .to_json(),
+            )
+        }
+        Command::ChannelFrame { id, frame } => {
+            if !shared.streams().has_channel(id) {
+                // The host closed it first; the client is being told.
+                return None;
+            }
+            Some(match frame {
+                Frame::Text(text) => RelayMessage::WsFrame {
+                    id,
+                    data: &text,
+                    encoding: None,
+                }
+                .to_json(),
+                Frame::Binary(bytes) => RelayMessage::WsFrame {
+                    id,
+                    data: &encode_base64(&bytes),
+                    encoding: Some(Encoding::Base64),
+                }
+                .to_json(),
+            })
+        }
+        Command::CloseChannel { id, code } => {
+            // Only tell the host if the channel was still open on its side.
+            shared
+                .streams()
+                .forget_channel(id)
+                .then(|| RelayMessage::WsClose { id, code }.to_json())
+        }
+        Command::Drain { reason } => Some(
+            RelayMessage::Drain {
+                reason: Some(&reason),
+            }
+            .to_json(),
+        ),
+    }
+}
+
+/// Reads host messages until the socket ends.
+async fn read_loop<S>(
+    stream: &mut S,
+    handle: &TunnelHandle,
+    shared: &Shared,
+    on_pong: &(impl Fn() + Send),
+) -> SessionEnd
+where
+    S: FutStream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    while let Some(message) = stream.next().await {
+        match message {
+            Ok(Message::Text(text)) => on_text(text.as_str(), handle, shared, on_pong),
+            Ok(Message::Binary(_)) => {
+                // v1 is text frames only; a later negotiated version may change that.
+                telemetry::message_ignored("binary");
+            }
+            Ok(Message::Close(frame)) => {
+                return SessionEnd::HostClosed(frame.map(|f| f.code));
+            }
+            // WebSocket-level pings are answered by the socket itself.
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            Err(err) => {
+                return if is_capacity_error(err) {
+                    SessionEnd::TooBig
+                } else {
+                    SessionEnd::HostGone("read failed".into())
+                };
+            }
+        }
+    }
+    SessionEnd::HostGone("connection closed without a Close frame".into())
+}
+
+/// Handles one text frame from the host. Nothing here can end the tunnel: bad input is
+/// counted and dropped.
+fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn()) {
+    let message = match parse_host_message(text) {
+        Inbound::Message(message) => message,
+        Inbound::UnknownType => {
+            telemetry::message_ignored("unknown_type");
+            return;
+        }
+        Inbound::Malformed { reason, id } => {
+            telemetry::message_ignored("malformed");
+            debug!(%reason, "ignored a malformed message from the host");
+            // A broken answer still fails its exchange now rather than at the timeout.
+            if let Some(id) = id.as_deref().and_then(StreamId::parse) {
+                shared
+                    .streams()
+                    .complete(id, Err(ExchangeError::InvalidResponse(reason.into_owned())));
+            }
+            return;
+        }
+    };
+    match message {
+        HostMessage::Pong => {
+            shared.unanswered_pings.store(0, Ordering::Relaxed);
+            on_pong();
+        }
+        HostMessage::HttpResponse {
+            id,
+            status,
+            headers,
+            body,
+        } => {
+            let done = StreamId::parse(&id).is_some_and(|id| {
+                shared.streams().complete(
+                    id,
+                    Ok(HttpResponse {
+                        status,
+                        headers,
+                        body,
+                    }),
+                )
+            });
+            if !done {
+                telemetry::message_ignored("unknown_id");
+            }
+        }
+        HostMessage::WsFrame { id, data } => {
+            let delivery = match StreamId::parse(&id) {
+                Some(id) => {
+                    let delivery = shared.streams().deliver(id, data);
+                    if delivery == Delivery::Overflowed {
+                        warn!(stream = %id, "client channel fell behind; closed it with 1013");
+                        telemetry::channel_overflow();
+                        // Tell the host; if the queue is full it learns from the next
+                        // frames being ignored instead.
+                        let _ = handle.inner.tx.try_send(Command::CloseChannel {
+                            id,
+                            code: Some(close_code::TRY_AGAIN_LATER),
+                        });
+                    }
+                    delivery
+                }
+                None => Delivery::UnknownId,
+            };
+            if delivery == Delivery::UnknownId {
+                telemetry::message_ignored("unknown_id");
+            }
+        }
+        HostMessage::WsClose { id, code } => {
+            let closed =
+                StreamId::parse(&id).is_some_and(|id| shared.streams().close_channel(id, code));
+            if !closed {
+                telemetry::message_ignored("unknown_id");
+            }
+        }
+    }
+}
+
+/// Whether a read error is a message over the size limit.
+fn is_capacity_error(err: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    err.into_inner()
+        .downcast_ref::<WsError>()
+        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
+}
+
+/// Sends the relay's Close frame (when the relay is the one closing) and waits briefly for
+/// the host's, so the host sees the code rather than a reset.
+async fn close_socket<W, R>(sink: &mut W, stream: &mut R, end: &SessionEnd)
+where
+    W: Sink<Message, Error = axum::Error> + Unpin,
+    R: FutStream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        match end.close_frame() {
+            Some((code, reason)) => {
+                let reason = truncate(reason, MAX_CLOSE_REASON);
+                if sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Wait for the host's Close (or the end of the socket).
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+            // The host closed: the socket answers its Close on the next flush.
+            None => {
+                let _ = sink.close().await;
+            }
+        }
+    })
+    .await;
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
