@@ -28,17 +28,14 @@ impl Registry {
         self.tunnels().insert(handle.host().clone(), handle)
     }
 
-    /// The live tunnel for `host`. A handle whose session has ended is removed on sight.
+    /// The live tunnel for `host`. A tunnel whose session has ended but has not yet
+    /// unregistered is not returned; it stays in the map so that its own compare-and-remove
+    /// (and the directory clean-up that follows it) still happens.
     pub fn get(&self, host: &HostId) -> Option<TunnelHandle> {
-        let mut tunnels = self.tunnels();
-        match tunnels.get(host) {
-            Some(handle) if handle.is_closed() => {
-                tunnels.remove(host);
-                None
-            }
-            Some(handle) => Some(handle.clone()),
-            None => None,
-        }
+        self.tunnels()
+            .get(host)
+            .filter(|handle| !handle.is_closed())
+            .cloned()
     }
 
     /// Removes the tunnel for `host` only if it is still `id` (a newer tunnel for the same
