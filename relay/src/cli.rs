@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing::error;
 
 use crate::auth::{ANY_HOST, Role, Signer};
-use crate::config::{EXIT_CONFIG, KeySource, Secret, ServeArgs};
+use crate::config::{EXIT_CONFIG, KeySource, MIN_SECRET_BYTES, Secret, ServeArgs};
 use crate::host_id::HostId;
 use crate::{server, telemetry};
 
@@ -175,6 +175,13 @@ fn token(args: TokenArgs) -> ExitCode {
         }
     }
     let signer = match (&args.jwt_secret, &args.jwt_private_key_file) {
+        (Some(secret), None) if secret.expose().len() < MIN_SECRET_BYTES => {
+            eprintln!(
+                "relay token: RELAY_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes \
+                 (as for relay serve)"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
         (Some(secret), None) => Signer::hs256(secret.expose()),
         (None, Some(path)) => match std::fs::read(path)
             .map_err(|e| e.to_string())

@@ -18,6 +18,9 @@ use crate::telemetry::LogFormat;
 /// Exit code for invalid configuration (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// Shortest HS256 secret accepted: shorter ones are guessable offline from one token.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// A secret from the command line or environment. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -216,8 +219,10 @@ impl ServeArgs {
                 );
             }
             (false, Some(secret), None) => {
-                if secret.0.len() < 16 {
-                    return err("RELAY_JWT_SECRET must be at least 16 bytes".into());
+                if secret.0.len() < MIN_SECRET_BYTES {
+                    return err(format!(
+                        "RELAY_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"
+                    ));
                 }
                 KeySource::Secret(secret)
             }

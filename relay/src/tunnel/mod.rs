@@ -104,6 +104,9 @@ pub(crate) enum Command {
     ChannelFrame { id: StreamId, frame: Frame },
     /// The client side of a channel closed (or must be closed with this code).
     CloseChannel { id: StreamId, code: Option<u16> },
+    /// The relay closed a channel on its own (slow client): tell the host. The stream is
+    /// already gone from the table.
+    NotifyClosed { id: StreamId, code: u16 },
     /// Tell the host to reconnect elsewhere (in-band v1 `drain`).
     Drain { reason: String },
 }

@@ -1,7 +1,7 @@
 //! The tunnel actor: owns one host's socket and runs it until it ends.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream as FutStream, StreamExt};
@@ -84,6 +84,8 @@ struct Shared {
     streams: Mutex<StreamTable>,
     /// Pings sent since the last pong.
     unanswered_pings: AtomicU32,
+    /// Whether the host has been sent `drain`: a 4001 close is always preceded by one.
+    drain_sent: AtomicBool,
 }
 
 impl Shared {
@@ -121,6 +123,7 @@ impl Session {
         let shared = Shared {
             streams: Mutex::new(StreamTable::default()),
             unanswered_pings: AtomicU32::new(0),
+            drain_sent: AtomicBool::new(false),
         };
         let cancel = self.handle.inner.cancel.clone();
         let end = tokio::select! {
@@ -137,6 +140,20 @@ impl Session {
         while self.rx.try_recv().is_ok() {}
         shared.streams().fail_all(close_code::GOING_AWAY);
 
+        // The contract: a host always reads `drain` before a 4001 close, so it knows to
+        // reconnect at once (and elsewhere) even if the close frame is lost.
+        if end == SessionEnd::Closed(close_code::DRAINING)
+            && !shared.drain_sent.load(Ordering::Relaxed)
+        {
+            let drain = RelayMessage::Drain {
+                reason: Some("relay shutting down"),
+            };
+            let _ = timeout(
+                CLOSE_TIMEOUT,
+                sink.send(Message::Text(drain.to_json().into())),
+            )
+            .await;
+        }
         close_socket(&mut sink, &mut stream, &end).await;
         end
     }
@@ -262,12 +279,22 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
                 .forget_channel(id)
                 .then(|| RelayMessage::WsClose { id, code }.to_json())
         }
-        Command::Drain { reason } => Some(
-            RelayMessage::Drain {
-                reason: Some(&reason),
+        Command::NotifyClosed { id, code } => Some(
+            RelayMessage::WsClose {
+                id,
+                code: Some(code),
             }
             .to_json(),
         ),
+        Command::Drain { reason } => {
+            shared.drain_sent.store(true, Ordering::Relaxed);
+            Some(
+                RelayMessage::Drain {
+                    reason: Some(&reason),
+                }
+                .to_json(),
+            )
+        }
     }
 }
 
@@ -360,9 +387,9 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
                         telemetry::channel_overflow();
                         // Tell the host; if the queue is full it learns from the next
                         // frames being ignored instead.
-                        let _ = handle.inner.tx.try_send(Command::CloseChannel {
+                        let _ = handle.inner.tx.try_send(Command::NotifyClosed {
                             id,
-                            code: Some(close_code::TRY_AGAIN_LATER),
+                            code: close_code::TRY_AGAIN_LATER,
                         });
                     }
                     delivery
