@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 use crate::auth::Verifier;
 use crate::client;
 use crate::config::{Config, ConfigError};
-use crate::directory::{Directory, MemoryDirectory};
+use crate::directory::{Directory, MemoryDirectory, Owner};
 use crate::error::ClientError;
 use crate::host;
 use crate::host_id::HostId;
@@ -291,6 +291,7 @@ pub async fn serve(
     telemetry::metrics_handle();
     relay.tracker().spawn(sweep_loop(
         relay.directory().clone(),
+        relay.config().owner.clone(),
         relay.shutdown_token().clone(),
     ));
     info!(
@@ -342,14 +343,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// Drops expired directory entries now and then.
-async fn sweep_loop(directory: Arc<dyn Directory>, shutdown: CancellationToken) {
+/// Drops this machine's stale directory records now and then.
+async fn sweep_loop(directory: Arc<dyn Directory>, owner: Owner, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(DIRECTORY_SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => match directory.sweep(DIRECTORY_SWEEP_BATCH).await {
+            _ = tick.tick() => match directory.sweep(&owner, DIRECTORY_SWEEP_BATCH).await {
                 Ok(0) => {}
                 Ok(swept) => debug!(swept, "expired directory entries dropped"),
                 Err(err) => {

@@ -11,8 +11,8 @@ use super::{Directory, DirectoryError, Owner};
 use crate::host_id::HostId;
 
 /// An in-memory directory with the same semantics as the shared one: TTL per entry,
-/// compare-and-delete, no resurrection by heartbeat, and a per-owner index so that
-/// clearing an owner costs what it owns.
+/// compare-and-delete, no resurrection by heartbeat, no stealing by reassert, and a
+/// per-owner index so that clearing an owner costs what it owns.
 #[derive(Debug)]
 pub struct MemoryDirectory {
     ttl: Duration,
@@ -25,6 +25,9 @@ struct State {
     entries: HashMap<HostId, Entry>,
     /// hostIds each owner holds. An owner whose set becomes empty is removed.
     by_owner: HashMap<Owner, HashSet<HostId>>,
+    /// Advertised address of each owner, with its expiry. Expired ones are dropped when
+    /// read or overwritten; there is one per machine, so they never pile up.
+    addresses: HashMap<Owner, (String, Instant)>,
 }
 
 #[derive(Debug)]
@@ -63,6 +66,22 @@ impl State {
         Some(entry)
     }
 
+    /// Writes `host` as `owner`'s, expiring at `expires_at`, replacing any entry.
+    fn insert(&mut self, host: &HostId, owner: &Owner, expires_at: Instant) {
+        self.remove(host);
+        self.entries.insert(
+            host.clone(),
+            Entry {
+                owner: owner.clone(),
+                expires_at,
+            },
+        );
+        self.by_owner
+            .entry(owner.clone())
+            .or_default()
+            .insert(host.clone());
+    }
+
     fn live_owner(&self, host: &HostId, now: Instant) -> Option<&Owner> {
         self.entries
             .get(host)
@@ -84,27 +103,16 @@ impl Directory for MemoryDirectory {
             .live_owner(host, now)
             .filter(|prev| *prev != owner)
             .cloned();
-        state.remove(host);
-        state.entries.insert(
-            host.clone(),
-            Entry {
-                owner: owner.clone(),
-                expires_at: now + self.ttl,
-            },
-        );
-        state
-            .by_owner
-            .entry(owner.clone())
-            .or_default()
-            .insert(host.clone());
+        state.insert(host, owner, now + self.ttl);
         Ok(previous)
     }
 
     async fn unregister(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
+        let now = Instant::now();
         let mut state = self.state();
         if state.entries.get(host).is_some_and(|e| e.owner == *owner) {
-            state.remove(host);
-            return Ok(true);
+            // An expired entry goes too, but (as in Redis) it was no longer there to remove.
+            return Ok(state.remove(host).is_some_and(|e| e.expires_at > now));
         }
         Ok(false)
     }
@@ -130,17 +138,27 @@ impl Directory for MemoryDirectory {
         let Some(hosts) = state.by_owner.remove(owner) else {
             return Ok(0);
         };
+        let now = Instant::now();
         let mut removed = 0;
         for host in hosts {
             if state.entries.get(&host).is_some_and(|e| e.owner == *owner) {
-                state.entries.remove(&host);
-                removed += 1;
+                // Expired entries go too, but only live ones count (as in Redis, where an
+                // expired entry is already gone).
+                if state
+                    .entries
+                    .remove(&host)
+                    .is_some_and(|e| e.expires_at > now)
+                {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
     }
 
-    async fn sweep(&self, limit: usize) -> Result<usize, DirectoryError> {
+    /// Drops at most `limit` expired entries, whoever owns them: in one process every
+    /// entry is this machine's.
+    async fn sweep(&self, _owner: &Owner, limit: usize) -> Result<usize, DirectoryError> {
         let now = Instant::now();
         let mut state = self.state();
         let expired: Vec<HostId> = state
@@ -154,6 +172,48 @@ impl Directory for MemoryDirectory {
             state.remove(host);
         }
         Ok(expired.len())
+    }
+
+    async fn reassert(&self, hosts: &[HostId], owner: &Owner) -> Result<usize, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let mut written = 0;
+        for host in hosts {
+            let taken_by_other = state
+                .live_owner(host, now)
+                .is_some_and(|current| current != owner);
+            if !taken_by_other {
+                state.insert(host, owner, now + self.ttl);
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    async fn advertise(
+        &self,
+        owner: &Owner,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<(), DirectoryError> {
+        let expires_at = Instant::now() + ttl;
+        self.state()
+            .addresses
+            .insert(owner.clone(), (addr.to_owned(), expires_at));
+        Ok(())
+    }
+
+    async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        match state.addresses.get(owner) {
+            Some((addr, expires_at)) if *expires_at > now => Ok(Some(addr.clone())),
+            Some(_) => {
+                state.addresses.remove(owner);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -202,8 +262,8 @@ mod tests {
         assert_eq!(dir.lookup(&host("kept")).await.unwrap(), Some(a.clone()));
         assert_eq!(dir.lookup(&host("lost")).await.unwrap(), None);
         assert!(!dir.heartbeat(&host("lost"), &a).await.unwrap());
-        assert_eq!(dir.sweep(100).await.unwrap(), 1);
-        assert_eq!(dir.sweep(100).await.unwrap(), 0);
+        assert_eq!(dir.sweep(&a, 100).await.unwrap(), 1);
+        assert_eq!(dir.sweep(&a, 100).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -221,5 +281,64 @@ mod tests {
         assert_eq!(dir.lookup(&host("a5")).await.unwrap(), None);
         assert_eq!(dir.clear_owned(&a).await.unwrap(), 0);
         assert_eq!(dir.clear_owned(&b).await.unwrap(), 101);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweep_is_bounded_by_its_limit() {
+        let dir = MemoryDirectory::new(Duration::from_secs(10));
+        let a = owner("ams:a");
+        for i in 0..25 {
+            dir.register(&host(&format!("h{i}")), &a).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(dir.sweep(&a, 10).await.unwrap(), 10);
+        assert_eq!(dir.sweep(&a, 10).await.unwrap(), 10);
+        assert_eq!(dir.sweep(&a, 10).await.unwrap(), 5);
+        assert_eq!(dir.sweep(&a, 10).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reassert_writes_absent_and_own_entries_but_never_steals() {
+        let dir = MemoryDirectory::new(Duration::from_secs(10));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        dir.register(&host("mine"), &a).await.unwrap();
+        dir.register(&host("taken"), &a).await.unwrap();
+        dir.register(&host("taken"), &b).await.unwrap();
+        dir.register(&host("expired"), &b).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        dir.heartbeat(&host("taken"), &b).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // "mine" has expired by now too: absent, so it is written again.
+        let hosts = [host("mine"), host("absent"), host("taken"), host("expired")];
+        assert_eq!(dir.reassert(&hosts, &a).await.unwrap(), 3);
+        assert_eq!(dir.lookup(&host("mine")).await.unwrap(), Some(a.clone()));
+        assert_eq!(dir.lookup(&host("absent")).await.unwrap(), Some(a.clone()));
+        assert_eq!(dir.lookup(&host("expired")).await.unwrap(), Some(a.clone()));
+        assert_eq!(dir.lookup(&host("taken")).await.unwrap(), Some(b.clone()));
+        // Reasserting refreshes the TTL of what it wrote.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dir.reassert(&hosts[..1], &a).await.unwrap(), 1);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dir.lookup(&host("mine")).await.unwrap(), Some(a.clone()));
+        assert_eq!(dir.lookup(&host("absent")).await.unwrap(), None);
+        // What it wrote is in a's index; clearing a counts the entries that were live.
+        assert_eq!(dir.clear_owned(&a).await.unwrap(), 1);
+        assert_eq!(dir.lookup(&host("mine")).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn advertised_addresses_expire() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        dir.advertise(&a, "10.0.0.1:8080", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            dir.address_of(&a).await.unwrap().as_deref(),
+            Some("10.0.0.1:8080")
+        );
+        assert_eq!(dir.address_of(&b).await.unwrap(), None);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(dir.address_of(&a).await.unwrap(), None);
     }
 }

@@ -6,17 +6,22 @@
 //! or refresh an entry are compare-and-act on the owner, so a machine can never remove or
 //! resurrect an entry another machine has taken since.
 //!
-//! [`MemoryDirectory`] is the embedded default (one machine, no Redis).
+//! [`MemoryDirectory`] is the embedded default (one machine, no Redis);
+//! [`RedisDirectory`] is the shared one, for a fleet of machines (see its module docs for
+//! the key layout, the liveness design and what Redis deployments it supports).
 
 mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::host_id::HostId;
 
+pub use self::redis::RedisDirectory;
 pub use memory::MemoryDirectory;
 
 /// One relay machine, as written in the directory: `region:machineId`.
@@ -106,8 +111,10 @@ pub enum DirectoryError {
 /// Where each host's tunnel is. All operations are safe against concurrent machines.
 ///
 /// # Cancel safety
-/// Every method is a single request to the backend; dropping the future either leaves the
-/// operation undone or done, never half-done (multi-step writes are atomic).
+/// Every method is one atomic request to the backend (multi-step writes are one script;
+/// the Redis directory may send it twice when the connection drops, and every write is
+/// idempotent in effect): dropping the future leaves the operation undone or done, never
+/// half-done.
 #[async_trait]
 pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// Makes `owner` the owner of `host` with a fresh TTL, whoever owned it before.
@@ -130,6 +137,30 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// proportional to what it owns. Returns how many were removed.
     async fn clear_owned(&self, owner: &Owner) -> Result<usize, DirectoryError>;
 
-    /// Drops at most `limit` expired entries. Returns how many were dropped.
-    async fn sweep(&self, limit: usize) -> Result<usize, DirectoryError>;
+    /// Tidies up after `owner`, a bounded amount of work per call: drops at most `limit`
+    /// stale records. Returns how many were dropped; call it periodically.
+    ///
+    /// In Redis this walks `owner`'s index (a cursor is kept between calls) and drops the
+    /// members whose entry expired or now belongs to another owner. In memory it drops
+    /// expired entries (of any owner: the process is the only machine).
+    async fn sweep(&self, owner: &Owner, limit: usize) -> Result<usize, DirectoryError>;
+
+    /// Rewrites, for a batch of hosts whose tunnels `owner` holds, each entry that is
+    /// absent or already `owner`'s (fresh TTL, back in `owner`'s index); never takes a host
+    /// back from an owner that registered it later. Returns how many entries were
+    /// (re)written. One backend request per call, whatever the batch size: a reconciler
+    /// calls it periodically to repair entries lost to an outage or a flush.
+    async fn reassert(&self, hosts: &[HostId], owner: &Owner) -> Result<usize, DirectoryError>;
+
+    /// Publishes `addr`, the address peers forward requests for `owner`'s hosts to, for
+    /// `ttl` (call it again before `ttl` runs out to keep it).
+    async fn advertise(
+        &self,
+        owner: &Owner,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<(), DirectoryError>;
+
+    /// The address `owner` advertised, if it has not expired.
+    async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError>;
 }

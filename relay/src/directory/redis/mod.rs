@@ -1,0 +1,530 @@
+//! The shared directory, in Redis: every machine of the fleet publishes the hosts whose
+//! tunnels it holds, so a request landing anywhere can be routed to the owner.
+//!
+//! # Key layout
+//! With the default prefix [`DEFAULT_PREFIX`] (`relay:`):
+//!
+//! | Key | Type | Value | Expiry |
+//! |---|---|---|---|
+//! | `relay:host:<hostId>` | string | owner, `region:machineId` | `PX ttl`, refreshed by heartbeats |
+//! | `relay:owned:<region:machineId>` | set | hostIds that owner registered | none (see the sweep) |
+//! | `relay:addr:<region:machineId>` | string | address peers forward to | `PX ttl` of the advertisement |
+//!
+//! hostIds and owners are restricted to `[A-Za-z0-9._-]` (plus the one `:` of an owner),
+//! so keys need no escaping.
+//!
+//! # Liveness: one key per host with a native expiry
+//! Each host is one string key whose value is its owner, written with `SET .. PX ttl` and
+//! kept alive by heartbeats (`PEXPIRE`, only while the caller still owns it). The
+//! alternative, one hash `hostId → owner` plus a sorted set of deadlines swept against a
+//! client clock, is worse on every count that matters here:
+//! - **No clock skew.** Redis expires the key on its own clock. With deadlines written as
+//!   `now + ttl` by each machine and compared by a sweeper on another machine, a clock
+//!   30 s ahead kills live entries early and one 30 s behind keeps dead ones.
+//! - **Redis does the expiring.** An expired key is invisible at once (a `GET` never
+//!   returns it) and its memory is reclaimed by Redis's own expiry cycle; a hash entry
+//!   stays visible until someone sweeps it, so every lookup would also have to check the
+//!   deadline.
+//! - **Every operation is O(1)**: lookup is one `GET`, register/heartbeat touch one key and
+//!   one set member. A sorted set makes each heartbeat an O(log N) `ZADD` on one key
+//!   shared by the whole fleet.
+//! - **No fleet-wide sweep.** Nobody has to scan the deadlines of every host of every
+//!   machine (nor elect who does it): each machine only ever tidies its own index.
+//!
+//! # The per-machine index
+//! `owned:<owner>` lists the hostIds an owner registered, so that clearing a machine
+//! (shutdown, or a machine that restarted under the same id) costs O(entries it owns) and
+//! never reads the rest of the directory. Set members cannot expire on their own (hash
+//! field expiry only exists from Redis 7.4, not in every hosted Redis), so a member can
+//! outlive its host key (expired, or taken by another machine). Such stale members are
+//! harmless: every script re-checks the host key before acting on a member. They are
+//! dropped by `register` (a host leaves the previous owner's index), `unregister`,
+//! `heartbeat` and `reassert` (a host that is not the caller's leaves its index), and by
+//! [`Directory::sweep`], a bounded walk of the caller's own index.
+//!
+//! # Scripts
+//! Every write that touches more than one key is one Lua script (in a `.lua` file next
+//! to this one), run by `EVALSHA` and reloaded automatically on `NOSCRIPT` (after a Redis
+//! restart or `SCRIPT FLUSH`). A script runs atomically, so a future dropped half-way
+//! leaves an operation done or not done, never half-done.
+//!
+//! # Deployments: one primary, no Redis Cluster
+//! Scripts name some keys they compute from the prefix (the previous owner's index, the
+//! host keys listed in an index) instead of declaring them in `KEYS`. That is only
+//! correct when every key lives on one server: a single primary, with or without
+//! replicas (Upstash, Fly Redis, a self-hosted Redis or Valkey). Redis Cluster is not
+//! supported. Making it work would take a hash tag in the prefix (e.g. `{relay}:`), which
+//! puts every key in one slot, hence on one shard: the cluster would add failure modes
+//! and no capacity. One primary is plenty: the directory holds ~100 bytes per host and
+//! each tunnel costs one heartbeat per ping interval.
+//!
+//! # Connections, timeouts and outages
+//! One multiplexed connection, through a `redis` [`ConnectionManager`] built *lazily*:
+//! [`RedisDirectory::new`] never touches the network, so the relay boots whether Redis is
+//! up or not. The first operation connects (each attempt bounded by [`CONNECT_TIMEOUT`],
+//! retried [`CONNECT_RETRIES`] times). When a connection attempt fails or the connection
+//! drops, that operation fails and the manager starts a new connection in the background
+//! for the next ones; so a Redis that starts (or comes back) later is picked up without
+//! restarting the relay. An operation that fails because the connection had dropped is
+//! retried once on the new connection (all writes are idempotent in effect). Every
+//! operation is bounded by [`OP_TIMEOUT`] as a whole, and each request by
+//! [`RESPONSE_TIMEOUT`]; TCP keepalive and `TCP_USER_TIMEOUT` make the kernel drop a
+//! connection to a peer that vanished (a response timeout alone does not replace the
+//! connection). Failures map to [`DirectoryError::Unavailable`] or
+//! [`DirectoryError::Timeout`]; a value that does not decode (not an owner, or a key of
+//! the wrong type) to [`DirectoryError::Corrupt`].
+//!
+//! Not handled: a primary that becomes a replica behind the same address (writes fail
+//! with `READONLY` until the connection drops).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::io::tcp::TcpSettings;
+use ::redis::io::tcp::socket2::TcpKeepalive;
+use ::redis::{
+    Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult, Script,
+    ScriptInvocation,
+};
+use async_trait::async_trait;
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use super::{Directory, DirectoryError, Owner};
+use crate::host_id::HostId;
+
+#[cfg(test)]
+mod tests;
+
+/// Key prefix when none is configured. Every key of the directory starts with it, so
+/// several relays (or other applications) can share one Redis with distinct prefixes.
+pub const DEFAULT_PREFIX: &str = "relay:";
+
+/// Bound on one TCP connect + handshake to Redis. A Redis in the same region answers in
+/// a few milliseconds; a second covers a cross-region hop and TLS, and keeps a dead host
+/// from stalling the operation that triggered the connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bound on one request/response on an established connection. Every request is O(1) or
+/// O(entries of one machine) (`clear_owned` of 10,000 entries runs in a few ms), so a
+/// second means Redis or the path to it is in trouble.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Retries of a failed connection attempt (after the first), with jittered exponential
+/// backoff from [`RECONNECT_MIN_DELAY`]. Few: the operation waiting on it is on a
+/// request path, and the next operation triggers a new round anyway.
+pub const CONNECT_RETRIES: usize = 2;
+
+/// First backoff delay between connection attempts.
+pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
+
+/// Longest backoff delay between connection attempts.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// Deadline of a whole directory operation (connecting, the retry after a dropped
+/// connection, a script reload after `NOSCRIPT`). Below the relay's own
+/// `DIRECTORY_TIMEOUT` (2 s), so callers see this typed error rather than their own
+/// timeout.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(1_500);
+
+/// Idle time before the kernel probes the Redis connection, then the interval and count
+/// of unanswered probes before it drops it: an idle connection to a vanished peer is
+/// noticed within ~25 s, not the kernel's default of over two hours.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// See [`TCP_KEEPALIVE_IDLE`].
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// See [`TCP_KEEPALIVE_IDLE`].
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+
+/// How long sent data may stay unacknowledged before the kernel drops the connection
+/// (`TCP_USER_TIMEOUT`, Linux). Response timeouts do not replace a connection, so
+/// without this a black-holed connection (peer gone without a RST) would keep failing
+/// every request for the ~15 minutes of TCP retransmissions.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Lua scripts, hashed once.
+struct Scripts {
+    register: Script,
+    unregister: Script,
+    heartbeat: Script,
+    clear_owned: Script,
+    reassert: Script,
+    sweep: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        Scripts {
+            register: Script::new(include_str!("register.lua")),
+            unregister: Script::new(include_str!("unregister.lua")),
+            heartbeat: Script::new(include_str!("heartbeat.lua")),
+            clear_owned: Script::new(include_str!("clear_owned.lua")),
+            reassert: Script::new(include_str!("reassert.lua")),
+            sweep: Script::new(include_str!("sweep.lua")),
+        }
+    }
+}
+
+/// The directory in Redis, shared by every machine of the fleet. See the [module
+/// docs](self) for the key layout and the design.
+pub struct RedisDirectory {
+    /// Cloned per operation (an `Arc` inside): all operations share one multiplexed
+    /// connection, which the manager replaces when it drops.
+    conn: ConnectionManager,
+    /// Scripts, with their SHA1 for `EVALSHA`.
+    scripts: Scripts,
+    /// Prefix of every key; passed to scripts that compute key names.
+    prefix: String,
+    /// Lifetime of a host key without a heartbeat, in milliseconds (for `PX`/`PEXPIRE`).
+    ttl_ms: u64,
+    /// `host:port` of the server, for `Debug` (the URL may hold a password).
+    server: String,
+    /// The `SSCAN` cursor of the sweep of each owner's index, between calls. std Mutex:
+    /// only read and written around an await, never held across one. Lost on restart,
+    /// which only restarts the walk.
+    sweep_cursors: Mutex<HashMap<Owner, String>>,
+}
+
+// === impl RedisDirectory ===
+
+impl RedisDirectory {
+    /// A directory in the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`),
+    /// keys starting with `prefix`, host entries living `ttl` without a heartbeat.
+    ///
+    /// TLS (`rediss://`) is not built in (the `redis` crate's TLS features are off), so
+    /// such a URL is rejected here; Fly Redis (Upstash) is reached with `redis://` over
+    /// Fly's private network.
+    ///
+    /// Lazy: nothing is sent until the first operation, so this returns at once whether
+    /// Redis is up or not, and a Redis that starts later is used without a restart (see
+    /// the [module docs](self)). Use [`RedisDirectory::ping`] to check it at boot.
+    ///
+    /// # Errors
+    /// [`DirectoryError::Unavailable`] when `url` is not a valid Redis URL.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the connection manager spawns a task).
+    pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<RedisDirectory, DirectoryError> {
+        let invalid =
+            |err: RedisError| DirectoryError::Unavailable(format!("invalid Redis URL: {err}"));
+        let info = url.into_connection_info().map_err(invalid)?;
+        let server = info.addr().to_string();
+        let info = info.set_tcp_settings(tcp_settings());
+        let client = Client::open(info).map_err(invalid)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(CONNECT_RETRIES)
+            .set_min_delay(RECONNECT_MIN_DELAY)
+            .set_max_delay(RECONNECT_MAX_DELAY);
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|err| {
+            DirectoryError::Unavailable(format!("cannot set up the Redis connection: {err}"))
+        })?;
+        Ok(RedisDirectory {
+            conn,
+            scripts: Scripts::load(),
+            prefix: prefix.to_owned(),
+            ttl_ms: millis(ttl),
+            server,
+            sweep_cursors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// [`RedisDirectory::new`], then a [`RedisDirectory::ping`]: an error within
+    /// [`OP_TIMEOUT`] when Redis cannot be reached. The caller that wants to boot anyway
+    /// (and heal when Redis comes up) should use `new` and log a failed `ping` instead.
+    ///
+    /// # Errors
+    /// When `url` is invalid or Redis does not answer.
+    ///
+    /// # Cancel safety
+    /// Safe: dropping it drops the directory.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<RedisDirectory, DirectoryError> {
+        let directory = RedisDirectory::new(url, prefix, ttl)?;
+        directory.ping().await?;
+        Ok(directory)
+    }
+
+    /// Checks that Redis answers (connecting if needed), within [`OP_TIMEOUT`].
+    ///
+    /// # Errors
+    /// [`DirectoryError::Unavailable`] or [`DirectoryError::Timeout`].
+    ///
+    /// # Cancel safety
+    /// Safe: it only reads.
+    pub async fn ping(&self) -> Result<(), DirectoryError> {
+        let reply: String = self.query("ping", &::redis::cmd("PING")).await?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(DirectoryError::Unavailable(format!(
+                "unexpected PING reply {reply:?}"
+            )))
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn host_key(&self, host: &HostId) -> String {
+        format!("{}host:{host}", self.prefix)
+    }
+
+    fn owned_key(&self, owner: &Owner) -> String {
+        format!("{}owned:{owner}", self.prefix)
+    }
+
+    fn addr_key(&self, owner: &Owner) -> String {
+        format!("{}addr:{owner}", self.prefix)
+    }
+
+    /// Runs `attempt` on the shared connection, once more if an established connection
+    /// had dropped (the manager is already reconnecting by then), all within
+    /// [`OP_TIMEOUT`].
+    async fn run<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, DirectoryError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempts = async {
+            match attempt(self.conn.clone()).await {
+                // Not when the connection was refused: the server is down, and the
+                // manager has just tried (and retried) to connect.
+                Err(err) if err.is_connection_dropped() && !err.is_connection_refusal() => {
+                    debug!(op, %err, "Redis connection dropped; retrying once");
+                    attempt(self.conn.clone()).await
+                }
+                result => result,
+            }
+        };
+        match timeout(OP_TIMEOUT, attempts).await {
+            Ok(result) => result.map_err(directory_error),
+            Err(_) => Err(DirectoryError::Timeout(OP_TIMEOUT)),
+        }
+    }
+
+    async fn query<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, DirectoryError> {
+        self.run(
+            op,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    async fn eval<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, DirectoryError> {
+        self.run(op, |mut conn| async move {
+            script.invoke_async(&mut conn).await
+        })
+        .await
+    }
+}
+
+impl fmt::Debug for RedisDirectory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisDirectory")
+            .field("server", &self.server)
+            .field("prefix", &self.prefix)
+            .field("ttl_ms", &self.ttl_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Directory for RedisDirectory {
+    /// A previous value that is not an owner is overwritten and reported as no previous
+    /// owner (with a warning): the write itself succeeded.
+    async fn register(
+        &self,
+        host: &HostId,
+        owner: &Owner,
+    ) -> Result<Option<Owner>, DirectoryError> {
+        let mut script = self.scripts.register.prepare_invoke();
+        script
+            .key(self.host_key(host))
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(self.ttl_ms)
+            .arg(host.as_str())
+            .arg(&self.prefix);
+        let previous: Option<Vec<u8>> = self.eval("register", &script).await?;
+        match previous.map(|value| decode_owner(&self.host_key(host), value)) {
+            None => Ok(None),
+            Some(Ok(previous)) => Ok(Some(previous)),
+            Some(Err(err)) => {
+                warn!(%host, error = %err, "overwrote a corrupt directory entry");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn unregister(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
+        let mut script = self.scripts.unregister.prepare_invoke();
+        script
+            .key(self.host_key(host))
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(host.as_str());
+        self.eval("unregister", &script).await
+    }
+
+    async fn lookup(&self, host: &HostId) -> Result<Option<Owner>, DirectoryError> {
+        let key = self.host_key(host);
+        let value: Option<Vec<u8>> = self.query("lookup", ::redis::cmd("GET").arg(&key)).await?;
+        value.map(|value| decode_owner(&key, value)).transpose()
+    }
+
+    async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
+        let mut script = self.scripts.heartbeat.prepare_invoke();
+        script
+            .key(self.host_key(host))
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(self.ttl_ms)
+            .arg(host.as_str());
+        self.eval("heartbeat", &script).await
+    }
+
+    async fn clear_owned(&self, owner: &Owner) -> Result<usize, DirectoryError> {
+        let mut script = self.scripts.clear_owned.prepare_invoke();
+        script
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(&self.prefix);
+        self.eval("clear_owned", &script).await
+    }
+
+    /// One step of an `SSCAN` walk over `owner`'s index: looks at about `limit` members
+    /// and drops at most `limit` stale ones. The cursor is kept here between calls, so
+    /// successive calls cover the whole index: a stale member is gone within
+    /// `members / limit` calls. (`SRANDMEMBER` sampling would recheck the same members
+    /// and give no such bound.)
+    async fn sweep(&self, owner: &Owner, limit: usize) -> Result<usize, DirectoryError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let cursor = self
+            .sweep_cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(owner)
+            .cloned()
+            .unwrap_or_else(|| "0".to_owned());
+        let mut script = self.scripts.sweep.prepare_invoke();
+        script
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(&self.prefix)
+            .arg(cursor)
+            .arg(limit);
+        let (next, removed): (String, usize) = self.eval("sweep", &script).await?;
+        self.sweep_cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(owner.clone(), next);
+        Ok(removed)
+    }
+
+    async fn reassert(&self, hosts: &[HostId], owner: &Owner) -> Result<usize, DirectoryError> {
+        if hosts.is_empty() {
+            return Ok(0);
+        }
+        let mut script = self.scripts.reassert.prepare_invoke();
+        script
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(self.ttl_ms)
+            .arg(&self.prefix);
+        for host in hosts {
+            script.arg(host.as_str());
+        }
+        self.eval("reassert", &script).await
+    }
+
+    async fn advertise(
+        &self,
+        owner: &Owner,
+        addr: &str,
+        ttl: Duration,
+    ) -> Result<(), DirectoryError> {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(self.addr_key(owner))
+            .arg(addr)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.query("advertise", &cmd).await
+    }
+
+    async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError> {
+        let key = self.addr_key(owner);
+        let value: Option<Vec<u8>> = self
+            .query("address_of", ::redis::cmd("GET").arg(&key))
+            .await?;
+        value
+            .map(|value| {
+                String::from_utf8(value)
+                    .map_err(|err| DirectoryError::Corrupt(format!("{key}: {err}")))
+            })
+            .transpose()
+    }
+}
+
+/// TCP options of the Redis connection: no Nagle delay (small requests, latency-bound),
+/// keepalive and `TCP_USER_TIMEOUT` so a vanished peer is noticed.
+fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_PROBES);
+    let settings = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(TCP_USER_TIMEOUT);
+    settings
+}
+
+/// `d` in whole milliseconds for `PX`/`PEXPIRE`: at least 1 (0 is an error in Redis),
+/// at most what Redis accepts (it adds the current time to a signed 64-bit value; half
+/// of that range leaves room for any clock).
+fn millis(d: Duration) -> u64 {
+    const MAX: u64 = i64::MAX as u64 / 2;
+    u64::try_from(d.as_millis()).unwrap_or(MAX).clamp(1, MAX)
+}
+
+/// An owner read from `key`.
+fn decode_owner(key: &str, value: Vec<u8>) -> Result<Owner, DirectoryError> {
+    let text =
+        String::from_utf8(value).map_err(|err| DirectoryError::Corrupt(format!("{key}: {err}")))?;
+    text.parse()
+        .map_err(|err| DirectoryError::Corrupt(format!("{key} = {text:?}: {err}")))
+}
+
+/// What a `redis` error means for the caller.
+fn directory_error(err: RedisError) -> DirectoryError {
+    if err.is_timeout() {
+        // A connect or a response timed out; both bounds are one second.
+        DirectoryError::Timeout(RESPONSE_TIMEOUT)
+    } else if err.code() == Some("WRONGTYPE") {
+        DirectoryError::Corrupt(err.to_string())
+    } else {
+        DirectoryError::Unavailable(err.to_string())
+    }
+}
