@@ -1,0 +1,224 @@
+//! Bad input from a host: ignored, counted, and the tunnel keeps serving;
+//! only an oversized frame closes it (1009).
+
+use relay_tests::{DEADLINE, RawHost, TestRelay, msg_id};
+use serde_json::json;
+
+const IGNORED: &str = "relay_tunnel_messages_ignored_total";
+
+/// Proves the tunnel still works: one full HTTP exchange through `host`.
+async fn assert_tunnel_serves(relay: &TestRelay, host: &mut RawHost, host_id: &str) {
+    let client = relay.http().clone();
+    let url = relay.http_url(&format!("/hosts/{host_id}/still-there"));
+    let token = relay.client_token(&[host_id]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).send().await });
+    let msg = host.expect("http").await;
+    assert_eq!(msg["path"], "/still-there");
+    host.respond(&msg_id(&msg), 200, json!({}), "served").await;
+    let resp = request.await.expect("client task");
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "served");
+}
+
+#[tokio::test]
+async fn malformed_json_from_host_is_ignored_counted_and_tunnel_still_serves() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "malformed")]).await;
+
+    host.send_text("{not json").await;
+    host.send_text("").await;
+
+    relay
+        .wait_counter(IGNORED, &[("reason", "malformed")], before + 2.0)
+        .await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn unknown_message_type_is_ignored_counted_and_tunnel_still_serves() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "unknown_type")]).await;
+
+    host.send_json(&json!({"type": "telemetry", "cpu": 0.5}))
+        .await;
+
+    relay
+        .wait_counter(IGNORED, &[("reason", "unknown_type")], before + 1.0)
+        .await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn messages_with_unknown_ids_are_ignored_counted_and_tunnel_still_serves() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "unknown_id")]).await;
+
+    host.send_json(&json!({
+        "type": "http:response",
+        "id": "no-such-exchange",
+        "status": 200,
+        "headers": {},
+        "body": "nobody asked",
+    }))
+    .await;
+    host.send_json(&json!({"type": "ws:frame", "id": "no-such-channel", "data": "x"}))
+        .await;
+    host.send_json(&json!({"type": "ws:close", "id": "no-such-channel", "code": 1000}))
+        .await;
+
+    relay
+        .wait_counter(IGNORED, &[("reason", "unknown_id")], before + 3.0)
+        .await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn non_object_or_untyped_json_does_not_kill_tunnel_and_is_counted_once_each() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[]).await;
+
+    host.send_json(&json!([1, 2, 3])).await;
+    host.send_json(&json!("just a string")).await;
+    host.send_json(&json!({"id": "x", "status": 200})).await;
+
+    relay.wait_counter(IGNORED, &[], before + 3.0).await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn unknown_fields_in_known_messages_are_ignored() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/bad-1/future");
+    let token = relay.client_token(&["bad-1"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).send().await });
+
+    let msg = host.expect("http").await;
+    host.send_json(&json!({
+        "type": "http:response",
+        "id": msg_id(&msg),
+        "status": 200,
+        "headers": {"x-a": "b"},
+        "body": "forward compatible",
+        "streaming": {"chunk": 1},
+        "v": 2,
+    }))
+    .await;
+
+    let resp = request.await.expect("client task");
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "forward compatible");
+    assert_eq!(resp.header("x-a"), Some("b"));
+}
+
+#[tokio::test]
+async fn oversized_frame_over_a_small_limit_closes_tunnel_with_1009() {
+    let relay = TestRelay::builder().max_frame_bytes(4096).spawn().await;
+    let mut host = RawHost::connect(&relay, "big-1").await;
+
+    // Under the limit: ignored as an unknown type, tunnel unharmed.
+    let small = json!({"type": "padding", "data": "x".repeat(3000)});
+    host.send_json(&small).await;
+    assert_tunnel_serves(&relay, &mut host, "big-1").await;
+
+    let big = json!({"type": "padding", "data": "x".repeat(8192)});
+    host.send_json(&big).await;
+
+    assert_eq!(host.recv_close_code(DEADLINE).await, 1009);
+    relay.wait_host_disconnected("big-1").await;
+}
+
+#[tokio::test]
+async fn oversized_frame_over_a_large_limit_closes_tunnel_with_1009() {
+    const LIMIT: usize = 256 * 1024;
+    let relay = TestRelay::builder().max_frame_bytes(LIMIT).spawn().await;
+    let mut host = RawHost::connect(&relay, "big-1").await;
+
+    let small = json!({"type": "padding", "data": "x".repeat(LIMIT - 1024)});
+    host.send_json(&small).await;
+    assert_tunnel_serves(&relay, &mut host, "big-1").await;
+
+    let big = json!({"type": "padding", "data": "x".repeat(2 * LIMIT)});
+    host.send_json(&big).await;
+
+    assert_eq!(host.recv_close_code(DEADLINE).await, 1009);
+    relay.wait_host_disconnected("big-1").await;
+}
+
+// ---- documented in docs/protocol.md beyond the v1 contract ----
+
+#[tokio::test]
+async fn binary_frames_from_host_are_ignored_and_counted() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "binary")]).await;
+
+    host.ws_mut().send_binary(b"{\"type\":\"pong\"}").await;
+
+    relay
+        .wait_counter(IGNORED, &[("reason", "binary")], before + 1.0)
+        .await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn malformed_response_naming_a_pending_exchange_fails_it_fast_with_502() {
+    let relay = TestRelay::builder().exchange_timeout("30s").spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "malformed")]).await;
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/bad-1/half");
+    let token = relay.client_token(&["bad-1"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).send().await });
+    let msg = host.expect("http").await;
+
+    let answered_at = tokio::time::Instant::now();
+    host.send_json(&json!({"type": "http:response", "id": msg_id(&msg)}))
+        .await;
+    let resp = request.await.expect("client task");
+
+    resp.assert_status(502);
+    assert!(
+        answered_at.elapsed() < std::time::Duration::from_secs(5),
+        "502 took {:?}; it must not wait for the exchange timeout",
+        answered_at.elapsed()
+    );
+    relay
+        .wait_counter(IGNORED, &[("reason", "malformed")], before + 1.0)
+        .await;
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn invalid_response_headers_are_dropped_and_counted_but_response_delivered() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let before = relay.counter(IGNORED, &[("reason", "bad_header")]).await;
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/bad-1/headers");
+    let token = relay.client_token(&["bad-1"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).send().await });
+    let msg = host.expect("http").await;
+
+    host.respond(
+        &msg_id(&msg),
+        200,
+        json!({"bad name": "x", "x-bad-value": "line\nbreak", "x-good": "kept"}),
+        "delivered",
+    )
+    .await;
+
+    let resp = request.await.expect("client task");
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "delivered");
+    assert_eq!(resp.header("x-good"), Some("kept"));
+    assert!(resp.headers.get("x-bad-value").is_none());
+    relay
+        .wait_counter(IGNORED, &[("reason", "bad_header")], before + 2.0)
+        .await;
+}

@@ -1,0 +1,246 @@
+//! The `relay` command line: config validation (exit 64), `serve --dev` and
+//! `relay token`, plus the log format contract the harness relies on.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use relay_tests::{
+    DEADLINE, TEST_SECRET, TestHost, TestRelay, Upstream, claims_of, run_relay_cli, unix_now,
+};
+use serde_json::{Value, json};
+
+/// `EX_USAGE` from sysexits.h.
+const EX_USAGE: i32 = 64;
+
+fn serve_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "serve",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--region",
+        "cli",
+        "--machine-id",
+        "m1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[tokio::test]
+async fn non_numeric_port_exits_64_without_listening() {
+    let args = [
+        "serve",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "notanumber",
+        "--region",
+        "cli",
+        "--machine-id",
+        "m1",
+    ];
+    let out = run_relay_cli(
+        &args,
+        &[("RELAY_JWT_SECRET", TEST_SECRET), ("RUST_LOG", "info")],
+    )
+    .await;
+
+    assert_eq!(out.code, Some(EX_USAGE), "stderr: {}", out.stderr);
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "a bad config is explained on stderr"
+    );
+    assert!(!out.stderr.contains("listening") && !out.stdout.contains("listening"));
+}
+
+#[tokio::test]
+async fn zero_ping_interval_exits_64_without_listening() {
+    let out = run_relay_cli(
+        &serve_args(&["--ping-interval", "0s"]),
+        &[("RELAY_JWT_SECRET", TEST_SECRET), ("RUST_LOG", "info")],
+    )
+    .await;
+
+    assert_eq!(out.code, Some(EX_USAGE), "stderr: {}", out.stderr);
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "a bad config is explained on stderr"
+    );
+    assert!(!out.stderr.contains("listening") && !out.stdout.contains("listening"));
+}
+
+#[tokio::test]
+async fn missing_secret_without_dev_exits_64_naming_the_variable() {
+    let out = run_relay_cli(&serve_args(&[]), &[("RUST_LOG", "info")]).await;
+
+    assert_eq!(out.code, Some(EX_USAGE), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("RELAY_JWT_SECRET"),
+        "stderr should name RELAY_JWT_SECRET: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening") && !out.stdout.contains("listening"));
+}
+
+/// The token printed after `label` (e.g. `host token:`).
+async fn printed_token(relay: &TestRelay, label: &str) -> String {
+    let line = relay.wait_for_log(label, DEADLINE).await;
+    let (_, token) = line.split_once(label).expect("label is in the line");
+    token.trim().to_owned()
+}
+
+#[tokio::test]
+async fn dev_mode_prints_wildcard_tokens_that_complete_a_request() {
+    let relay = TestRelay::builder().dev().spawn().await;
+    let upstream = Upstream::spawn().await;
+
+    let host_token = printed_token(&relay, "host token:").await;
+    let client_token = printed_token(&relay, "client token:").await;
+    let host_claims = claims_of(&host_token);
+    assert_eq!(host_claims["role"], "host", "{host_claims}");
+    assert_eq!(host_claims["hosts"], json!(["*"]), "{host_claims}");
+    let client_claims = claims_of(&client_token);
+    assert_eq!(client_claims["role"], "client", "{client_claims}");
+    assert_eq!(client_claims["hosts"], json!(["*"]), "{client_claims}");
+
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("dev-host", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    relay
+        .wait_host_connected_with("dev-host", &client_token)
+        .await;
+    let resp = relay
+        .http()
+        .get(relay.http_url("/hosts/dev-host/echo?from=dev"))
+        .bearer(&client_token)
+        .send()
+        .await;
+    resp.assert_status(200);
+    assert_eq!(resp.json()["query"], "from=dev");
+}
+
+/// Runs `relay token ..` with `secret` and returns the one printed token.
+async fn mint_with_cli(args: &[&str], secret: &str) -> String {
+    let mut full = vec!["token"];
+    full.extend_from_slice(args);
+    let out = run_relay_cli(&full, &[("RELAY_JWT_SECRET", secret), ("RUST_LOG", "info")]).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "relay {full:?} failed; stderr: {}",
+        out.stderr
+    );
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "stdout is just the JWT: {:?}", out.stdout);
+    lines[0].trim().to_owned()
+}
+
+/// Verifies `token` as HS256 with `secret` and returns its claims.
+fn verified_claims(token: &str, secret: &str) -> Value {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp"]);
+    decode::<Value>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .unwrap_or_else(|err| panic!("relay token is not a valid HS256 JWT for the secret: {err}"))
+    .claims
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_hs256_tokens_with_requested_claims() {
+    let secret = "cli-secret-3b7d-0123456789";
+
+    let host = mint_with_cli(
+        &[
+            "--role", "host", "--host", "h-a", "--host", "h-b", "--ttl", "1h",
+        ],
+        secret,
+    )
+    .await;
+    let claims = verified_claims(&host, secret);
+    assert_eq!(claims["role"], "host");
+    assert_eq!(claims["hosts"], json!(["h-a", "h-b"]));
+    let exp = claims["exp"].as_u64().expect("exp is a number");
+    let expected = unix_now() + 3600;
+    assert!(
+        exp.abs_diff(expected) <= 120,
+        "exp {exp} is not about now + 1h ({expected})"
+    );
+    assert!(claims["sub"].is_string(), "sub is a string: {claims}");
+
+    let client = mint_with_cli(
+        &["--role", "client", "--host", "h-a", "--ttl", "1h"],
+        secret,
+    )
+    .await;
+    let claims = verified_claims(&client, secret);
+    assert_eq!(claims["role"], "client");
+    assert_eq!(claims["hosts"], json!(["h-a"]));
+}
+
+#[tokio::test]
+async fn token_subcommand_tokens_open_a_tunnel_and_complete_a_request() {
+    let secret = "cli-secret-9f21-0123456789";
+    let host_token = mint_with_cli(
+        &["--role", "host", "--host", "cli-host", "--ttl", "1h"],
+        secret,
+    )
+    .await;
+    let client_token = mint_with_cli(
+        &["--role", "client", "--host", "cli-host", "--ttl", "1h"],
+        secret,
+    )
+    .await;
+    let relay = TestRelay::builder().secret(secret).spawn().await;
+    let upstream = Upstream::spawn().await;
+
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("cli-host", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    relay
+        .wait_host_connected_with("cli-host", &client_token)
+        .await;
+    let resp = relay
+        .http()
+        .get(relay.http_url("/hosts/cli-host/echo"))
+        .bearer(&client_token)
+        .send()
+        .await;
+
+    resp.assert_status(200);
+    assert_eq!(resp.json()["path"], "/echo");
+}
+
+#[tokio::test]
+async fn serve_logs_one_uncolored_listening_line_with_the_bound_address() {
+    let relay = TestRelay::spawn().await;
+
+    let logs = relay.logs();
+    let listening: Vec<&String> = logs.iter().filter(|l| l.contains("listening")).collect();
+    assert_eq!(
+        listening.len(),
+        1,
+        "exactly one `listening` line: {listening:?}"
+    );
+    assert!(
+        listening[0].contains(&format!("addr={}", relay.addr())),
+        "the listening line carries addr=IP:PORT: {:?}",
+        listening[0]
+    );
+    assert!(
+        logs.iter().all(|l| !l.contains('\u{1b}')),
+        "no ANSI escapes when stderr is not a terminal: {logs:?}"
+    );
+}

@@ -1,0 +1,55 @@
+//! End-to-end test support for `relay`: real processes, real sockets.
+//!
+//! Every test starts its own `relay` child process on `127.0.0.1:0`, its own
+//! upstream HTTP/WebSocket server and its own v1 host agents, then drives them
+//! over real TCP connections. Nothing here sleeps to "let things settle": every
+//! wait polls a condition under a deadline and fails with a message that says
+//! what it was waiting for.
+//!
+//! # Layout
+//!
+//! - [`relay_process`]: [`TestRelay`] (spawn the `relay` binary, parse its
+//!   address from the `listening` log line, capture every output line, scrape
+//!   metrics, kill on drop) and [`run_relay_cli`] for one-shot CLI runs.
+//! - [`tokens`]: HS256 JWT [`Claims`] and minting, including expired,
+//!   wrong-secret, wrong-role and other-host tokens.
+//! - [`client`]: a small HTTP client ([`HttpClient`]) for talking to the relay.
+//! - [`ws`]: a WebSocket wrapper ([`WsClient`]) with deadline-bound receive and
+//!   close-code helpers, used by visitors and by [`RawHost`].
+//! - [`host`]: v1 host agents. [`RawHost`] gives message-level control;
+//!   [`TestHost`] runs in the background and forwards to an [`Upstream`].
+//! - [`upstream`]: a real local HTTP + WebSocket server ([`Upstream`]) with
+//!   `/echo`, `/slow` and `/ws/echo`.
+//! - [`stack`]: [`Stack`], the usual relay + upstream + connected host fixture.
+//! - [`metrics`]: reading counter values from Prometheus text.
+//! - [`wait`]: [`wait_until`] and friends.
+
+pub mod client;
+pub mod host;
+pub mod metrics;
+pub mod relay_process;
+pub mod stack;
+pub mod tokens;
+pub mod upstream;
+pub mod wait;
+pub mod ws;
+
+use std::time::Duration;
+
+pub use client::{HttpClient, HttpResponse};
+pub use host::{RawHost, TestHost, msg_id, msg_type};
+pub use metrics::counter_value;
+pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_relay_cli};
+pub use stack::Stack;
+pub use tokens::{Claims, claims_of, mint, unix_now};
+pub use upstream::Upstream;
+pub use wait::{wait_until, wait_until_async, within};
+pub use ws::{WsClient, WsEnd, rejection_status};
+
+/// Default deadline for anything that should happen "promptly" on a loopback
+/// connection (a response, a frame, a close). Generous so that a loaded CI
+/// machine does not flake, yet a hang still fails in bounded time.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The HS256 secret [`TestRelay`] uses unless a test picks another one.
+pub const TEST_SECRET: &str = "relay-tests-secret-5c1e0a9f";

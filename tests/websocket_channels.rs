@@ -1,0 +1,338 @@
+//! WebSocket channels through the tunnel: a client WebSocket under
+//! `/hosts/{hostId}/..` becomes `ws:open` / `ws:frame` / `ws:close` messages
+//! on the host's tunnel, and back.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use relay_tests::{DEADLINE, RawHost, Stack, TestRelay, WsClient, msg_id, wait_until};
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+const IGNORED: &str = "relay_tunnel_messages_ignored_total";
+
+/// Opens a client channel to `raw-1` and returns it with the host's view of
+/// its `ws:open`.
+async fn open_raw_channel(
+    relay: &TestRelay,
+    host: &mut RawHost,
+    path_and_query: &str,
+) -> (WsClient, serde_json::Value) {
+    let token = relay.client_token(&["raw-1"]);
+    let url = relay.ws_url(&format!("/hosts/raw-1{path_and_query}"));
+    let client = WsClient::connect_ok(&url, Some(&token)).await;
+    let open = host.expect("ws:open").await;
+    (client, open)
+}
+
+#[tokio::test]
+async fn ws_open_carries_path_and_query_without_token() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+
+    let url = relay.ws_url(&format!("/hosts/raw-1/chat/room?room=5&token={token}&x=y"));
+    let _with_query = WsClient::connect_ok(&url, None).await;
+    let open = host.expect("ws:open").await;
+    msg_id(&open);
+    assert_eq!(open["path"], "/chat/room");
+    assert_eq!(open["query"], "room=5&x=y");
+    assert!(
+        !open.to_string().contains(&token),
+        "the token reached the host: {open}"
+    );
+
+    let url = relay.ws_url(&format!("/hosts/raw-1/plain?token={token}"));
+    let _token_only = WsClient::connect_ok(&url, None).await;
+    let open = host.expect("ws:open").await;
+    assert_eq!(open["path"], "/plain");
+    assert!(
+        open.get("query").is_none(),
+        "an empty query is omitted: {open}"
+    );
+}
+
+#[tokio::test]
+async fn text_frames_travel_both_ways_as_plain_data() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/chat").await;
+    let id = msg_id(&open);
+
+    client.send_text("hello from client ✓").await;
+    let frame = host.expect("ws:frame").await;
+    assert_eq!(frame["id"], json!(id));
+    assert_eq!(frame["data"], "hello from client ✓");
+    assert!(
+        frame.get("encoding").is_none(),
+        "text frames carry no encoding: {frame}"
+    );
+
+    host.send_json(&json!({"type": "ws:frame", "id": id, "data": "hello from host"}))
+        .await;
+    assert_eq!(client.recv_data().await, Message::text("hello from host"));
+}
+
+#[tokio::test]
+async fn binary_frames_travel_both_ways_as_base64() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/bin").await;
+    let id = msg_id(&open);
+
+    let up: &[u8] = &[0, 1, 2, 0x7f, 0x80, 0xfe, 0xff];
+    client.send_binary(up).await;
+    let frame = host.expect("ws:frame").await;
+    assert_eq!(frame["id"], json!(id));
+    assert_eq!(frame["encoding"], "base64");
+    let data = frame["data"].as_str().expect("data is a string");
+    assert_eq!(BASE64.decode(data).expect("standard base64"), up);
+
+    let down: &[u8] = &[9, 8, 7, 0, 255];
+    host.send_json(&json!({
+        "type": "ws:frame",
+        "id": id,
+        "data": BASE64.encode(down),
+        "encoding": "base64",
+    }))
+    .await;
+    assert_eq!(client.recv_data().await, Message::binary(down.to_vec()));
+}
+
+#[tokio::test]
+async fn client_close_code_reaches_host_as_ws_close() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/c").await;
+
+    client.close(4321).await;
+
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], open["id"]);
+    assert_eq!(close["code"], 4321);
+}
+
+#[tokio::test]
+async fn host_ws_close_closes_client_with_that_code() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/c").await;
+
+    host.send_json(&json!({"type": "ws:close", "id": open["id"], "code": 4005}))
+        .await;
+
+    assert_eq!(client.recv_close_code(DEADLINE).await, 4005);
+}
+
+#[tokio::test]
+async fn text_and_binary_echo_end_to_end_through_test_host() {
+    let stack = Stack::spawn("ws-1").await;
+    let mut client =
+        WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&stack.client_token())).await;
+
+    client.send_text("first").await;
+    assert_eq!(client.recv_text().await, "first");
+
+    client.send_binary(&[1, 2, 3, 0, 255]).await;
+    assert_eq!(
+        client.recv_data().await,
+        Message::binary(vec![1, 2, 3, 0, 255])
+    );
+
+    let big: Vec<u8> = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
+    client.send_binary(&big).await;
+    assert_eq!(client.recv_data().await, Message::binary(big));
+
+    client.send_text("last").await;
+    assert_eq!(client.recv_text().await, "last");
+    assert_eq!(stack.upstream.ws_connections(), 1);
+}
+
+#[tokio::test]
+async fn client_close_code_reaches_upstream_socket() {
+    let stack = Stack::spawn("ws-1").await;
+    let mut client =
+        WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&stack.client_token())).await;
+    client.send_text("up?").await;
+    assert_eq!(client.recv_text().await, "up?");
+
+    client.close(4321).await;
+
+    wait_until(
+        "the upstream socket receives close code 4321",
+        DEADLINE,
+        || stack.upstream.ws_close_codes().contains(&4321),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_close_code_reaches_client() {
+    let stack = Stack::spawn("ws-1").await;
+    let mut client =
+        WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&stack.client_token())).await;
+    client.send_text("still here").await;
+    assert_eq!(client.recv_text().await, "still here");
+
+    client.send_text("close:4006").await;
+
+    assert_eq!(client.recv_close_code(DEADLINE).await, 4006);
+}
+
+#[tokio::test]
+async fn channels_of_one_host_are_isolated() {
+    let stack = Stack::spawn("ws-1").await;
+    let token = stack.client_token();
+    let mut a = WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&token)).await;
+    let mut b = WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&token)).await;
+
+    a.send_text("for a").await;
+    b.send_text("for b").await;
+    b.send_text("for b again").await;
+    a.send_text("for a again").await;
+
+    assert_eq!(a.recv_text().await, "for a");
+    assert_eq!(a.recv_text().await, "for a again");
+    assert_eq!(b.recv_text().await, "for b");
+    assert_eq!(b.recv_text().await, "for b again");
+}
+
+#[tokio::test]
+async fn tunnel_close_closes_every_client_channel_with_1001() {
+    let stack = Stack::spawn("ws-1").await;
+    let token = stack.client_token();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut client = WsClient::connect_ok(&stack.ws_url("/ws/echo"), Some(&token)).await;
+        client.send_text(&format!("client {i}")).await;
+        assert_eq!(client.recv_text().await, format!("client {i}"));
+        clients.push(client);
+    }
+
+    stack.host.close(1000);
+
+    for (i, client) in clients.iter_mut().enumerate() {
+        assert_eq!(client.recv_close_code(DEADLINE).await, 1001, "client {i}");
+    }
+}
+
+#[tokio::test]
+async fn abrupt_tunnel_loss_closes_every_client_channel_with_1001() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let (client, _open) = open_raw_channel(&relay, &mut host, &format!("/c/{i}")).await;
+        clients.push(client);
+    }
+
+    // No close frame: the TCP connection just goes away.
+    drop(host);
+
+    for (i, client) in clients.iter_mut().enumerate() {
+        assert_eq!(client.recv_close_code(DEADLINE).await, 1001, "client {i}");
+    }
+    relay.wait_host_disconnected("raw-1").await;
+}
+
+#[tokio::test]
+async fn reregistration_closes_old_tunnels_channels_with_1001() {
+    let relay = TestRelay::spawn().await;
+    let mut old = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, _open) = open_raw_channel(&relay, &mut old, "/c").await;
+
+    let token = relay.host_token("raw-1");
+    let _new = RawHost::connect_url(&relay.tunnel_url("raw-1", &token), None).await;
+
+    assert_eq!(client.recv_close_code(DEADLINE).await, 1001);
+    assert_eq!(old.recv_close_code(DEADLINE).await, 4002);
+}
+
+// ---- documented in docs/protocol.md beyond the v1 contract ----
+
+#[tokio::test]
+async fn host_ws_close_without_code_or_with_reserved_code_closes_client_without_code() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+
+    let (mut no_code, open) = open_raw_channel(&relay, &mut host, "/a").await;
+    host.send_json(&json!({"type": "ws:close", "id": open["id"]}))
+        .await;
+    assert_eq!(
+        no_code.recv_close_code(DEADLINE).await,
+        1005,
+        "1005 = no code"
+    );
+
+    let (mut reserved, open) = open_raw_channel(&relay, &mut host, "/b").await;
+    host.send_json(&json!({"type": "ws:close", "id": open["id"], "code": 1006}))
+        .await;
+    assert_eq!(
+        reserved.recv_close_code(DEADLINE).await,
+        1005,
+        "1006 may not be sent"
+    );
+}
+
+#[tokio::test]
+async fn client_message_over_max_frame_bytes_closes_channel_with_1009_both_ways() {
+    const LIMIT: usize = 256 * 1024;
+    let relay = TestRelay::builder().max_frame_bytes(LIMIT).spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/big").await;
+
+    client.send_text(&"x".repeat(LIMIT + 1024)).await;
+
+    assert_eq!(client.recv_close_code(DEADLINE).await, 1009);
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], open["id"]);
+    assert_eq!(close["code"], 1009);
+    relay.whoowns("raw-1").await.assert_status(200);
+}
+
+#[tokio::test]
+async fn slow_client_is_closed_with_1013_without_stalling_other_channels() {
+    const CHUNK: usize = 64 * 1024;
+    /// 64 MiB: far more than any socket buffers can hide.
+    const MAX_FRAMES: usize = 1024;
+    let relay = TestRelay::builder().channel_queue(4).spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (_slow, slow_open) = open_raw_channel(&relay, &mut host, "/slow").await;
+    let (mut other, other_open) = open_raw_channel(&relay, &mut host, "/other").await;
+    let chunk = "x".repeat(CHUNK);
+
+    // Flood the channel whose client never reads until the relay gives up on
+    // it: either the host hears about it, or frames for it become unknown ids.
+    let unknown_id = [("reason", "unknown_id")];
+    let unknown_before = relay.counter(IGNORED, &unknown_id).await;
+    let mut sent = 0;
+    let mut heard = None;
+    while heard.is_none() && relay.counter(IGNORED, &unknown_id).await == unknown_before {
+        assert!(
+            sent < MAX_FRAMES,
+            "the relay kept queueing for a client that never reads ({sent} frames of 64 KiB)"
+        );
+        for _ in 0..8 {
+            host.send_json(&json!({"type": "ws:frame", "id": slow_open["id"], "data": chunk}))
+                .await;
+            sent += 1;
+        }
+        heard = host.try_recv_json(Duration::from_millis(1)).await;
+    }
+    let close = match heard {
+        Some(msg) => msg,
+        None => host.try_recv_json(DEADLINE).await.unwrap_or_else(|| {
+            panic!(
+                "the relay dropped the slow channel (frames for it are now unknown ids) \
+                 but never sent the host a ws:close"
+            )
+        }),
+    };
+
+    assert_eq!(close["type"], "ws:close", "unexpected message: {close}");
+    assert_eq!(close["id"], slow_open["id"]);
+    assert_eq!(close["code"], 1013);
+    host.send_json(&json!({"type": "ws:frame", "id": other_open["id"], "data": "still flowing"}))
+        .await;
+    assert_eq!(other.recv_text().await, "still flowing");
+}
