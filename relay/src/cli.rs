@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a host or client token with the configured key.
     Token(TokenArgs),
 }
@@ -78,7 +78,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
     }
 }
@@ -103,17 +103,28 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match server::bind(config.listen) {
+        let relay = match server::Relay::new(config) {
+            Ok(relay) => relay,
+            Err(err) => {
+                eprintln!("relay: {err}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        // Before binding: nothing may be routed here for tunnels a previous process with
+        // this identity held (a SIGKILL leaves them behind).
+        relay.clear_stale_entries().await;
+        let listen = relay.config().listen;
+        let listener = match server::bind(listen) {
             Ok(listener) => listener,
             Err(err) => {
-                error!(addr = %config.listen, %err, "cannot listen");
+                error!(addr = %listen, %err, "cannot listen");
                 return ExitCode::FAILURE;
             }
         };
-        if let KeySource::Ephemeral(secret) = &config.keys {
+        if let KeySource::Ephemeral(secret) = &relay.config().keys {
             print_dev_tokens(secret, listener.local_addr().map(|a| a.port()).unwrap_or(0));
         }
-        match server::run(listener, config, shutdown_signal()).await {
+        match server::serve(listener, relay, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 error!("relay failed: {err:#}");

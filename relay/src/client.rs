@@ -21,7 +21,8 @@ use crate::auth::{Role, bearer_token};
 use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::protocol::{Frame, Headers, close_code};
-use crate::server::Relay;
+use crate::routing::{self, Forward};
+use crate::server::{Relay, Route};
 use crate::telemetry;
 use crate::tunnel::{Channel, ExchangeError, HttpRequest, HttpResponse, TunnelHandle};
 
@@ -47,18 +48,37 @@ pub(crate) async fn host_request(
 }
 
 async fn serve(relay: Relay, peer: SocketAddr, request: Request) -> Result<Response, ClientError> {
-    let (raw_host, rest) =
-        split_host_path(request.uri().path()).ok_or(ClientError::HostNotConnected)?;
+    let uri = request.uri().clone();
+    let (raw_host, rest) = split_host_path(uri.path()).ok_or(ClientError::HostNotConnected)?;
     let host = HostId::parse(raw_host)?;
-    let query = request.uri().query();
+    let query = uri.query();
     let token = bearer_token(request.headers(), query).ok_or(crate::auth::AuthError::Missing)?;
     relay
         .verifier()
         .authorize(&token, Role::Client, &host)
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
 
-    let tunnel = relay.route(&host).await?;
-    if request.method() == http::Method::GET && rest == WHOOWNS {
+    let hopped = routing::is_hopped(request.headers());
+    let tunnel = match relay.route(&host, hopped).await? {
+        Route::Local(tunnel) => tunnel,
+        Route::Remote(owner) => {
+            let (mut parts, body) = request.into_parts();
+            let what = if routing::is_whoowns(&parts.method, rest) {
+                Forward::WhoOwns
+            } else if is_websocket_upgrade(&parts.headers) {
+                let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
+                    .await
+                    .map_err(|_| ClientError::NotWebSocket)?;
+                Forward::WebSocket(upgrade)
+            } else {
+                Forward::Http(
+                    read_body(&parts.headers, body, relay.config().limits.max_body_bytes).await?,
+                )
+            };
+            return routing::forward(&relay, &host, owner, client_ip(peer), &parts, what).await;
+        }
+    };
+    if routing::is_whoowns(request.method(), rest) {
         return Ok(axum::Json(json!({
             "ok": true,
             "region": relay.config().owner.region,
@@ -79,6 +99,39 @@ async fn serve(relay: Relay, peer: SocketAddr, request: Request) -> Result<Respo
     exchange(relay, tunnel, peer, request, path, query).await
 }
 
+/// Reads a request body whole, refusing it (413) past `limit` before reading further.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ClientError> {
+    if let Some(length) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && length > limit as u64
+    {
+        return Err(ClientError::BodyTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if std::error::Error::source(&err)
+            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
+        {
+            ClientError::BodyTooLarge { limit }
+        } else {
+            ClientError::BodyUnreadable
+        }
+    })
+}
+
+/// The client's address, with IPv4-mapped IPv6 (from the dual-stack socket) unmapped.
+fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// One HTTP exchange over the tunnel.
 async fn exchange(
     relay: Relay,
@@ -92,30 +145,7 @@ async fn exchange(
     // Refuse before reading a byte of body if the tunnel is full.
     let permit = tunnel.reserve()?;
     let (parts, body) = request.into_parts();
-    if let Some(length) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && length > limits.max_body_bytes as u64
-    {
-        return Err(ClientError::BodyTooLarge {
-            limit: limits.max_body_bytes,
-        });
-    }
-    let body = axum::body::to_bytes(body, limits.max_body_bytes)
-        .await
-        .map_err(|err| {
-            if std::error::Error::source(&err)
-                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
-            {
-                ClientError::BodyTooLarge {
-                    limit: limits.max_body_bytes,
-                }
-            } else {
-                ClientError::BodyUnreadable
-            }
-        })?;
+    let body = read_body(&parts.headers, body, limits.max_body_bytes).await?;
     let body = String::from_utf8(body.into()).map_err(|_| ClientError::BodyNotText)?;
     let path = match query {
         Some(q) => format!("{path}?{q}"),
@@ -124,7 +154,7 @@ async fn exchange(
     let request = HttpRequest {
         method: parts.method.as_str().to_owned(),
         path,
-        headers: forward_headers(&parts.headers, peer.ip()),
+        headers: forward_headers(&parts.headers, client_ip(peer)),
         body,
     };
     let response = tunnel
@@ -283,7 +313,7 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and must
 /// not be forwarded.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -330,10 +360,6 @@ fn forward_headers(headers: &HeaderMap, peer: IpAddr) -> Headers {
         let separator = if name == header::COOKIE { "; " } else { ", " };
         out.push((name.as_str().to_owned(), values.join(separator)));
     }
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     let prior: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()

@@ -69,6 +69,32 @@ impl From<KeyAlgorithm> for jsonwebtoken::Algorithm {
     }
 }
 
+/// How a request for a host owned by another machine reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingMode {
+    /// Forward HTTP and WebSocket to the owner's advertised address.
+    Proxy,
+    /// HTTP: answer with `fly-replay: instance=<owner>` so Fly's proxy replays the request
+    /// on the owner; WebSocket (which cannot be replayed): bridge over Fly's private
+    /// network.
+    #[value(name = "fly-replay")]
+    FlyReplay,
+}
+
+/// Where the directory lives.
+#[derive(Debug, Clone)]
+pub enum DirectoryConfig {
+    /// In this process: one machine, no Redis.
+    Memory,
+    /// In Redis, shared by the fleet.
+    Redis {
+        /// Connection URL (may hold a password: masked).
+        url: Secret,
+        /// Prefix of every key.
+        prefix: String,
+    },
+}
+
 /// Flags of `relay serve`. Every flag can also be set from the environment variable
 /// named in its help.
 #[derive(Debug, Clone, Args)]
@@ -150,6 +176,32 @@ pub struct ServeArgs {
           default_value = "90s")]
     pub directory_ttl: Duration,
 
+    /// Redis URL of the shared directory (`redis://[:password@]host:port[/db]`). Without
+    /// it the directory is embedded (one machine).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "RELAY_REDIS_PREFIX", default_value = "relay:")]
+    pub redis_prefix: String,
+
+    /// Address (`host:port`) other relays forward requests to. Default: on Fly,
+    /// `<machine>.vm.<app>.internal:<port>`; elsewhere the bound address (127.0.0.1 when
+    /// bound on all interfaces).
+    #[arg(long, env = "RELAY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// How requests for hosts held by another machine are routed. Default: `fly-replay`
+    /// on Fly (FLY_APP_NAME set), `proxy` elsewhere.
+    #[arg(long, env = "RELAY_ROUTING", value_enum)]
+    pub routing: Option<RoutingMode>,
+
+    /// How often this machine re-asserts its tunnels in the directory (heals a Redis
+    /// restart, flush or failover without any host reconnecting).
+    #[arg(long, env = "RELAY_RECONCILE_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub reconcile_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -188,6 +240,14 @@ pub struct Config {
     pub limits: Limits,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where the directory lives.
+    pub directory: DirectoryConfig,
+    /// How requests for other machines' hosts are routed.
+    pub routing: RoutingMode,
+    /// The address peers forward to, when set explicitly (otherwise derived at bind).
+    pub advertise_addr: Option<String>,
+    /// Interval of the directory reconciler.
+    pub reconcile_interval: Duration,
 }
 
 /// A configuration error: the operator's fault; exits 64.
@@ -284,13 +344,49 @@ impl ServeArgs {
             ));
         }
 
+        let app_name = self.app_name.filter(|s| !s.is_empty());
+        let routing = self.routing.unwrap_or(if app_name.is_some() {
+            RoutingMode::FlyReplay
+        } else {
+            RoutingMode::Proxy
+        });
+        if routing == RoutingMode::FlyReplay && app_name.is_none() {
+            return err(
+                "--routing fly-replay needs FLY_APP_NAME (the private network \
+                        name of the app)"
+                    .into(),
+            );
+        }
+        let directory = match self.redis_url {
+            Some(url) if !url.0.is_empty() => {
+                if self.redis_prefix.is_empty() {
+                    return err("RELAY_REDIS_PREFIX must not be empty".into());
+                }
+                DirectoryConfig::Redis {
+                    url,
+                    prefix: self.redis_prefix,
+                }
+            }
+            _ => DirectoryConfig::Memory,
+        };
+        if let Some(addr) = &self.advertise_addr
+            && addr
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return err(format!("RELAY_ADVERTISE_ADDR {addr:?} must be host:port"));
+        }
         let config = Config {
             listen: SocketAddr::new(self.bind, self.port),
             owner,
-            app_name: self.app_name.filter(|s| !s.is_empty()),
+            app_name,
             keys,
             limits,
             log_format: self.log_format,
+            directory,
+            routing,
+            advertise_addr: self.advertise_addr,
+            reconcile_interval: positive("RELAY_RECONCILE_INTERVAL", self.reconcile_interval)?,
         };
         // Fail now, not on the first request, if the key is unusable.
         config.verifier()?;
@@ -299,6 +395,26 @@ impl ServeArgs {
 }
 
 impl Config {
+    /// The address peers forward to, given the address actually bound.
+    pub fn advertise_addr(&self, bound: SocketAddr) -> String {
+        if let Some(addr) = &self.advertise_addr {
+            return addr.clone();
+        }
+        if let Some(app) = &self.app_name {
+            return format!(
+                "{}.vm.{app}.internal:{}",
+                self.owner.machine_id,
+                bound.port()
+            );
+        }
+        let ip = match bound.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv6() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, bound.port()).to_string()
+    }
+
     /// The token verifier for this configuration.
     ///
     /// # Errors

@@ -37,6 +37,9 @@ pub enum ClientError {
     /// Nobody holds a tunnel for this host.
     #[error("host not connected")]
     HostNotConnected,
+    /// The relay that holds the host's tunnel failed mid-request.
+    #[error("the relay holding this host failed to answer")]
+    PeerFailed,
     /// The exchange with the host failed (overloaded, timeout, tunnel closed, bad answer).
     #[error("{0}")]
     Exchange(#[from] ExchangeError),
@@ -52,6 +55,7 @@ impl ClientError {
             ClientError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ClientError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ClientError::HostNotConnected => StatusCode::SERVICE_UNAVAILABLE,
+            ClientError::PeerFailed => StatusCode::BAD_GATEWAY,
             ClientError::Exchange(err) => match err {
                 ExchangeError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                 ExchangeError::Timeout => StatusCode::GATEWAY_TIMEOUT,

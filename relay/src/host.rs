@@ -13,7 +13,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::HeaderMap;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use crate::auth::{AuthError, Role, bearer_token};
 use crate::error::ClientError;
@@ -136,7 +136,8 @@ async fn serve_tunnel(
             old.close(close_code::REPLACED);
         }
         telemetry::tunnel_registered();
-        relay.publish(&host).await;
+        let synced = relay.publish(&host).await;
+        handle.set_synced(synced);
         info!(%peer, sub = %subject, "tunnel registered");
 
         let on_pong = {
@@ -156,8 +157,7 @@ async fn serve_tunnel(
     .await;
 }
 
-/// Logs a directory failure; the tunnel keeps serving locally either way.
+/// Logs (rate limited) and counts a directory failure; the tunnel keeps serving locally.
 pub(crate) fn directory_failed(op: &'static str, host: &HostId, err: &dyn std::fmt::Display) {
-    telemetry::directory_error(op);
-    warn!(%host, op, error = %err, "directory operation failed; serving locally");
+    telemetry::directory_error(op, host, err);
 }

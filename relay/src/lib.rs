@@ -16,6 +16,7 @@
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
 //! - [`tunnel`]: the per-tunnel actor and its handle: a multiplexer of streams.
 //! - [`registry`]: the tunnels this process holds.
+//! - [`routing`]: reaching the machine that holds a host's tunnel (proxy, fly-replay).
 //! - [`directory`]: which machine owns each host (in memory by default).
 //! - [`error`]: errors answered to clients, by whose fault they are.
 //! - [`telemetry`]: logging, redaction and metrics.
@@ -33,6 +34,7 @@ pub mod host_id;
 pub mod limits;
 pub mod protocol;
 pub mod registry;
+pub mod routing;
 pub mod server;
 pub mod telemetry;
 pub mod tunnel;

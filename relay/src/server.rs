@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -20,16 +20,17 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::auth::Verifier;
 use crate::client;
-use crate::config::{Config, ConfigError};
-use crate::directory::{Directory, MemoryDirectory, Owner};
+use crate::config::{Config, ConfigError, DirectoryConfig};
+use crate::directory::{Directory, MemoryDirectory, Owner, RedisDirectory};
 use crate::error::ClientError;
 use crate::host;
 use crate::host_id::HostId;
 use crate::limits::{
     DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT, LISTEN_BACKLOG,
-    SHUTDOWN_GRACE,
+    RECONCILE_BATCH, SHUTDOWN_GRACE, STARTUP_CLEAR_TIMEOUT,
 };
 use crate::registry::Registry;
+use crate::routing::Peers;
 use crate::telemetry::{self, redact_uri};
 use crate::tunnel::TunnelHandle;
 
@@ -50,15 +51,39 @@ struct Inner {
     tracker: TaskTracker,
     /// Cancelled when the relay shuts down; every tunnel's token is a child of it.
     shutdown: CancellationToken,
+    /// The address peers forward to; known once the listener is bound.
+    advertise_addr: OnceLock<String>,
+    /// Connections to peer relays (proxy routing).
+    peers: Peers,
+}
+
+/// Where a client request for a host goes.
+#[derive(Debug)]
+pub enum Route {
+    /// This machine holds the tunnel.
+    Local(TunnelHandle),
+    /// Another machine does.
+    Remote(Owner),
 }
 
 impl Relay {
-    /// A relay for `config`, with the embedded in-memory directory.
+    /// A relay for `config`, with the directory it names (embedded, or Redis). Never
+    /// touches the network: a Redis that is down is found out, and healed from, later.
+    /// Must be called within a Tokio runtime.
     ///
     /// # Errors
-    /// When the token key in `config` is unusable.
+    /// When the token key or the Redis URL in `config` is unusable.
     pub fn new(config: Config) -> Result<Relay, ConfigError> {
-        let directory = Arc::new(MemoryDirectory::new(config.limits.directory_ttl));
+        let directory: Arc<dyn Directory> = match &config.directory {
+            DirectoryConfig::Memory => Arc::new(MemoryDirectory::new(config.limits.directory_ttl)),
+            DirectoryConfig::Redis { url, prefix } => {
+                let url = String::from_utf8_lossy(url.expose()).into_owned();
+                Arc::new(
+                    RedisDirectory::new(&url, prefix, config.limits.directory_ttl)
+                        .map_err(|e| ConfigError(format!("REDIS_URL: {e}")))?,
+                )
+            }
+        };
         Relay::with_directory(config, directory)
     }
 
@@ -78,6 +103,8 @@ impl Relay {
                 directory,
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                advertise_addr: OnceLock::new(),
+                peers: Peers::new(),
             }),
         })
     }
@@ -112,35 +139,93 @@ impl Relay {
         &self.inner.shutdown
     }
 
-    /// The tunnel that serves `host`: the local one, or none.
+    /// Connections to peer relays.
+    pub fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    /// The address peers forward to (set when the listener is bound).
+    pub fn advertise_addr(&self) -> Option<&str> {
+        self.inner.advertise_addr.get().map(String::as_str)
+    }
+
+    /// Where a request for `host` goes: the local tunnel, or the machine that owns it.
+    /// `hopped` says the request was already routed here by another machine (or replayed
+    /// by Fly): then only a local tunnel will do, so a request can never loop.
     ///
     /// # Errors
-    /// [`ClientError::HostNotConnected`] when no machine holds a tunnel for `host`, or
-    /// the directory names this machine but the tunnel is not here (a stale entry: never
-    /// forwarded, so it can never loop).
-    pub async fn route(&self, host: &HostId) -> Result<TunnelHandle, ClientError> {
+    /// [`ClientError::HostNotConnected`] when no machine holds a tunnel for `host`, when
+    /// the directory names this machine but the tunnel is not here (a stale entry), or
+    /// when the directory cannot be read.
+    pub async fn route(&self, host: &HostId, hopped: bool) -> Result<Route, ClientError> {
         if let Some(tunnel) = self.registry().get(host) {
-            return Ok(tunnel);
+            return Ok(Route::Local(tunnel));
         }
-        match timeout(DIRECTORY_TIMEOUT, self.directory().lookup(host)).await {
-            Ok(Ok(Some(owner))) if owner == self.config().owner => {
+        if hopped {
+            debug!(%host, "routed here by a peer but not held here; not forwarding again");
+            return Err(ClientError::HostNotConnected);
+        }
+        match self.lookup(host).await {
+            Some(owner) if owner == self.config().owner => {
                 debug!(%host, "directory names this machine but the tunnel is gone (stale)");
+                Err(ClientError::HostNotConnected)
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => host::directory_failed("lookup", host, &err),
-            Err(_) => host::directory_failed("lookup", host, &"timed out"),
+            Some(owner) => Ok(Route::Remote(owner)),
+            None => Err(ClientError::HostNotConnected),
         }
-        Err(ClientError::HostNotConnected)
+    }
+
+    /// The owner of `host` in the directory; `None` when there is none or the directory
+    /// cannot say (logged).
+    pub(crate) async fn lookup(&self, host: &HostId) -> Option<Owner> {
+        match timeout(DIRECTORY_TIMEOUT, self.directory().lookup(host)).await {
+            Ok(Ok(owner)) => owner,
+            Ok(Err(err)) => {
+                host::directory_failed("lookup", host, &err);
+                None
+            }
+            Err(_) => {
+                host::directory_failed("lookup", host, &"timed out");
+                None
+            }
+        }
+    }
+
+    /// Removes what a previous process with this machine's identity left in the
+    /// directory (after a SIGKILL, say). Best effort and bounded: called before binding,
+    /// so nothing can route to this machine for a tunnel it does not hold.
+    pub async fn clear_stale_entries(&self) {
+        let owner = &self.config().owner;
+        match timeout(STARTUP_CLEAR_TIMEOUT, self.directory().clear_owned(owner)).await {
+            Ok(Ok(removed)) => {
+                info!(removed, %owner, "cleared this machine's stale directory entries")
+            }
+            Ok(Err(err)) => {
+                telemetry::directory_error("clear_owned", owner, &err);
+            }
+            Err(_) => telemetry::directory_error("clear_owned", owner, &"timed out"),
+        }
     }
 
     /// Publishes this machine as the owner of `host`.
-    pub(crate) async fn publish(&self, host: &HostId) {
+    /// Returns whether the directory now says so; when it does not (Redis down), the
+    /// tunnel still serves locally and the reconciler publishes it later.
+    pub(crate) async fn publish(&self, host: &HostId) -> bool {
         let owner = &self.config().owner;
         match timeout(DIRECTORY_TIMEOUT, self.directory().register(host, owner)).await {
-            Ok(Ok(Some(previous))) => info!(%previous, "took the host over from another machine"),
-            Ok(Ok(None)) => {}
-            Ok(Err(err)) => host::directory_failed("register", host, &err),
-            Err(_) => host::directory_failed("register", host, &"timed out"),
+            Ok(Ok(Some(previous))) => {
+                info!(%previous, "took the host over from another machine");
+                true
+            }
+            Ok(Ok(None)) => true,
+            Ok(Err(err)) => {
+                host::directory_failed("register", host, &err);
+                false
+            }
+            Err(_) => {
+                host::directory_failed("register", host, &"timed out");
+                false
+            }
         }
     }
 
@@ -289,15 +374,21 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     // Install the recorder before anything is counted.
     telemetry::metrics_handle();
+    let advertise = relay.config().advertise_addr(addr);
+    let _ = relay.inner.advertise_addr.set(advertise.clone());
     relay.tracker().spawn(sweep_loop(
         relay.directory().clone(),
         relay.config().owner.clone(),
         relay.shutdown_token().clone(),
     ));
+    relay.tracker().spawn(reconcile_loop(relay.clone()));
     info!(
         %addr,
         region = %relay.config().owner.region,
         machine = %relay.config().owner.machine_id,
+        directory = relay.directory().kind(),
+        routing = ?relay.config().routing,
+        %advertise,
         "listening"
     );
 
@@ -352,12 +443,63 @@ async fn sweep_loop(directory: Arc<dyn Directory>, owner: Owner, shutdown: Cance
             () = shutdown.cancelled() => return,
             _ = tick.tick() => match directory.sweep(&owner, DIRECTORY_SWEEP_BATCH).await {
                 Ok(0) => {}
-                Ok(swept) => debug!(swept, "expired directory entries dropped"),
-                Err(err) => {
-                    telemetry::directory_error("sweep");
-                    warn!(error = %err, "directory sweep failed");
-                }
+                Ok(swept) => debug!(swept, "stale directory records dropped"),
+                Err(err) => telemetry::directory_error("sweep", &owner, &err),
             },
+        }
+    }
+}
+
+/// Every interval: advertise this machine's address, and re-assert ownership of every
+/// local tunnel in batches, writing only entries that are absent or already ours. This is
+/// what heals the directory after a Redis restart, flush or failover without any host
+/// reconnecting, and what publishes tunnels that registered while Redis was down.
+async fn reconcile_loop(relay: Relay) {
+    let interval = relay.config().reconcile_interval;
+    let owner = relay.config().owner.clone();
+    let shutdown = relay.shutdown_token().clone();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now(), interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(addr) = relay.advertise_addr() {
+            // Three rounds of slack: one missed round does not hide this machine.
+            let ttl = interval.saturating_mul(3);
+            match timeout(
+                DIRECTORY_TIMEOUT,
+                relay.directory().advertise(&owner, addr, ttl),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => telemetry::directory_error("advertise", &owner, &err),
+                Err(_) => telemetry::directory_error("advertise", &owner, &"timed out"),
+            }
+        }
+        let handles = relay.registry().handles();
+        let hosts: Vec<HostId> = handles.iter().map(|h| h.host().clone()).collect();
+        let mut written = 0;
+        for (batch, handles) in hosts
+            .chunks(RECONCILE_BATCH)
+            .zip(handles.chunks(RECONCILE_BATCH))
+        {
+            match timeout(DIRECTORY_TIMEOUT, relay.directory().reassert(batch, &owner)).await {
+                Ok(Ok(n)) => {
+                    written += n;
+                    for handle in handles {
+                        handle.set_synced(true);
+                    }
+                }
+                Ok(Err(err)) => telemetry::directory_error("reassert", &owner, &err),
+                Err(_) => telemetry::directory_error("reassert", &owner, &"timed out"),
+            }
+        }
+        if written > 0 {
+            telemetry::reconciled(written);
+            debug!(written, "reconciler restored directory entries");
         }
     }
 }

@@ -4,7 +4,10 @@
 //! through [`redact_uri`] first.
 
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use tokio::time::Instant;
+
+use crate::limits::ERROR_LOG_INTERVAL;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -116,7 +119,46 @@ pub fn channel_open(delta: f64) {
     metrics::gauge!("relay_channels_open").increment(delta);
 }
 
-/// A directory operation failed.
-pub fn directory_error(op: &'static str) {
+/// A directory operation failed: counted always, logged at most once per
+/// [`ERROR_LOG_INTERVAL`] per operation (with how many were not logged), so an outage
+/// does not flood the logs. The relay carries on with what it holds locally.
+pub fn directory_error(
+    op: &'static str,
+    subject: &dyn std::fmt::Display,
+    err: &dyn std::fmt::Display,
+) {
     metrics::counter!("relay_directory_errors_total", "op" => op).increment(1);
+    static LAST: Mutex<Vec<(&'static str, Instant, u64)>> = Mutex::new(Vec::new());
+    let now = Instant::now();
+    let suppressed = {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.iter_mut().find(|(o, _, _)| *o == op) {
+            Some((_, at, skipped)) if now.duration_since(*at) < ERROR_LOG_INTERVAL => {
+                *skipped += 1;
+                return;
+            }
+            Some((_, at, skipped)) => {
+                *at = now;
+                std::mem::take(skipped)
+            }
+            // Bounded: one entry per operation name.
+            None => {
+                last.push((op, now, 0));
+                0
+            }
+        }
+    };
+    tracing::warn!(op, %subject, error = %err, suppressed, "directory operation failed; serving what is local");
+}
+
+/// A request was routed to another machine (`proxy` or `replay`), with its outcome.
+pub fn hop(mode: &'static str, outcome: &'static str) {
+    metrics::counter!("relay_hops_total", "mode" => mode, "outcome" => outcome).increment(1);
+}
+
+/// The reconciler wrote `n` directory entries back.
+pub fn reconciled(n: usize) {
+    metrics::counter!("relay_reconcile_writes_total").increment(n as u64);
 }

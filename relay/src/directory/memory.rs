@@ -92,6 +92,10 @@ impl State {
 
 #[async_trait]
 impl Directory for MemoryDirectory {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     async fn register(
         &self,
         host: &HostId,

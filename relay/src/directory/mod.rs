@@ -117,6 +117,9 @@ pub enum DirectoryError {
 /// half-done.
 #[async_trait]
 pub trait Directory: Send + Sync + fmt::Debug + 'static {
+    /// A short name of the backend for logs (`memory`, `redis`).
+    fn kind(&self) -> &'static str;
+
     /// Makes `owner` the owner of `host` with a fresh TTL, whoever owned it before.
     /// Returns the previous owner, if another one was live.
     async fn register(&self, host: &HostId, owner: &Owner)

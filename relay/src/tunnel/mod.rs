@@ -15,7 +15,7 @@ mod session;
 mod streams;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -181,6 +181,9 @@ struct Inner {
     max_pending: usize,
     next_stream: AtomicU64,
     open_channels: AtomicUsize,
+    /// Whether the directory is known to name this machine for the host. False while
+    /// Redis is unreachable; the reconciler sets it once the entry is written.
+    synced: AtomicBool,
 }
 
 impl TunnelHandle {
@@ -204,6 +207,7 @@ impl TunnelHandle {
                 max_pending: limits.max_pending,
                 next_stream: AtomicU64::new(1),
                 open_channels: AtomicUsize::new(0),
+                synced: AtomicBool::new(false),
             }),
         };
         let session = Session::new(handle.clone(), rx, limits.clone());
@@ -233,6 +237,16 @@ impl TunnelHandle {
     /// WebSocket channels open.
     pub fn open_channels(&self) -> usize {
         self.inner.open_channels.load(Ordering::Relaxed)
+    }
+
+    /// Whether the directory is known to name this machine for the host.
+    pub fn is_synced(&self) -> bool {
+        self.inner.synced.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the directory names this machine for the host.
+    pub fn set_synced(&self, synced: bool) {
+        self.inner.synced.store(synced, Ordering::Relaxed);
     }
 
     /// Whether the session has ended or been told to.

@@ -349,6 +349,10 @@ impl fmt::Debug for RedisDirectory {
 
 #[async_trait]
 impl Directory for RedisDirectory {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
     /// A previous value that is not an owner is overwritten and reported as no previous
     /// owner (with a warning): the write itself succeeded.
     async fn register(

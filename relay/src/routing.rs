@@ -1,0 +1,428 @@
+//! Routing a client request to the machine that holds the host's tunnel.
+//!
+//! - `proxy` mode: HTTP is forwarded to the owner's advertised address and the response
+//!   streamed back; a WebSocket is bridged frame by frame.
+//! - `fly-replay` mode: HTTP gets an empty answer with `fly-replay: instance=<owner>`, and
+//!   Fly's proxy replays the request on the owner; a WebSocket upgrade cannot be replayed,
+//!   so it is bridged over the private network (`<machine>.vm.<app>.internal`).
+//!
+//! Every forwarded request carries [`HOP_HEADER`]; a relay that receives one (or a Fly
+//! replay, marked by `fly-replay-src`) serves it only from a local tunnel and never
+//! forwards it again, so a stale directory can cause a 503 but never a loop. The client's
+//! credentials travel unchanged and the owner checks them again: forwarding never
+//! weakens authorization.
+
+use std::net::IpAddr;
+
+use axum::body::Body;
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig};
+use tracing::{Instrument, debug, debug_span, warn};
+
+use crate::config::RoutingMode;
+use crate::directory::Owner;
+use crate::error::ClientError;
+use crate::host_id::HostId;
+use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN};
+use crate::server::{Relay, Route};
+use crate::telemetry;
+
+/// Marks a request forwarded by a peer relay; its value is the forwarding machine.
+pub const HOP_HEADER: &str = "x-relay-hop";
+
+/// Fly's proxy adds this to a replayed request.
+pub const FLY_REPLAY_SRC: &str = "fly-replay-src";
+
+/// Whether a request has already been routed once (by a peer relay or by Fly).
+pub fn is_hopped(headers: &HeaderMap) -> bool {
+    headers.contains_key(HOP_HEADER) || headers.contains_key(FLY_REPLAY_SRC)
+}
+
+/// Pooled HTTP connections to peer relays.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    client: Client<HttpConnector, Body>,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers::new()
+    }
+}
+
+impl Peers {
+    /// A client with a short connect timeout (peers share a private network: a slow
+    /// connect means a dead peer) and Nagle off.
+    pub fn new() -> Peers {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(PEER_CONNECT_TIMEOUT));
+        Peers {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+}
+
+/// What a forwarded request is.
+pub(crate) enum Forward {
+    /// `GET /hosts/<id>/_whoowns`.
+    WhoOwns,
+    /// A WebSocket upgrade.
+    WebSocket(WebSocketUpgrade),
+    /// One HTTP exchange with its (already size-checked) body.
+    Http(Bytes),
+}
+
+/// Serves a request for `host`, whose tunnel `owner` holds, from this machine.
+pub(crate) async fn forward(
+    relay: &Relay,
+    host: &HostId,
+    owner: Owner,
+    client_ip: IpAddr,
+    parts: &http::request::Parts,
+    what: Forward,
+) -> Result<Response, ClientError> {
+    let mode = relay.config().routing;
+    match (what, mode) {
+        (Forward::WhoOwns, RoutingMode::Proxy) => Ok(axum::Json(json!({
+            "ok": true,
+            "region": owner.region,
+            "machine": owner.machine_id,
+        }))
+        .into_response()),
+        (Forward::WhoOwns | Forward::Http(_), RoutingMode::FlyReplay) => {
+            telemetry::hop("replay", "replayed");
+            Ok(replay(&owner))
+        }
+        (Forward::Http(body), RoutingMode::Proxy) => {
+            proxy_http(relay, host, owner, client_ip, parts, body).await
+        }
+        (Forward::WebSocket(upgrade), _) => {
+            bridge_websocket(relay, host, owner, client_ip, parts, upgrade).await
+        }
+    }
+}
+
+/// The answer that makes Fly's proxy replay the request on `owner`.
+fn replay(owner: &Owner) -> Response {
+    let mut response = Response::new(Body::empty());
+    if let Ok(value) = HeaderValue::from_str(&format!("instance={}", owner.machine_id)) {
+        response.headers_mut().insert("fly-replay", value);
+    }
+    response
+}
+
+/// Where peers reach `owner`.
+async fn address_of(relay: &Relay, owner: &Owner) -> Option<String> {
+    match (relay.config().routing, &relay.config().app_name) {
+        (RoutingMode::FlyReplay, Some(app)) => Some(format!(
+            "{}.vm.{app}.internal:{}",
+            owner.machine_id,
+            relay.config().listen.port()
+        )),
+        _ => match timeout(
+            crate::limits::DIRECTORY_TIMEOUT,
+            relay.directory().address_of(owner),
+        )
+        .await
+        {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(err)) => {
+                telemetry::directory_error("address_of", owner, &err);
+                None
+            }
+            Err(_) => {
+                telemetry::directory_error("address_of", owner, &"timed out");
+                None
+            }
+        },
+    }
+}
+
+/// After a failed connect: the owner once more, if it is still another machine.
+async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
+    match relay.route(host, false).await {
+        Ok(Route::Remote(owner)) => Some(owner),
+        // Moved here meanwhile, or gone: the client retries and lands right.
+        Ok(Route::Local(_)) | Err(_) => None,
+    }
+}
+
+/// Headers for the hop: the client's, minus hop-by-hop ones and `Host`, plus the hop
+/// marker and the forwarding chain.
+fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len() + 3);
+    for (name, value) in headers {
+        if crate::client::is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name.as_str().starts_with("sec-websocket-")
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if let Ok(me) = HeaderValue::from_str(&relay.config().owner.to_string()) {
+        out.insert(HOP_HEADER, me);
+    }
+    let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {client_ip}"),
+        None => client_ip.to_string(),
+    };
+    if let Ok(chain) = HeaderValue::from_str(&chain) {
+        out.insert("x-forwarded-for", chain);
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(header::HOST)
+    {
+        out.insert("x-forwarded-host", host.clone());
+    }
+    out
+}
+
+/// Forwards one HTTP request to the owner and streams its response back. A connect
+/// failure (nothing sent yet) gets one retry after a fresh lookup; then 503.
+async fn proxy_http(
+    relay: &Relay,
+    host: &HostId,
+    mut owner: Owner,
+    client_ip: IpAddr,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Result<Response, ClientError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let deadline = relay.config().limits.exchange_timeout + PEER_EXCHANGE_MARGIN;
+    for attempt in 0..2 {
+        let Some(addr) = address_of(relay, &owner).await else {
+            debug!(%owner, "owner has no advertised address");
+            if attempt == 0
+                && let Some(next) = owner_again(relay, host).await
+            {
+                owner = next;
+                continue;
+            }
+            break;
+        };
+        let mut request = Request::new(Body::from(body.clone()));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = match format!("http://{addr}{path}").parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                warn!(%owner, %addr, "owner advertises an unusable address");
+                break;
+            }
+        };
+        *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers);
+        match timeout(deadline, relay.peers().client.request(request)).await {
+            Ok(Ok(response)) => {
+                telemetry::hop("proxy", "forwarded");
+                let (mut head, incoming) = response.into_parts();
+                let hop_by_hop: Vec<_> = head
+                    .headers
+                    .keys()
+                    .filter(|name| crate::client::is_hop_by_hop(name))
+                    .cloned()
+                    .collect();
+                for name in hop_by_hop {
+                    head.headers.remove(name);
+                }
+                return Ok(Response::from_parts(head, Body::new(incoming)));
+            }
+            Ok(Err(err)) if err.is_connect() => {
+                debug!(%owner, %addr, error = %err, attempt, "cannot connect to the owner");
+                telemetry::hop("proxy", "connect_failed");
+                if attempt == 0
+                    && let Some(next) = owner_again(relay, host).await
+                {
+                    owner = next;
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(err)) => {
+                warn!(%owner, %addr, error = %err, "forwarding to the owner failed");
+                telemetry::hop("proxy", "failed");
+                return Err(ClientError::PeerFailed);
+            }
+            Err(_) => {
+                telemetry::hop("proxy", "timeout");
+                return Err(ClientError::Exchange(crate::tunnel::ExchangeError::Timeout));
+            }
+        }
+    }
+    Err(ClientError::HostNotConnected)
+}
+
+/// Bridges a client WebSocket to the owner: connect to the owner first (so its refusal,
+/// say a 403, reaches the client as a status), then upgrade the client and carry frames
+/// and close codes both ways.
+async fn bridge_websocket(
+    relay: &Relay,
+    host: &HostId,
+    mut owner: Owner,
+    client_ip: IpAddr,
+    parts: &http::request::Parts,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ClientError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let limits = &relay.config().limits;
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(limits.max_frame_bytes);
+    config.max_frame_size = Some(limits.max_frame_bytes);
+    for attempt in 0..2 {
+        let Some(addr) = address_of(relay, &owner).await else {
+            if attempt == 0
+                && let Some(next) = owner_again(relay, host).await
+            {
+                owner = next;
+                continue;
+            }
+            break;
+        };
+        let mut request = match tungstenite::client::IntoClientRequest::into_client_request(
+            format!("ws://{addr}{path}"),
+        ) {
+            Ok(request) => request,
+            Err(_) => break,
+        };
+        let headers = hop_headers(relay, client_ip, &parts.headers);
+        for (name, value) in &headers {
+            if name != header::CONNECTION && name != header::UPGRADE {
+                request.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        match timeout(PEER_CONNECT_TIMEOUT * 2, connect).await {
+            Ok(Ok((peer, _))) => {
+                telemetry::hop("bridge", "forwarded");
+                let tracker = relay.tracker().clone();
+                let span = debug_span!("bridge", %host, %owner);
+                return Ok(crate::host::configure(upgrade, limits)
+                    .on_upgrade(move |socket| {
+                        tracker.track_future(bridge(socket, peer).instrument(span))
+                    })
+                    .into_response());
+            }
+            Ok(Err(tungstenite::Error::Http(response))) => {
+                // The owner answered (auth, not connected, ...): pass its verdict on.
+                telemetry::hop("bridge", "refused");
+                let (head, body) = response.into_parts();
+                let body = body.unwrap_or_default();
+                let mut out = Response::new(Body::from(body));
+                *out.status_mut() = head.status;
+                if let Some(ct) = head.headers.get(header::CONTENT_TYPE) {
+                    out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+                }
+                return Ok(out);
+            }
+            Ok(Err(err)) => {
+                debug!(%owner, %addr, error = %err, attempt, "cannot open a WebSocket to the owner");
+                telemetry::hop("bridge", "connect_failed");
+            }
+            Err(_) => telemetry::hop("bridge", "connect_failed"),
+        }
+        if attempt == 0
+            && let Some(next) = owner_again(relay, host).await
+        {
+            owner = next;
+            continue;
+        }
+        break;
+    }
+    Err(ClientError::HostNotConnected)
+}
+
+type PeerSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Carries frames between the client and the owner until either closes; each side's
+/// close code is passed to the other.
+async fn bridge(client: WebSocket, peer: PeerSocket) {
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut peer_tx, mut peer_rx) = peer.split();
+    loop {
+        tokio::select! {
+            message = client_rx.next() => {
+                let Some(Ok(message)) = message else {
+                    let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(tungstenite::Message::Close(None))).await;
+                    break;
+                };
+                let closing = matches!(message, ws::Message::Close(_));
+                if let Some(message) = to_peer(message)
+                    && peer_tx.send(message).await.is_err()
+                {
+                    break;
+                }
+                if closing {
+                    break;
+                }
+            }
+            message = peer_rx.next() => {
+                let Some(Ok(message)) = message else {
+                    let going_away = ws::CloseFrame {
+                        code: crate::protocol::close_code::GOING_AWAY,
+                        reason: "".into(),
+                    };
+                    let _ = timeout(CLOSE_TIMEOUT, client_tx.send(ws::Message::Close(Some(going_away)))).await;
+                    break;
+                };
+                let closing = matches!(message, tungstenite::Message::Close(_));
+                if let Some(message) = to_client(message)
+                    && client_tx.send(message).await.is_err()
+                {
+                    break;
+                }
+                if closing {
+                    break;
+                }
+            }
+        }
+    }
+    // Flush the replies to Close frames that were received, within bounds.
+    let _ = timeout(CLOSE_TIMEOUT, client_tx.close()).await;
+    let _ = timeout(CLOSE_TIMEOUT, peer_tx.close()).await;
+}
+
+fn to_peer(message: ws::Message) -> Option<tungstenite::Message> {
+    Some(match message {
+        ws::Message::Text(text) => tungstenite::Message::Text(text.as_str().into()),
+        ws::Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
+        ws::Message::Close(frame) => {
+            tungstenite::Message::Close(frame.map(|f| tungstenite::protocol::CloseFrame {
+                code: f.code.into(),
+                reason: f.reason.as_str().into(),
+            }))
+        }
+        // Each hop answers its own pings.
+        ws::Message::Ping(_) | ws::Message::Pong(_) => return None,
+    })
+}
+
+fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
+    Some(match message {
+        tungstenite::Message::Text(text) => ws::Message::Text(text.as_str().into()),
+        tungstenite::Message::Binary(bytes) => ws::Message::Binary(bytes),
+        tungstenite::Message::Close(frame) => ws::Message::Close(frame.map(|f| ws::CloseFrame {
+            code: f.code.into(),
+            reason: f.reason.as_str().into(),
+        })),
+        tungstenite::Message::Ping(_)
+        | tungstenite::Message::Pong(_)
+        | tungstenite::Message::Frame(_) => return None,
+    })
+}
+
+/// Whether `method` and `path` ask the relay itself who owns the host.
+pub(crate) fn is_whoowns(method: &Method, rest: &str) -> bool {
+    method == Method::GET && rest == crate::client::WHOOWNS
+}
