@@ -449,7 +449,7 @@ mod tests {
         headers.append(header::ACCEPT, "a".parse().unwrap());
         headers.append(header::ACCEPT, "b".parse().unwrap());
         headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        let out = forward_headers(&headers, "::ffff:192.0.2.7".parse().unwrap());
+        let out = forward_headers(&headers, client_ip("[::ffff:192.0.2.7]:5000".parse().unwrap()));
         let get = |n: &str| out.0.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("authorization"), None);
         assert_eq!(get("host"), None);

@@ -45,8 +45,9 @@ pub const DIRECTORY_TTL: Duration = Duration::from_secs(90);
 /// How often the embedded directory drops expired entries.
 pub const DIRECTORY_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Most expired entries one sweep removes, so a sweep never holds the directory lock long.
-pub const DIRECTORY_SWEEP_BATCH: usize = 10_000;
+/// Most stale records one sweep removes: bounds how long one sweep holds the embedded
+/// directory's lock, or runs as one script in Redis (~1 ms per 1,000 in Redis).
+pub const DIRECTORY_SWEEP_BATCH: usize = 1_000;
 
 /// How long the relay waits for a Close frame to be written before giving up on a socket.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -131,3 +132,58 @@ pub const PEER_EXCHANGE_MARGIN: Duration = Duration::from_secs(2);
 /// At most one log line per operation per this interval for directory errors (they are
 /// all counted): a Redis outage must not flood the logs.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Limits of the Redis directory ([`crate::directory::RedisDirectory`]).
+pub mod redis {
+    use std::time::Duration;
+
+    /// Key prefix when none is configured. Every key of the directory starts with it, so
+    /// several relays (or other applications) can share one Redis with distinct prefixes.
+    pub const DEFAULT_PREFIX: &str = "relay:";
+
+    /// Bound on one TCP connect + handshake to Redis. A Redis in the same region answers in
+    /// a few milliseconds; a second covers a cross-region hop and TLS, and keeps a dead host
+    /// from stalling the operation that triggered the connection.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Bound on one request/response on an established connection. Every request is O(1) or
+    /// O(entries of one machine) (`clear_owned` of 10,000 entries runs in a few ms), so a
+    /// second means Redis or the path to it is in trouble.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Retries of a failed connection attempt (after the first), with jittered exponential
+    /// backoff from [`RECONNECT_MIN_DELAY`]. Few: the operation waiting on it is on a
+    /// request path, and the next operation triggers a new round anyway.
+    pub const CONNECT_RETRIES: usize = 2;
+
+    /// First backoff delay between connection attempts.
+    pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
+
+    /// Longest backoff delay between connection attempts.
+    pub const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
+    /// Deadline of a whole directory operation (connecting, the retry after a dropped
+    /// connection, a script reload after `NOSCRIPT`). Below the relay's own
+    /// `DIRECTORY_TIMEOUT` (2 s), so callers see this typed error rather than their own
+    /// timeout.
+    pub const OP_TIMEOUT: Duration = Duration::from_millis(1_500);
+
+    /// Idle time before the kernel probes the Redis connection, then the interval and count
+    /// of unanswered probes before it drops it: an idle connection to a vanished peer is
+    /// noticed within ~25 s, not the kernel's default of over two hours.
+    pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+    /// See [`TCP_KEEPALIVE_IDLE`].
+    pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+    /// See [`TCP_KEEPALIVE_IDLE`].
+    pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+
+    /// How long sent data may stay unacknowledged before the kernel drops the connection
+    /// (`TCP_USER_TIMEOUT`, Linux). Response timeouts do not replace a connection, so
+    /// without this a black-holed connection (peer gone without a RST) would keep failing
+    /// every request for the ~15 minutes of TCP retransmissions.
+    pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+// A Redis operation must give up before the caller's own deadline does, so the caller
+// sees the typed error.
+const _: () = assert!(redis::OP_TIMEOUT.as_millis() < DIRECTORY_TIMEOUT.as_millis());
