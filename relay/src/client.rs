@@ -328,8 +328,11 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// The request headers the host gets: hop-by-hop headers, the client's credentials and
-/// `Host` removed, framing left to the host's HTTP client, `X-Forwarded-*` added.
+/// The request headers the host gets: hop-by-hop headers, the client's credentials,
+/// `Host` and the relays' own hop marker removed, framing left to the host's HTTP client,
+/// `X-Forwarded-*` added. The peer's address is always appended to `X-Forwarded-For`,
+/// also when the peer is another relay: a client can send a hop marker too, so trusting
+/// it to skip the append would let a client forge the whole chain.
 fn forward_headers(headers: &HeaderMap, peer: IpAddr) -> Headers {
     let listed_in_connection: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -345,6 +348,7 @@ fn forward_headers(headers: &HeaderMap, peer: IpAddr) -> Headers {
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == "x-forwarded-for"
+            || name == routing::HOP_HEADER
             || listed_in_connection.iter().any(|n| n == name.as_str())
         {
             continue;
@@ -449,7 +453,11 @@ mod tests {
         headers.append(header::ACCEPT, "a".parse().unwrap());
         headers.append(header::ACCEPT, "b".parse().unwrap());
         headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        let out = forward_headers(&headers, client_ip("[::ffff:192.0.2.7]:5000".parse().unwrap()));
+        headers.insert(routing::HOP_HEADER, "ams:a".parse().unwrap());
+        let out = forward_headers(
+            &headers,
+            client_ip("[::ffff:192.0.2.7]:5000".parse().unwrap()),
+        );
         let get = |n: &str| out.0.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("authorization"), None);
         assert_eq!(get("host"), None);
@@ -459,6 +467,7 @@ mod tests {
         assert_eq!(get("x-forwarded-for"), Some("10.0.0.1, 192.0.2.7"));
         assert_eq!(get("x-forwarded-proto"), Some("http"));
         assert_eq!(get("x-forwarded-host"), Some("relay.example"));
+        assert_eq!(get(routing::HOP_HEADER), None);
     }
 
     #[test]

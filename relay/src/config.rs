@@ -186,8 +186,9 @@ pub struct ServeArgs {
     pub redis_prefix: String,
 
     /// Address (`host:port`) other relays forward requests to. Default: on Fly,
-    /// `<machine>.vm.<app>.internal:<port>`; elsewhere the bound address (127.0.0.1 when
-    /// bound on all interfaces).
+    /// `<machine>.vm.<app>.internal:<port>`; elsewhere the bound address, with a
+    /// loopback address in place of an unspecified one (`[::1]` for `::`, 127.0.0.1 for
+    /// 0.0.0.0): set it whenever peers run on other hosts.
     #[arg(long, env = "RELAY_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
 

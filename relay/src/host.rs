@@ -136,9 +136,19 @@ async fn serve_tunnel(
             old.close(close_code::REPLACED);
         }
         telemetry::tunnel_registered();
-        let synced = relay.publish(&host).await;
-        handle.set_synced(synced);
         info!(%peer, sub = %subject, "tunnel registered");
+        // Serve at once; the directory write runs beside the session, so a slow or hung
+        // Redis delays nothing local (requests, pings). Unregistering waits for it, so the
+        // two writes can never land out of order.
+        let publish = relay.tracker().spawn({
+            let relay = relay.clone();
+            let handle = handle.clone();
+            async move {
+                let synced = relay.publish(handle.host()).await;
+                handle.set_synced(synced);
+            }
+            .in_current_span()
+        });
 
         let on_pong = {
             let relay = relay.clone();
@@ -149,6 +159,7 @@ async fn serve_tunnel(
         info!(reason = end.label(), detail = ?end, "tunnel closed");
         telemetry::tunnel_unregistered(end.label());
 
+        let _ = publish.await;
         if relay.registry().remove(&host, handle.id()) {
             relay.unpublish(&host).await;
         }
