@@ -22,13 +22,25 @@
 //!   `/echo`, `/slow` and `/ws/echo`.
 //! - [`stack`]: [`Stack`], the usual relay + upstream + connected host fixture.
 //! - [`metrics`]: reading counter values from Prometheus text.
+//! - [`redis`]: [`TestRedis`], a real `redis-server` per test on a free port
+//!   (kill it, restart it empty on the same port, inspect keys), for relays
+//!   that share a Redis directory.
+//! - [`agent`]: [`TestAgent`], the `relay agent` subcommand as a child
+//!   process (builder for its flags, captured output, status endpoint,
+//!   SIGTERM), and [`TokenFile`] for rotating its credential.
+//! - [`stub_relay`]: [`StubRelay`], a raw WebSocket server standing in for
+//!   the relay in agent tests: refuses upgrades with any status and headers
+//!   or hands accepted tunnels to the test, and records every attempt.
 //! - [`wait`]: [`wait_until`] and friends.
 
+pub mod agent;
 pub mod client;
 pub mod host;
 pub mod metrics;
+pub mod redis;
 pub mod relay_process;
 pub mod stack;
+pub mod stub_relay;
 pub mod tokens;
 pub mod upstream;
 pub mod wait;
@@ -36,11 +48,14 @@ pub mod ws;
 
 use std::time::Duration;
 
+pub use self::redis::{TestRedis, addr_key, host_key, owned_key, unused_port};
+pub use agent::{AgentBuilder, TestAgent, TokenFile};
 pub use client::{HttpClient, HttpResponse};
 pub use host::{RawHost, TestHost, msg_id, msg_type};
 pub use metrics::counter_value;
 pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_relay_cli};
 pub use stack::Stack;
+pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
 pub use tokens::{Claims, claims_of, mint, unix_now};
 pub use upstream::Upstream;
 pub use wait::{wait_until, wait_until_async, within};

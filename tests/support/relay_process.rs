@@ -57,9 +57,9 @@ pub fn relay_binary() -> PathBuf {
 }
 
 /// A `relay` command with a clean environment: inherited `RELAY_*` and `FLY_*`
-/// variables (the relay reads both) are removed so the developer's shell
-/// cannot change what a test means.
-fn relay_command(args: &[String], env: &[(String, String)]) -> Command {
+/// variables and `REDIS_URL` (the relay reads all of them) are removed so the
+/// developer's shell cannot change what a test means.
+pub(crate) fn relay_command(args: &[String], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(relay_binary());
     cmd.args(args)
         .stdin(Stdio::null())
@@ -68,7 +68,7 @@ fn relay_command(args: &[String], env: &[(String, String)]) -> Command {
         .kill_on_drop(true);
     for (key, _) in std::env::vars_os() {
         let key_str = key.to_string_lossy();
-        if key_str.starts_with("RELAY_") || key_str.starts_with("FLY_") {
+        if key_str.starts_with("RELAY_") || key_str.starts_with("FLY_") || key_str == "REDIS_URL" {
             cmd.env_remove(key);
         }
     }
@@ -117,10 +117,10 @@ pub async fn run_relay_cli(args: &[&str], env: &[(&str, &str)]) -> CliOutput {
 
 /// Shared, append-only capture of the child's output lines. A std mutex: it
 /// is only held for pushes and copies, never across an await.
-type LogBuffer = Arc<Mutex<Vec<String>>>;
+pub(crate) type LogBuffer = Arc<Mutex<Vec<String>>>;
 
 /// Copies every line of `reader` into `logs` until EOF.
-fn spawn_line_reader(
+pub(crate) fn spawn_line_reader(
     reader: impl AsyncRead + Unpin + Send + 'static,
     logs: LogBuffer,
 ) -> JoinHandle<()> {
@@ -151,6 +151,8 @@ pub struct RelayBuilder {
     machine_id: String,
     rust_log: String,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
+    port: u16,
 }
 
 // === impl RelayBuilder ===
@@ -190,6 +192,14 @@ impl RelayBuilder {
     /// `RUST_LOG` (default `info`).
     pub fn rust_log(mut self, filter: &str) -> Self {
         self.rust_log = filter.to_owned();
+        self
+    }
+
+    /// `--port` (default 0, an ephemeral port). To restart a relay where its
+    /// agents expect it, pass the port of the previous run
+    /// ([`TestRelay::addr`]) after it was killed.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
         self
     }
 
@@ -235,6 +245,44 @@ impl RelayBuilder {
         self.arg("--channel-queue", &n.to_string())
     }
 
+    /// An environment variable for the child (set after the defaults, so it
+    /// can override `RUST_LOG` or `RELAY_JWT_SECRET`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.extra_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// `--redis-url`: share the Redis directory at `url` (e.g.
+    /// [`TestRedis::url`](crate::TestRedis::url)).
+    pub fn redis(self, url: &str) -> Self {
+        self.arg("--redis-url", url)
+    }
+
+    /// `--redis-prefix`.
+    pub fn redis_prefix(self, prefix: &str) -> Self {
+        self.arg("--redis-prefix", prefix)
+    }
+
+    /// `--routing` (`proxy` or `fly-replay`).
+    pub fn routing(self, mode: &str) -> Self {
+        self.arg("--routing", mode)
+    }
+
+    /// `--app-name` (what `FLY_APP_NAME` sets on Fly).
+    pub fn app_name(self, name: &str) -> Self {
+        self.arg("--app-name", name)
+    }
+
+    /// `--advertise-addr`.
+    pub fn advertise_addr(self, addr: &str) -> Self {
+        self.arg("--advertise-addr", addr)
+    }
+
+    /// `--reconcile-interval` (humantime, e.g. `1s`).
+    pub fn reconcile_interval(self, interval: &str) -> Self {
+        self.arg("--reconcile-interval", interval)
+    }
+
     /// Spawns the relay and waits for its `listening` line.
     ///
     /// # Panics
@@ -242,12 +290,13 @@ impl RelayBuilder {
     /// If the process exits or stays silent for [`STARTUP_DEADLINE`]; the
     /// message includes everything it printed.
     pub async fn spawn(self) -> TestRelay {
+        let port = self.port.to_string();
         let mut args: Vec<String> = [
             "serve",
             "--bind",
             "127.0.0.1",
             "--port",
-            "0",
+            &port,
             "--region",
             &self.region,
             "--machine-id",
@@ -264,6 +313,7 @@ impl RelayBuilder {
         if let Some(secret) = &self.secret {
             env.push(("RELAY_JWT_SECRET".to_owned(), secret.clone()));
         }
+        env.extend(self.extra_env.iter().cloned());
 
         let mut child = relay_command(&args, &env)
             .spawn()
@@ -378,6 +428,8 @@ impl TestRelay {
             machine_id: "test-machine".to_owned(),
             rust_log: "info".to_owned(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
+            port: 0,
         }
     }
 
@@ -414,6 +466,12 @@ impl TestRelay {
     /// The machine id it was started with.
     pub fn machine_id(&self) -> &str {
         &self.machine_id
+    }
+
+    /// `region:machineId`, how the directory names this relay (the value of
+    /// its `relay:host:<hostId>` entries).
+    pub fn owner(&self) -> String {
+        format!("{}:{}", self.region, self.machine_id)
     }
 
     /// The process id.
