@@ -1,4 +1,4 @@
-//! The `relay` command line: `relay serve` and `relay token`.
+//! The `relay` command line: `relay serve`, `relay token` and `relay agent`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use tracing::error;
 use crate::auth::{ANY_HOST, Role, Signer};
 use crate::config::{EXIT_CONFIG, KeySource, MIN_SECRET_BYTES, Secret, ServeArgs};
 use crate::host_id::HostId;
-use crate::{server, telemetry};
+use crate::{agent, server, telemetry};
 
 /// WebSocket tunnel relay: reach hosts behind NAT over one outbound tunnel.
 #[derive(Debug, Parser)]
@@ -28,6 +28,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Mint a host or client token with the configured key.
     Token(TokenArgs),
+    /// Run the host agent: keep a tunnel open to the relay and forward it to a local
+    /// service.
+    Agent(Box<agent::AgentArgs>),
 }
 
 /// Flags of `relay token`.
@@ -80,6 +83,35 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
+        Command::Agent(args) => run_agent(*args),
+    }
+}
+
+fn run_agent(args: agent::AgentArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("relay agent: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("relay agent: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("agent failed: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! exchange over that host's tunnel using the v1 JSON protocol (`docs/protocol.md`).
 //!
 //! # Layout
-//! - [`cli`]: the `relay` command line (`serve`, `token`); the binary only calls it.
+//! - [`cli`]: the `relay` command line (`serve`, `token`, `agent`); the binary only calls it.
 //! - [`config`]: flags and environment of `relay serve`, validated before binding.
 //! - [`limits`]: every timeout and limit, with its default and why.
 //! - [`protocol`]: the v1 wire messages and close codes.
@@ -20,9 +20,12 @@
 //! - [`directory`]: which machine owns each host (in memory by default).
 //! - [`error`]: errors answered to clients, by whose fault they are.
 //! - [`telemetry`]: logging, redaction and metrics.
+//! - [`agent`]: `relay agent`, the host agent: keeps a tunnel open (reconnect, drain) and
+//!   forwards its exchanges and channels to a local service.
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod client;

@@ -187,3 +187,108 @@ pub mod redis {
 // A Redis operation must give up before the caller's own deadline does, so the caller
 // sees the typed error.
 const _: () = assert!(redis::OP_TIMEOUT.as_millis() < DIRECTORY_TIMEOUT.as_millis());
+
+/// Defaults of `relay agent`, the host agent (see [`crate::agent`]). Each duration can be
+/// overridden from the command line or the environment (`RELAY_AGENT_*`).
+pub mod agent {
+    use std::time::Duration;
+
+    /// First step of the reconnect backoff. A second is long enough not to hammer a relay
+    /// that is restarting, short enough that a blip costs users little.
+    pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+
+    /// Longest wait after transport failures. Low, because a relay deploy or a network blip
+    /// should cost seconds, and the jitter already spreads a fleet reconnecting at once.
+    pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+    /// Longest wait after the relay refused the credential (HTTP 401/403, close 1008):
+    /// retrying fast cannot help until an operator fixes the token, and a fleet with an
+    /// expired key must not load the relays with doomed handshakes.
+    pub const AUTH_BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+    /// Longest random delay before reconnecting after a drain notice, so the agents of a
+    /// draining relay (thousands of them) do not all arrive at the next relay in the same
+    /// millisecond. Short, because the old tunnel keeps serving meanwhile.
+    pub const DRAIN_SPREAD: Duration = Duration::from_millis(250);
+
+    /// How long a registered tunnel must live before the backoff starts over. A relay
+    /// that accepts tunnels and drops them at once must not reset the backoff each time.
+    pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+    /// Deadline of TCP connect + TLS + WebSocket upgrade. Generous for a cross-continent
+    /// TLS handshake on a bad link, bounded so a black-holed SYN cannot stall the agent.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// Inbound silence after which an open tunnel is abandoned. The relay pings every
+    /// 30 s (`PING_INTERVAL`), so this is two pings plus slack: a socket that missed two
+    /// pings is dead (a NAT dropped it, the relay vanished without a FIN).
+    pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(75);
+
+    /// Clamp on a relay's `Retry-After`: a misconfigured (or hostile) value must not park
+    /// the agent for days.
+    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+    /// An open tunnel that is neither closed nor sent a frame within this long counts as
+    /// registered. A relay refuses a registration by closing (1008) right after the upgrade,
+    /// so surviving this long means the relay kept it; any message from the relay before
+    /// that proves it sooner.
+    pub const REGISTRATION_GRACE: Duration = Duration::from_millis(200);
+
+    /// Bound on a WebSocket close handshake (tunnel or local channel): a peer that never
+    /// answers our Close is abandoned after this, never waited on forever.
+    pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+    /// Bound on the whole shutdown after SIGINT/SIGTERM: below Fly's default 5 s
+    /// `kill_timeout`, so the agent exits 0 on its own.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+    /// HTTP exchanges one tunnel forwards to the upstream at once; the relay never has more
+    /// pending on a tunnel (`MAX_PENDING_EXCHANGES`), so the agent answers 503 only to a
+    /// relay configured above it.
+    pub const MAX_IN_FLIGHT: usize = super::MAX_PENDING_EXCHANGES;
+
+    /// WebSocket channels one tunnel carries at once; one more is refused with `ws:close`
+    /// 1013. Bounds the agent's sockets and memory against a runaway client.
+    pub const MAX_CHANNELS: usize = 4_096;
+
+    /// Relay frames that may wait for one slow local WebSocket. v1 has no flow control,
+    /// so a channel this far behind is closed (1013), as the relay does the other way.
+    pub const CHANNEL_QUEUE: usize = super::CHANNEL_QUEUE;
+
+    /// Messages that may wait for the tunnel's writer. When full, upstream readers wait
+    /// (backpressure), and the reader drops a `pong` rather than stall.
+    pub const TUNNEL_QUEUE: usize = super::TUNNEL_QUEUE;
+
+    /// Deadline of one upstream HTTP exchange, connect to last body byte. The relay answers
+    /// its client 504 after its own 30 s `EXCHANGE_TIMEOUT`; a later answer is useless.
+    pub const UPSTREAM_TIMEOUT: Duration = super::EXCHANGE_TIMEOUT;
+
+    /// Connect deadline towards the local upstream (HTTP or WebSocket). It is local: a
+    /// connect slower than this means it is down or overloaded, and the client gets 502.
+    pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Largest upstream response body forwarded; above it the client gets 502. v1 carries
+    /// a body in one frame, and the relay's frame limit (16 MiB) must hold it as base64.
+    pub const MAX_RESPONSE_BYTES: usize = super::MAX_BODY_BYTES;
+
+    /// Largest message a local WebSocket may send on a channel (same reasoning: it must fit
+    /// one relay frame as base64); above it the channel is closed with 1009.
+    pub const MAX_CHANNEL_MESSAGE: usize = super::MAX_BODY_BYTES;
+
+    /// Largest message the agent writes on a tunnel: the relay's default frame limit. A
+    /// larger one would make the relay close the whole tunnel (1009), so it is replaced by
+    /// a 502 (exchange) or a 1009 close (channel) instead.
+    pub const MAX_TUNNEL_MESSAGE: usize = super::MAX_FRAME_BYTES;
+
+    /// Largest message the agent accepts from the relay: a maximal 10 MiB body may grow
+    /// when JSON escapes it, so allow 4× the relay's own frame limit.
+    pub const MAX_INBOUND_MESSAGE: usize = 4 * super::MAX_FRAME_BYTES;
+
+    /// Old tunnels kept serving their in-flight work after a drain (make before break). A
+    /// flapping fleet of draining relays could otherwise pile them up; past this the oldest
+    /// is closed.
+    pub const MAX_DRAINING_TUNNELS: usize = 4;
+
+    /// Idle pooled connections kept per upstream (the pool is for one local service).
+    pub const UPSTREAM_POOL_IDLE: usize = 64;
+}
