@@ -166,20 +166,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM; a second signal exits at once.
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot listen for signals; stop the relay with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    crate::shutdown::signal_then_exit_on_second().await;
 }
 
 /// `--dev`: print a host and a client token for every host, and how to use them.

@@ -203,6 +203,25 @@ pub struct ServeArgs {
           default_value = "10s")]
     pub reconcile_interval: Duration,
 
+    /// After a drain notice, how long tunnels may stay while their agents move.
+    #[arg(long, env = "RELAY_DRAIN_GRACE", value_parser = humantime::parse_duration,
+          default_value = "3s")]
+    pub drain_grace: Duration,
+
+    /// Hard deadline of a drain, from the signal to exit (keep it below the platform's
+    /// kill timeout).
+    #[arg(long, env = "RELAY_DRAIN_DEADLINE", value_parser = humantime::parse_duration,
+          default_value = "8s")]
+    pub drain_deadline: Duration,
+
+    /// Tunnel registrations admitted per second (token bucket); over it → 429.
+    #[arg(long, env = "RELAY_ADMISSION_RATE", default_value_t = limits::ADMISSION_RATE)]
+    pub admission_rate: u32,
+
+    /// Burst of tunnel registrations admitted at once.
+    #[arg(long, env = "RELAY_ADMISSION_BURST", default_value_t = limits::ADMISSION_BURST)]
+    pub admission_burst: u32,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -249,6 +268,14 @@ pub struct Config {
     pub advertise_addr: Option<String>,
     /// Interval of the directory reconciler.
     pub reconcile_interval: Duration,
+    /// How long tunnels may stay after a drain notice.
+    pub drain_grace: Duration,
+    /// Hard deadline of a drain.
+    pub drain_deadline: Duration,
+    /// Tunnel registrations per second.
+    pub admission_rate: std::num::NonZeroU32,
+    /// Burst of tunnel registrations.
+    pub admission_burst: std::num::NonZeroU32,
 }
 
 /// A configuration error: the operator's fault; exits 64.
@@ -388,7 +415,22 @@ impl ServeArgs {
             routing,
             advertise_addr: self.advertise_addr,
             reconcile_interval: positive("RELAY_RECONCILE_INTERVAL", self.reconcile_interval)?,
+            drain_grace: self.drain_grace,
+            drain_deadline: positive("RELAY_DRAIN_DEADLINE", self.drain_deadline)?,
+            admission_rate: std::num::NonZeroU32::new(self.admission_rate)
+                .ok_or_else(|| ConfigError("RELAY_ADMISSION_RATE must be at least 1".into()))?,
+            admission_burst: std::num::NonZeroU32::new(self.admission_burst)
+                .ok_or_else(|| ConfigError("RELAY_ADMISSION_BURST must be at least 1".into()))?,
         };
+        if config.drain_grace + crate::limits::DRAIN_CLOSE_WAIT >= config.drain_deadline {
+            return err(format!(
+                "RELAY_DRAIN_GRACE ({:?}) plus the close wait ({:?}) must fit in \
+                 RELAY_DRAIN_DEADLINE ({:?})",
+                config.drain_grace,
+                crate::limits::DRAIN_CLOSE_WAIT,
+                config.drain_deadline
+            ));
+        }
         // Fail now, not on the first request, if the key is unusable.
         config.verifier()?;
         Ok(config)

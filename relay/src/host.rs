@@ -12,10 +12,15 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use http::HeaderMap;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use serde_json::json;
 use tracing::{Instrument, info, info_span};
 
 use crate::auth::{AuthError, Role, bearer_token};
+use crate::config::RoutingMode;
 use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
@@ -59,6 +64,14 @@ pub(crate) async fn accept(
     let Ok(upgrade) = upgrade else {
         return ClientError::NotWebSocket.into_response();
     };
+    if relay.is_draining() {
+        telemetry::admission_rejected("draining");
+        return draining_refusal(&relay);
+    }
+    if let Err(wait) = relay.admit() {
+        telemetry::admission_rejected("rate");
+        return too_many_registrations(wait);
+    }
     let upgrade = configure(upgrade, &relay.config().limits);
     let tracker = relay.tracker().clone();
     match authorize(&relay, &headers, query.as_deref()) {
@@ -74,6 +87,39 @@ pub(crate) async fn accept(
         }
     }
     .into_response()
+}
+
+/// A draining relay points new tunnels elsewhere: on Fly, `fly-replay: elsewhere=true`
+/// makes the proxy retry the upgrade on another machine; elsewhere, 503 with
+/// `Retry-After: 0` tells the agent to try another relay now, without growing its backoff.
+fn draining_refusal(relay: &Relay) -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({"error": "relay draining; reconnect to another relay"})),
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+    if relay.config().routing == RoutingMode::FlyReplay {
+        headers.insert("fly-replay", HeaderValue::from_static("elsewhere=true"));
+    }
+    response
+}
+
+/// Over the admission rate: 429 with `Retry-After` in whole seconds, rounded up and never
+/// 0, so an agent that honours it finds a token when it comes back.
+fn too_many_registrations(wait: Duration) -> Response {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let seconds = seconds.max(1);
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(json!({"error": "too many tunnel registrations; retry later"})),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 fn authorize(
@@ -146,6 +192,10 @@ async fn serve_tunnel(
             async move {
                 let synced = relay.publish(handle.host()).await;
                 handle.set_synced(synced);
+                // A first ping now (v1 allows one at any time) tells the agent the tunnel
+                // is registered and routable: an agent moving off a draining relay waits
+                // for it before letting its old tunnel go.
+                handle.ping_now();
             }
             .in_current_span()
         });

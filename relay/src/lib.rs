@@ -12,6 +12,8 @@
 //! - [`host_id`]: validated hostIds.
 //! - [`auth`]: JWT claims, verification and minting.
 //! - [`server`]: shared state ([`server::Relay`]), the router and the serve loop.
+//! - [`drain`]: the graceful drain sequence, in one place.
+//! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`host`]: the host side: `/tunnel` registrations.
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
 //! - [`tunnel`]: the per-tunnel actor and its handle: a multiplexer of streams.
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod directory;
+pub mod drain;
 pub mod error;
 pub mod host;
 pub mod host_id;
@@ -39,5 +42,6 @@ pub mod protocol;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tunnel;

@@ -52,9 +52,6 @@ pub const DIRECTORY_SWEEP_BATCH: usize = 1_000;
 /// How long the relay waits for a Close frame to be written before giving up on a socket.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a WebSocket close handshake may take on shutdown before the task is abandoned.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 /// Read buffer of every WebSocket. Small, because most tunnels are idle most of the time
 /// and the buffer is per socket (see BENCHMARKS.md for the RSS per idle tunnel).
 pub const WS_READ_BUFFER: usize = 4 * 1024;
@@ -132,6 +129,27 @@ pub const PEER_EXCHANGE_MARGIN: Duration = Duration::from_secs(2);
 /// At most one log line per operation per this interval for directory errors (they are
 /// all counted): a Redis outage must not flood the logs.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a draining relay keeps serving its tunnels after telling them to move, unless
+/// every agent has moved sooner. Agents reconnect within the drain spread (250 ms), so
+/// three seconds also lets exchanges already in flight (a 2 s upstream call) finish.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
+/// Hard deadline of the whole drain, from the signal to exit: below Fly's 10 s
+/// `kill_timeout`, so the relay always leaves by itself with its entries removed.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
+
+/// At the end of a drain, how long tunnels closed with 4001 may still deliver answers to
+/// exchanges already in flight, and finish their close handshakes.
+pub const DRAIN_CLOSE_WAIT: Duration = Duration::from_millis(1_500);
+
+/// Tunnel registrations admitted per second (token bucket refill), and the bucket size.
+/// Sized from the measured registration rate (BENCHMARKS.md): a relay accepts a burst of
+/// a drained peer's hosts at once and sustains the rest at a pace it handles without
+/// starving its existing tunnels; agents told 429 come back after `Retry-After`.
+pub const ADMISSION_RATE: u32 = 500;
+/// See [`ADMISSION_RATE`].
+pub const ADMISSION_BURST: u32 = 2_000;
 
 /// Limits of the Redis directory ([`crate::directory::RedisDirectory`]).
 pub mod redis {

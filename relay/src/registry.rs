@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use tokio::sync::Notify;
+
 use crate::host_id::HostId;
 use crate::tunnel::{TunnelHandle, TunnelId};
 
@@ -13,6 +15,8 @@ use crate::tunnel::{TunnelHandle, TunnelId};
 #[derive(Debug, Default)]
 pub struct Registry {
     tunnels: Mutex<HashMap<HostId, TunnelHandle>>,
+    /// Woken whenever a removal leaves the registry empty (the drain waits on it).
+    emptied: Notify,
 }
 
 impl Registry {
@@ -44,9 +48,28 @@ impl Registry {
         let mut tunnels = self.tunnels();
         if tunnels.get(host).is_some_and(|h| h.id() == id) {
             tunnels.remove(host);
+            if tunnels.is_empty() {
+                self.emptied.notify_waiters();
+            }
             return true;
         }
         false
+    }
+
+    /// Resolves once no tunnel is registered.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn wait_empty(&self) {
+        loop {
+            // Created before the check: a removal between the check and the await still
+            // wakes it.
+            let emptied = self.emptied.notified();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// Whether a tunnel for `host` is registered.

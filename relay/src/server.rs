@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -10,10 +11,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::serve::ListenerExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
@@ -22,12 +24,13 @@ use crate::auth::Verifier;
 use crate::client;
 use crate::config::{Config, ConfigError, DirectoryConfig};
 use crate::directory::{Directory, MemoryDirectory, Owner, RedisDirectory};
+use crate::drain;
 use crate::error::ClientError;
 use crate::host;
 use crate::host_id::HostId;
 use crate::limits::{
     DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT, LISTEN_BACKLOG,
-    RECONCILE_BATCH, SHUTDOWN_GRACE, STARTUP_CLEAR_TIMEOUT,
+    RECONCILE_BATCH, STARTUP_CLEAR_TIMEOUT,
 };
 use crate::registry::Registry;
 use crate::routing::Peers;
@@ -55,6 +58,14 @@ struct Inner {
     advertise_addr: OnceLock<String>,
     /// Connections to peer relays (proxy routing).
     peers: Peers,
+    /// Set at drain step 1: refuse new tunnels, answer `/ready` with 503, route hosts that
+    /// moved to their new owner.
+    draining: AtomicBool,
+    /// Set at drain step 4: the directory was cleared in one call, so tunnels closing
+    /// afterwards need not unregister one by one.
+    directory_cleared: AtomicBool,
+    /// Token bucket of tunnel registrations.
+    admission: DefaultDirectRateLimiter,
 }
 
 /// Where a client request for a host goes.
@@ -98,13 +109,18 @@ impl Relay {
         Ok(Relay {
             inner: Arc::new(Inner {
                 verifier: config.verifier()?,
-                config,
                 registry: Registry::default(),
                 directory,
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 advertise_addr: OnceLock::new(),
                 peers: Peers::new(),
+                draining: AtomicBool::new(false),
+                directory_cleared: AtomicBool::new(false),
+                admission: RateLimiter::direct(
+                    Quota::per_second(config.admission_rate).allow_burst(config.admission_burst),
+                ),
+                config,
             }),
         })
     }
@@ -139,6 +155,31 @@ impl Relay {
         &self.inner.shutdown
     }
 
+    /// Drain step 1: from now on, refuse new tunnels and report not ready.
+    pub fn begin_draining(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the relay is draining.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Drain step 4 is done: this machine's directory entries were cleared at once.
+    pub(crate) fn mark_directory_cleared(&self) {
+        self.inner.directory_cleared.store(true, Ordering::Relaxed);
+    }
+
+    /// Admits one tunnel registration, or says how long to wait (the token bucket is
+    /// empty).
+    pub(crate) fn admit(&self) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock as _, DefaultClock};
+        self.inner
+            .admission
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
     /// Connections to peer relays.
     pub fn peers(&self) -> &Peers {
         &self.inner.peers
@@ -159,6 +200,15 @@ impl Relay {
     /// when the directory cannot be read.
     pub async fn route(&self, host: &HostId, hopped: bool) -> Result<Route, ClientError> {
         if let Some(tunnel) = self.registry().get(host) {
+            // Draining: once the agent has registered its new tunnel elsewhere, new work
+            // goes there; the old tunnel here only finishes what it has.
+            if self.is_draining()
+                && !hopped
+                && let Some(owner) = self.lookup(host).await
+                && owner != self.config().owner
+            {
+                return Ok(Route::Remote(owner));
+            }
             return Ok(Route::Local(tunnel));
         }
         if hopped {
@@ -231,11 +281,18 @@ impl Relay {
 
     /// Removes this machine's entry for `host` (compare-and-delete).
     pub(crate) async fn unpublish(&self, host: &HostId) {
+        if self.inner.directory_cleared.load(Ordering::Relaxed) {
+            return;
+        }
         let owner = &self.config().owner;
         match timeout(DIRECTORY_TIMEOUT, self.directory().unregister(host, owner)).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => host::directory_failed("unregister", host, &err),
             Err(_) => host::directory_failed("unregister", host, &"timed out"),
+        }
+        if self.inner.directory_cleared.load(Ordering::Relaxed) {
+            // The drain removed every entry of this machine in one call already.
+            return;
         }
         // A new tunnel for the same host may have registered here while the removal was
         // in flight, and the entry it wrote has the same owner value: put it back.
@@ -284,7 +341,7 @@ async fn health(State(relay): State<Relay>) -> impl IntoResponse {
 }
 
 async fn ready(State(relay): State<Relay>) -> Response {
-    if relay.shutdown_token().is_cancelled() {
+    if relay.is_draining() || relay.shutdown_token().is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"ok": false, "state": "draining"})),
@@ -392,45 +449,62 @@ pub async fn serve(
         "listening"
     );
 
-    let token = relay.shutdown_token().clone();
     let listener = listener.tap_io(|tcp| {
         // Small frames (pings, short responses) must not wait for Nagle.
         if let Err(err) = tcp.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(
-        listener,
-        app(relay.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        info!("shutting down");
-        // Close the tunnels now: their pending exchanges fail at once, so client
-        // connections can finish and the server can stop.
-        token.cancel();
-    })
-    .await?;
-
-    relay.shutdown_token().cancel();
-    relay.tracker().close();
-    if timeout(SHUTDOWN_GRACE, relay.tracker().wait())
-        .await
-        .is_err()
-    {
-        warn!(grace = ?SHUTDOWN_GRACE, "tasks still running at the end of the grace period");
+    let (stop_accepting, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        axum::serve(
+            listener,
+            app(relay.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            // Drain step 4 (or the drain being cut short) stops the accept loop.
+            let _ = stop_rx.await;
+        })
+        .into_future(),
+    );
+    tokio::select! {
+        result = &mut server => {
+            relay.shutdown_token().cancel();
+            return Err(match result {
+                Ok(Ok(())) => anyhow::anyhow!("the listener stopped unexpectedly"),
+                Ok(Err(err)) => anyhow::Error::new(err).context("the listener failed"),
+                Err(err) => anyhow::Error::new(err).context("the server task failed"),
+            });
+        }
+        () = shutdown => {}
     }
-    match timeout(
-        DIRECTORY_TIMEOUT,
-        relay.directory().clear_owned(&relay.config().owner),
+
+    let started = Instant::now();
+    let deadline = relay.config().drain_deadline;
+    if timeout(
+        deadline,
+        drain::run(&relay, move || {
+            let _ = stop_accepting.send(());
+        }),
     )
     .await
+    .is_err()
     {
-        Ok(Ok(removed)) => info!(removed, "directory entries of this machine removed"),
-        Ok(Err(err)) => warn!(error = %err, "could not clear this machine's directory entries"),
-        Err(_) => warn!("clearing this machine's directory entries timed out"),
+        warn!(?deadline, "drain deadline reached; exiting with work left");
     }
-    info!("stopped");
+    // Whatever is left (tunnels, channels, background loops) ends now, within what
+    // remains of the deadline.
+    relay.shutdown_token().cancel();
+    relay.tracker().close();
+    let remaining = deadline.saturating_sub(started.elapsed());
+    if timeout(remaining, relay.tracker().wait()).await.is_err() {
+        warn!("tasks still running at the drain deadline");
+    }
+    let remaining = deadline.saturating_sub(started.elapsed());
+    if timeout(remaining, server).await.is_err() {
+        warn!("client connections still open at the drain deadline");
+    }
+    info!(elapsed = ?started.elapsed(), "stopped");
     Ok(())
 }
 

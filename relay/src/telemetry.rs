@@ -162,3 +162,15 @@ pub fn hop(mode: &'static str, outcome: &'static str) {
 pub fn reconciled(n: usize) {
     metrics::counter!("relay_reconcile_writes_total").increment(n as u64);
 }
+
+/// A drain ran to its end in `seconds`.
+pub fn drained(seconds: f64) {
+    metrics::counter!("relay_drain_runs_total").increment(1);
+    metrics::histogram!("relay_drain_seconds").record(seconds);
+}
+
+/// A tunnel registration was refused by the admission control (429) or because the relay
+/// is draining (`reason`).
+pub fn admission_rejected(reason: &'static str) {
+    metrics::counter!("relay_admission_rejections_total", "reason" => reason).increment(1);
+}

@@ -109,6 +109,8 @@ pub(crate) enum Command {
     NotifyClosed { id: StreamId, code: u16 },
     /// Tell the host to reconnect elsewhere (in-band v1 `drain`).
     Drain { reason: String },
+    /// Send a ping now (besides the periodic ones).
+    Ping,
 }
 
 /// The session's side of a channel: where host frames for the client go.
@@ -270,6 +272,12 @@ impl TunnelHandle {
                 reason: reason.to_owned(),
             })
             .is_ok()
+    }
+
+    /// Sends a v1 `ping` now. Best effort: a full queue means the tunnel is busy, and the
+    /// periodic ping follows anyway.
+    pub fn ping_now(&self) {
+        let _ = self.inner.tx.try_send(Command::Ping);
     }
 
     /// Carries one HTTP exchange to the host and waits for its answer, at most

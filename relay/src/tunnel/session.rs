@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::streams::{Delivery, Stream, StreamTable};
 use super::{Command, ExchangeError, HttpResponse, TunnelHandle};
-use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON};
+use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits, MAX_CLOSE_REASON};
 use crate::protocol::{
     Encoding, Frame, HostMessage, Inbound, RelayMessage, StreamId, close_code, encode_base64,
     parse_host_message,
@@ -133,29 +133,64 @@ impl Session {
                 SessionEnd::Closed(self.handle.inner.close_code.load(Ordering::Relaxed))
             }
         };
-        // Make sure no handle can queue more work, then fail what is in flight: clients
-        // get their 502 or 1001 now, not after a timeout.
+        // No handle can queue more work from here; what was queued but never sent fails
+        // now (the exchanges get 502 at once, not after a timeout).
         self.handle.inner.cancel.cancel();
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
-        shared.streams().fail_all(close_code::GOING_AWAY);
 
-        // The contract: a host always reads `drain` before a 4001 close, so it knows to
-        // reconnect at once (and elsewhere) even if the close frame is lost.
-        if end == SessionEnd::Closed(close_code::DRAINING)
-            && !shared.drain_sent.load(Ordering::Relaxed)
-        {
-            let drain = RelayMessage::Drain {
-                reason: Some("relay shutting down"),
-            };
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                sink.send(Message::Text(drain.to_json().into())),
-            )
-            .await;
+        if end == SessionEnd::Closed(close_code::DRAINING) {
+            self.finish_draining(&mut sink, &mut stream, &shared, &on_pong)
+                .await;
+        } else {
+            shared.streams().fail_all(close_code::GOING_AWAY);
+            close_socket(&mut sink, &mut stream, &end).await;
         }
-        close_socket(&mut sink, &mut stream, &end).await;
         end
+    }
+
+    /// The end of a drained tunnel: `drain` (if the host missed it), Close 4001, then for
+    /// at most [`DRAIN_CLOSE_WAIT`] answers to exchanges already in flight are still
+    /// delivered, until the host's Close. Whatever is left then fails, and channels close
+    /// with 1001.
+    async fn finish_draining<W, R>(
+        &self,
+        sink: &mut W,
+        stream: &mut R,
+        shared: &Shared,
+        on_pong: &(impl Fn() + Send),
+    ) where
+        W: Sink<Message, Error = axum::Error> + Unpin,
+        R: FutStream<Item = Result<Message, axum::Error>> + Unpin,
+    {
+        let _ = timeout(DRAIN_CLOSE_WAIT, async {
+            // The contract: a host always reads `drain` before a 4001 close, so it knows
+            // to reconnect at once (and elsewhere) even if the close frame is lost.
+            if !shared.drain_sent.load(Ordering::Relaxed) {
+                let drain = RelayMessage::Drain {
+                    reason: Some(crate::drain::DRAIN_REASON),
+                };
+                sink.send(Message::Text(drain.to_json().into())).await?;
+            }
+            let (code, reason) = SessionEnd::Closed(close_code::DRAINING)
+                .close_frame()
+                .unwrap_or((close_code::DRAINING, ""));
+            sink.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await?;
+            while let Some(message) = stream.next().await {
+                match message? {
+                    Message::Text(text) => on_text(text.as_str(), &self.handle, shared, on_pong),
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            Ok::<_, axum::Error>(())
+        })
+        .await;
+        shared.streams().fail_all(close_code::GOING_AWAY);
     }
 }
 
@@ -286,6 +321,10 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
             }
             .to_json(),
         ),
+        Command::Ping => {
+            shared.unanswered_pings.fetch_add(1, Ordering::Relaxed);
+            Some(RelayMessage::Ping.to_json())
+        }
         Command::Drain { reason } => {
             shared.drain_sent.store(true, Ordering::Relaxed);
             Some(

@@ -1,0 +1,149 @@
+//! The graceful drain: how a relay machine leaves without failing a request.
+//!
+//! Run once, on the first SIGINT/SIGTERM, under the hard deadline
+//! (`RELAY_DRAIN_DEADLINE`, 8 s by default, below Fly's 10 s `kill_timeout`). The steps,
+//! in this order, each logged with its duration:
+//!
+//! 1. **Mark draining.** `/ready` answers 503; new tunnel registrations are refused and
+//!    pointed elsewhere (`fly-replay: elsewhere=true` on Fly, else 503 `Retry-After: 0`).
+//! 2. **Tell every tunnel**: v1 `{"type":"drain"}`. Agents open a new tunnel elsewhere at
+//!    once and keep the old one for what is in flight.
+//! 3. **Keep serving** the tunnels still here (direct, replayed or forwarded requests;
+//!    channels continue). Once a host has registered elsewhere, new requests for it are
+//!    routed to its new owner. Ends when every agent has closed its old tunnel, or after
+//!    the drain grace (`RELAY_DRAIN_GRACE`, 3 s).
+//! 4. **Stop accepting** TCP connections, then remove every directory entry this machine
+//!    still owns with the one clear-owned script, and wait for it. Entries that agents
+//!    already re-registered elsewhere survive (compare-and-delete). A Redis that is down
+//!    fails this step fast, logged.
+//! 5. **Close** every remaining tunnel with 4001 (preceded by `drain` if it missed it) and
+//!    its channels with 1001; answers to exchanges in flight still get through during the
+//!    close handshake, for at most 1.5 s.
+//! 6. **Exit 0.**
+
+use std::time::Duration;
+
+use tokio::time::{Instant, timeout};
+use tracing::{info, warn};
+
+use crate::limits::{DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT};
+use crate::protocol::close_code;
+use crate::server::Relay;
+use crate::telemetry;
+
+/// The reason sent in every `drain` message.
+pub const DRAIN_REASON: &str = "relay shutting down";
+
+/// What one drain did, for the log and the benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct DrainReport {
+    /// Tunnels that were sent `drain` in step 2.
+    pub notified: usize,
+    /// Time to queue `drain` on every tunnel (step 2).
+    pub notify_time: Duration,
+    /// Tunnels still here when the grace ended (step 3).
+    pub stayed: usize,
+    /// Directory entries removed in step 4, when the directory answered.
+    pub cleared: Option<usize>,
+    /// Time of the clear-owned call (step 4).
+    pub clear_time: Duration,
+    /// Tunnels closed with 4001 in step 5.
+    pub closed: usize,
+    /// The whole drain.
+    pub total: Duration,
+}
+
+/// Runs the drain sequence. `stop_accepting` is called at step 4 and must make the
+/// listener stop accepting new connections.
+///
+/// # Cancel safety
+/// Dropping the future (the hard deadline) abandons the remaining steps; the caller then
+/// cancels every task and exits.
+pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
+    let started = Instant::now();
+    let mut report = DrainReport::default();
+    let config = relay.config();
+
+    // 1.
+    let step = Instant::now();
+    relay.begin_draining();
+    info!(elapsed = ?step.elapsed(), "drain 1/6: draining; readiness off, new tunnels refused");
+
+    // 2.
+    let step = Instant::now();
+    let handles = relay.registry().handles();
+    report.notified = handles.iter().filter(|h| h.drain(DRAIN_REASON)).count();
+    report.notify_time = step.elapsed();
+    info!(
+        tunnels = handles.len(),
+        notified = report.notified,
+        elapsed = ?report.notify_time,
+        "drain 2/6: drain sent to every tunnel"
+    );
+    drop(handles);
+
+    // 3.
+    let step = Instant::now();
+    let moved = timeout(config.drain_grace, relay.registry().wait_empty())
+        .await
+        .is_ok();
+    report.stayed = relay.registry().len();
+    info!(
+        all_moved = moved,
+        remaining = report.stayed,
+        elapsed = ?step.elapsed(),
+        "drain 3/6: agents moved or grace over"
+    );
+
+    // 4.
+    let step = Instant::now();
+    stop_accepting();
+    let owner = &config.owner;
+    match timeout(DIRECTORY_TIMEOUT, relay.directory().clear_owned(owner)).await {
+        Ok(Ok(removed)) => report.cleared = Some(removed),
+        Ok(Err(err)) => telemetry::directory_error("clear_owned", owner, &err),
+        Err(_) => telemetry::directory_error("clear_owned", owner, &"timed out"),
+    }
+    relay.mark_directory_cleared();
+    report.clear_time = step.elapsed();
+    match report.cleared {
+        Some(removed) => info!(
+            removed,
+            elapsed = ?report.clear_time,
+            "drain 4/6: stopped accepting; this machine's directory entries removed"
+        ),
+        None => warn!(
+            elapsed = ?report.clear_time,
+            "drain 4/6: stopped accepting; could NOT remove this machine's directory entries \
+             (they expire by TTL; peers answer 503 for them meanwhile)"
+        ),
+    }
+
+    // 5.
+    let step = Instant::now();
+    let handles = relay.registry().handles();
+    report.closed = handles.len();
+    for handle in &handles {
+        handle.close(close_code::DRAINING);
+    }
+    drop(handles);
+    // Each session waits up to DRAIN_CLOSE_WAIT for answers in flight and the close
+    // handshake, then unregisters; a little slack covers the unregistering itself.
+    let closed = timeout(
+        DRAIN_CLOSE_WAIT + Duration::from_millis(250),
+        relay.registry().wait_empty(),
+    )
+    .await
+    .is_ok();
+    info!(
+        tunnels = report.closed,
+        all_closed = closed,
+        elapsed = ?step.elapsed(),
+        "drain 5/6: remaining tunnels closed with 4001"
+    );
+
+    report.total = started.elapsed();
+    telemetry::drained(report.total.as_secs_f64());
+    info!(elapsed = ?report.total, "drain 6/6: done, exiting");
+    report
+}
