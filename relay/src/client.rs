@@ -36,18 +36,29 @@ pub(crate) async fn host_request(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let response = match serve(relay, peer, request).await {
+    let mut route = "none";
+    let response = match serve(relay, peer, request, &mut route).await {
         Ok(response) => response,
         Err(err) => {
             debug!(%err, status = err.status().as_u16(), "client request refused");
             err.into_response()
         }
     };
-    telemetry::client_request(response.status().as_u16(), started.elapsed().as_secs_f64());
+    telemetry::client_request(
+        response.status().as_u16(),
+        route,
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
-async fn serve(relay: Relay, peer: SocketAddr, request: Request) -> Result<Response, ClientError> {
+/// Serves one client request; `route` is set to how it was served, for the metrics.
+async fn serve(
+    relay: Relay,
+    peer: SocketAddr,
+    request: Request,
+    route: &mut &'static str,
+) -> Result<Response, ClientError> {
     let uri = request.uri().clone();
     let (raw_host, rest) = split_host_path(uri.path()).ok_or(ClientError::HostNotConnected)?;
     let host = HostId::parse(raw_host)?;
@@ -75,9 +86,15 @@ async fn serve(relay: Relay, peer: SocketAddr, request: Request) -> Result<Respo
                     read_body(&parts.headers, body, relay.config().limits.max_body_bytes).await?,
                 )
             };
+            *route = match (&what, relay.config().routing) {
+                (Forward::WebSocket(_), _) => "bridge",
+                (_, crate::config::RoutingMode::FlyReplay) => "replay",
+                _ => "proxy",
+            };
             return routing::forward(&relay, &host, owner, client_ip(peer), &parts, what).await;
         }
     };
+    *route = "local";
     if routing::is_whoowns(request.method(), rest) {
         return Ok(axum::Json(json!({
             "ok": true,
@@ -147,6 +164,7 @@ async fn exchange(
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body, limits.max_body_bytes).await?;
     let body = String::from_utf8(body.into()).map_err(|_| ClientError::BodyNotText)?;
+    telemetry::bytes("to_host", body.len());
     let path = match query {
         Some(q) => format!("{path}?{q}"),
         None => path,
@@ -160,6 +178,7 @@ async fn exchange(
     let response = tunnel
         .exchange_reserved(permit, request, limits.exchange_timeout)
         .await?;
+    telemetry::bytes("from_host", response.body.len());
     into_client_response(response)
 }
 
@@ -251,6 +270,7 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
                         return;
                     }
                 };
+                telemetry::bytes("to_host", frame_len(&frame));
                 if channel.send(frame).await.is_err() {
                     close_client(socket, Some(close_code::GOING_AWAY)).await;
                     return;
@@ -261,9 +281,17 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
 }
 
 fn to_message(frame: Frame) -> Message {
+    telemetry::bytes("from_host", frame_len(&frame));
     match frame {
         Frame::Text(text) => Message::Text(text.into()),
         Frame::Binary(bytes) => Message::Binary(bytes.into()),
+    }
+}
+
+fn frame_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Text(text) => text.len(),
+        Frame::Binary(bytes) => bytes.len(),
     }
 }
 

@@ -203,6 +203,11 @@ pub struct ServeArgs {
           default_value = "10s")]
     pub reconcile_interval: Duration,
 
+    /// Bearer token of `GET /admin/tunnels` (at least 16 bytes); the endpoint is off
+    /// without it.
+    #[arg(long, env = "RELAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
     /// After a drain notice, how long tunnels may stay while their agents move.
     #[arg(long, env = "RELAY_DRAIN_GRACE", value_parser = humantime::parse_duration,
           default_value = "3s")]
@@ -276,6 +281,8 @@ pub struct Config {
     pub admission_rate: std::num::NonZeroU32,
     /// Burst of tunnel registrations.
     pub admission_burst: std::num::NonZeroU32,
+    /// Bearer token of the admin endpoint; `None` disables it.
+    pub admin_token: Option<Secret>,
 }
 
 /// A configuration error: the operator's fault; exits 64.
@@ -421,7 +428,15 @@ impl ServeArgs {
                 .ok_or_else(|| ConfigError("RELAY_ADMISSION_RATE must be at least 1".into()))?,
             admission_burst: std::num::NonZeroU32::new(self.admission_burst)
                 .ok_or_else(|| ConfigError("RELAY_ADMISSION_BURST must be at least 1".into()))?,
+            admin_token: self.admin_token.filter(|t| !t.0.is_empty()),
         };
+        if let Some(token) = &config.admin_token
+            && token.0.len() < MIN_SECRET_BYTES
+        {
+            return err(format!(
+                "RELAY_ADMIN_TOKEN must be at least {MIN_SECRET_BYTES} bytes"
+            ));
+        }
         if config.drain_grace + crate::limits::DRAIN_CLOSE_WAIT >= config.drain_deadline {
             return err(format!(
                 "RELAY_DRAIN_GRACE ({:?}) plus the close wait ({:?}) must fit in \

@@ -11,6 +11,7 @@
 //! - [`protocol`]: the v1 wire messages and close codes.
 //! - [`host_id`]: validated hostIds.
 //! - [`auth`]: JWT claims, verification and minting.
+//! - [`admin`]: `GET /admin/tunnels`, for operators.
 //! - [`server`]: shared state ([`server::Relay`]), the router and the serve loop.
 //! - [`drain`]: the graceful drain sequence, in one place.
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
@@ -27,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod cli;

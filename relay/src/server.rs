@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, debug_span, info, warn};
 use crate::auth::Verifier;
 use crate::client;
 use crate::config::{Config, ConfigError, DirectoryConfig};
-use crate::directory::{Directory, MemoryDirectory, Owner, RedisDirectory};
+use crate::directory::{Directory, Instrumented, MemoryDirectory, Owner, RedisDirectory};
 use crate::drain;
 use crate::error::ClientError;
 use crate::host;
@@ -95,7 +95,7 @@ impl Relay {
                 )
             }
         };
-        Relay::with_directory(config, directory)
+        Relay::with_directory(config, Arc::new(Instrumented::new(directory)))
     }
 
     /// A relay for `config` with the given directory.
@@ -323,6 +323,7 @@ pub fn app(relay: Relay) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/admin/tunnels", get(crate::admin::tunnels))
         .route("/tunnel", get(host::accept))
         .route("/hosts/{host}", any(client::host_request))
         .route("/hosts/{host}/", any(client::host_request))

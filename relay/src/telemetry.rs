@@ -37,11 +37,22 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// Buckets of every latency histogram, in seconds: from a loopback hop (~100 µs) to the
+/// exchange timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Histograms with buckets (not summaries), so they aggregate across machines.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed (embedding); then this handle just
         // renders nothing.
@@ -101,8 +112,15 @@ pub fn auth_failed(endpoint: &'static str, kind: &'static str) {
         .increment(1);
 }
 
-/// A client HTTP exchange finished with `status`.
-pub fn client_request(status: u16, seconds: f64) {
+/// Body bytes carried through tunnels, `to_host` or `from_host` (HTTP bodies and
+/// WebSocket frames).
+pub fn bytes(direction: &'static str, n: usize) {
+    metrics::counter!("relay_bytes_total", "direction" => direction).increment(n as u64);
+}
+
+/// A client request finished with `status`, served by `route` (`local`, `proxy`,
+/// `replay`, `bridge`, or `none` when refused before routing).
+pub fn client_request(status: u16, route: &'static str, seconds: f64) {
     let class = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -110,8 +128,9 @@ pub fn client_request(status: u16, seconds: f64) {
         400..=499 => "4xx",
         _ => "5xx",
     };
-    metrics::counter!("relay_client_requests_total", "status" => class).increment(1);
-    metrics::histogram!("relay_client_request_seconds").record(seconds);
+    metrics::counter!("relay_client_requests_total", "status" => class, "route" => route)
+        .increment(1);
+    metrics::histogram!("relay_client_request_seconds", "route" => route).record(seconds);
 }
 
 /// A client WebSocket channel opened (+1) or closed (-1).

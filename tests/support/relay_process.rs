@@ -392,7 +392,12 @@ fn parse_listening_addr(line: &str) -> Option<SocketAddr> {
     if !line.contains("listening") {
         return None;
     }
-    let rest = &line[line.find("addr=")? + "addr=".len()..];
+    // Text logs say `addr=IP:PORT`; JSON logs (RELAY_LOG_FORMAT=json) say `"addr":"IP:PORT"`.
+    let start = line
+        .find("addr=")
+        .map(|i| i + "addr=".len())
+        .or_else(|| line.find("\"addr\":\"").map(|i| i + "\"addr\":\"".len()))?;
+    let rest = &line[start..];
     rest.split(|c: char| c.is_whitespace() || c == ',')
         .next()?
         .trim_matches('"')
@@ -624,12 +629,22 @@ impl TestRelay {
 
     /// Sends SIGTERM (graceful shutdown) without waiting.
     pub fn send_sigterm(&self) {
+        self.send_signal("TERM");
+    }
+
+    /// Sends the signal named `signal` (as `kill -<signal>` spells it:
+    /// `TERM`, `INT`, ..) without waiting.
+    ///
+    /// # Panics
+    ///
+    /// If `kill` fails (the process is gone, say).
+    pub fn send_signal(&self, signal: &str) {
         let pid = self.pid();
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
-            .expect("run `kill -TERM`");
-        assert!(status.success(), "`kill -TERM {pid}` failed: {status}");
+            .unwrap_or_else(|err| panic!("run `kill -{signal}`: {err}"));
+        assert!(status.success(), "`kill -{signal} {pid}` failed: {status}");
     }
 
     /// Waits for the process to exit and for its output to be fully captured.

@@ -10,6 +10,7 @@
 //! [`RedisDirectory`] is the shared one, for a fleet of machines (see its module docs for
 //! the key layout, the liveness design and what Redis deployments it supports).
 
+mod instrumented;
 mod memory;
 pub mod redis;
 
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use crate::host_id::HostId;
 
 pub use self::redis::RedisDirectory;
+pub use instrumented::Instrumented;
 pub use memory::MemoryDirectory;
 
 /// One relay machine, as written in the directory: `region:machineId`.

@@ -186,6 +186,8 @@ struct Inner {
     /// Whether the directory is known to name this machine for the host. False while
     /// Redis is unreachable; the reconciler sets it once the entry is written.
     synced: AtomicBool,
+    /// When the last pong arrived, in milliseconds since the Unix epoch (0: none yet).
+    last_pong_ms: AtomicU64,
 }
 
 impl TunnelHandle {
@@ -210,6 +212,7 @@ impl TunnelHandle {
                 next_stream: AtomicU64::new(1),
                 open_channels: AtomicUsize::new(0),
                 synced: AtomicBool::new(false),
+                last_pong_ms: AtomicU64::new(0),
             }),
         };
         let session = Session::new(handle.clone(), rx, limits.clone());
@@ -249,6 +252,21 @@ impl TunnelHandle {
     /// Records whether the directory names this machine for the host.
     pub fn set_synced(&self, synced: bool) {
         self.inner.synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// When the last pong arrived, if one did.
+    pub fn last_pong(&self) -> Option<SystemTime> {
+        match self.inner.last_pong_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    pub(crate) fn record_pong(&self) {
+        let ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.inner.last_pong_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Whether the session has ended or been told to.

@@ -395,6 +395,7 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
     match message {
         HostMessage::Pong => {
             shared.unanswered_pings.store(0, Ordering::Relaxed);
+            handle.record_pong();
             on_pong();
         }
         HostMessage::HttpResponse {

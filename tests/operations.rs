@@ -1,0 +1,206 @@
+//! What an operator sees: metrics that move with traffic, the admin endpoint, and
+//! structured logs without tokens.
+
+use relay_tests::{DEADLINE, Stack, TestHost, TestRelay, Upstream, wait_until_async};
+use serde_json::Value;
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-0001";
+
+#[tokio::test]
+async fn request_counter_and_tunnel_gauge_move_with_traffic() {
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    let labels = [("status", "2xx"), ("route", "local")];
+    assert_eq!(relay.counter("relay_tunnels_connected", &[]).await, 0.0);
+    let before = relay.counter("relay_client_requests_total", &labels).await;
+
+    let host = TestHost::connect(&relay, "ops-1", &upstream).await;
+    relay.wait_host_connected("ops-1").await;
+    relay
+        .wait_counter("relay_tunnels_connected", &[], 1.0)
+        .await;
+    let bytes_before = relay
+        .counter("relay_bytes_total", &[("direction", "to_host")])
+        .await;
+
+    let token = relay.client_token(&["ops-1"]);
+    for _ in 0..3 {
+        relay
+            .http()
+            .request(http::Method::POST, relay.http_url("/hosts/ops-1/echo"))
+            .bearer(&token)
+            .header("content-type", "text/plain")
+            .body("twelve bytes")
+            .send()
+            .await
+            .assert_status(200);
+    }
+    // wait_host_connected made requests too; count at least the three of ours.
+    let after = relay.counter("relay_client_requests_total", &labels).await;
+    assert!(
+        after >= before + 3.0,
+        "requests counted {before} -> {after}"
+    );
+    let bytes_after = relay
+        .counter("relay_bytes_total", &[("direction", "to_host")])
+        .await;
+    assert!(
+        bytes_after >= bytes_before + 36.0,
+        "bytes {bytes_before} -> {bytes_after}"
+    );
+    assert!(
+        relay
+            .counter(
+                "relay_directory_ops_total",
+                &[("op", "register"), ("outcome", "ok")]
+            )
+            .await
+            >= 1.0,
+        "directory operations are counted"
+    );
+
+    drop(host);
+    relay
+        .wait_counter("relay_tunnels_connected", &[], 0.0)
+        .await;
+    assert!(
+        relay
+            .counter("relay_tunnel_unregistrations_total", &[])
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn admin_tunnels_rejects_missing_and_wrong_tokens_and_lists_real_tunnels() {
+    let stack = Stack::spawn_with(
+        TestRelay::builder().env("RELAY_ADMIN_TOKEN", ADMIN_TOKEN),
+        "admin-1",
+    )
+    .await;
+    let url = stack.relay.http_url("/admin/tunnels");
+
+    stack
+        .relay
+        .http()
+        .get(url.clone())
+        .send()
+        .await
+        .assert_status(401);
+    stack
+        .relay
+        .http()
+        .get(url.clone())
+        .bearer("admin-token-for-tests-0002")
+        .send()
+        .await
+        .assert_status(401);
+    // A valid client token is not an admin token.
+    stack
+        .relay
+        .http()
+        .get(url.clone())
+        .bearer(&stack.client_token())
+        .send()
+        .await
+        .assert_status(401);
+
+    let resp = stack.relay.http().get(url).bearer(ADMIN_TOKEN).send().await;
+    resp.assert_status(200);
+    let body = resp.json();
+    assert_eq!(body["region"], stack.relay.region());
+    assert_eq!(body["machine"], stack.relay.machine_id());
+    let tunnels = body["tunnels"].as_array().expect("tunnels is a list");
+    assert_eq!(tunnels.len(), 1, "{body}");
+    let tunnel = &tunnels[0];
+    assert_eq!(tunnel["hostId"], "admin-1");
+    assert_eq!(tunnel["protocol"], "v1");
+    assert_eq!(tunnel["pendingExchanges"], 0);
+    assert_eq!(tunnel["openChannels"], 0);
+    assert!(
+        tunnel["connectedSince"].as_f64().unwrap() > 1.7e9,
+        "{tunnel}"
+    );
+    assert!(!stack.relay.logs().iter().any(|l| l.contains(ADMIN_TOKEN)));
+}
+
+#[tokio::test]
+async fn admin_endpoint_is_off_without_a_configured_token() {
+    let relay = TestRelay::spawn().await;
+    relay
+        .http()
+        .get(relay.http_url("/admin/tunnels"))
+        .bearer(ADMIN_TOKEN)
+        .send()
+        .await
+        .assert_status(404);
+}
+
+#[tokio::test]
+async fn json_log_lines_parse_as_json_and_contain_no_token() {
+    let relay = TestRelay::builder()
+        .env("RELAY_LOG_FORMAT", "json")
+        .rust_log("debug")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let host_token = relay.host_token("json-1");
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("json-1", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    let client_token = relay.client_token(&["json-1"]);
+    relay
+        .wait_host_connected_with("json-1", &client_token)
+        .await;
+    relay
+        .http()
+        .get(relay.http_url(&format!("/hosts/json-1/echo?token={client_token}")))
+        .send()
+        .await
+        .assert_status(200);
+    // A refused request logs too.
+    relay
+        .http()
+        .get(relay.http_url("/hosts/json-1/echo?token=not-a-jwt-but-secret"))
+        .send()
+        .await
+        .assert_status(401);
+
+    wait_until_async("a debug line for the refused request", DEADLINE, || async {
+        relay
+            .logs()
+            .iter()
+            .any(|l| l.contains("client request refused"))
+    })
+    .await;
+    let logs = relay.logs();
+    let json_lines: Vec<&String> = logs.iter().filter(|l| l.starts_with('{')).collect();
+    assert!(
+        json_lines.len() >= 3,
+        "expected JSON log lines, got {logs:#?}"
+    );
+    for line in &json_lines {
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+        for secret in [
+            &host_token,
+            &client_token,
+            &"not-a-jwt-but-secret".to_owned(),
+        ] {
+            assert!(!line.contains(secret.as_str()), "token in log line: {line}");
+        }
+    }
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"listening\"")),
+        "the listening line is JSON too"
+    );
+}
