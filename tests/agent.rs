@@ -232,6 +232,7 @@ async fn http_exchanges_are_forwarded_concurrently() {
     }))
     .await;
     let took = started.elapsed();
+    eprintln!("measured: took = {took:?}");
 
     for resp in &responses {
         resp.assert_status(200);
@@ -466,6 +467,7 @@ async fn agent_reconnects_within_backoff_cap_after_relay_restarts_on_same_port()
     let back_at = Instant::now(); // just after its `listening` line
     agent.wait_connected_to(&relay).await;
     let took = back_at.elapsed();
+    eprintln!("measured: took = {took:?}");
 
     assert!(
         took <= cap + SLACK,
@@ -498,6 +500,7 @@ async fn drain_message_makes_agent_reconnect_within_one_second() {
         .await;
     let attempts = stub.wait_attempts(2, DEADLINE).await;
     let gap = attempts[1].at - drained_at;
+    eprintln!("measured: gap = {gap:?}");
 
     assert!(
         gap < DRAIN_RECONNECT_BOUND,
@@ -520,6 +523,7 @@ async fn close_4001_alone_makes_agent_reconnect_within_one_second() {
     first.close(4001).await;
     let attempts = stub.wait_attempts(2, DEADLINE).await;
     let gap = attempts[1].at - closed_at;
+    eprintln!("measured: gap = {gap:?}");
 
     assert!(
         gap < DRAIN_RECONNECT_BOUND,
@@ -546,6 +550,7 @@ async fn relay_sigterm_drain_moves_agent_to_next_relay_within_one_second() {
     draining.send_sigterm();
     agent.wait_connected_to(&other).await;
     let took = signalled_at.elapsed();
+    eprintln!("measured: took = {took:?}");
 
     assert!(
         took < DRAIN_RECONNECT_BOUND,
@@ -595,6 +600,7 @@ async fn drain_keeps_old_tunnel_serving_in_flight_exchange_while_new_tunnel_open
     // still in flight on the old one.
     let _new = stub.next_tunnel().await;
     let opened = drained_at.elapsed();
+    eprintln!("measured: opened = {opened:?}");
     assert!(
         opened < DRAIN_RECONNECT_BOUND,
         "new tunnel {opened:?} after drain"
@@ -627,6 +633,7 @@ async fn close_1001_is_not_a_drain_and_waits_normal_backoff() {
     first.close(1001).await;
     let attempts = stub.wait_attempts(2, DEADLINE).await;
     let gap = attempts[1].at - closed_at;
+    eprintln!("measured: gap = {gap:?}");
 
     assert!(
         gap >= Duration::from_secs(1),
@@ -648,6 +655,7 @@ async fn close_4002_replaced_backs_off_and_warns() {
     first.close(4002).await;
     let attempts = stub.wait_attempts(2, DEADLINE).await;
     let gap = attempts[1].at - closed_at;
+    eprintln!("measured: gap = {gap:?}");
 
     assert!(
         gap >= Duration::from_secs(1),
@@ -683,6 +691,7 @@ async fn gap_between_refused_attempts(status: u16, retry_after: &str, extra: &[&
 #[tokio::test]
 async fn http_429_with_retry_after_2_delays_next_attempt_at_least_2_seconds() {
     let gap = gap_between_refused_attempts(429, "2", &[]).await;
+    eprintln!("measured: gap = {gap:?}");
     assert!(
         gap >= Duration::from_secs(2),
         "second attempt {gap:?} after a 429 with Retry-After: 2"
@@ -696,6 +705,7 @@ async fn http_429_with_retry_after_2_delays_next_attempt_at_least_2_seconds() {
 #[tokio::test]
 async fn http_503_with_retry_after_2_delays_next_attempt_at_least_2_seconds() {
     let gap = gap_between_refused_attempts(503, "2", &[]).await;
+    eprintln!("measured: gap = {gap:?}");
     assert!(
         gap >= Duration::from_secs(2),
         "second attempt {gap:?} after a 503 with Retry-After: 2"
@@ -711,6 +721,7 @@ async fn retry_after_as_http_date_is_honoured() {
     // Three whole seconds after the current second: at least 2 s from now.
     let date = http_date(unix_now_secs() + 3);
     let gap = gap_between_refused_attempts(429, &date, &[]).await;
+    eprintln!("measured: gap = {gap:?}");
     assert!(
         gap >= Duration::from_millis(1_900),
         "second attempt {gap:?} after a 429 with Retry-After: {date}"
@@ -721,6 +732,7 @@ async fn retry_after_as_http_date_is_honoured() {
 #[tokio::test]
 async fn retry_after_is_clamped_by_max_retry_after() {
     let gap = gap_between_refused_attempts(429, "3600", &["--max-retry-after", "1s"]).await;
+    eprintln!("measured: gap = {gap:?}");
     assert!(
         gap < Duration::from_secs(1) + SLACK * 2,
         "Retry-After: 3600 with --max-retry-after 1s waited {gap:?}"
@@ -744,6 +756,7 @@ async fn http_503_retry_after_0_moves_to_next_relay_at_once() {
     let refused = draining.wait_attempts(1, DEADLINE).await;
     let moved = other.wait_attempts(1, DEADLINE).await;
     let gap = moved[0].at - refused[0].at;
+    eprintln!("measured: gap = {gap:?}");
     assert!(
         gap < Duration::from_secs(1),
         "503 Retry-After: 0 means try another relay now; the next relay saw the agent {gap:?} \
@@ -782,6 +795,7 @@ async fn inbound_silence_makes_agent_abandon_tunnel_and_reconnect_after_timeout(
 
     let attempts = stub.wait_attempts(2, DEADLINE).await;
     let gap = attempts[1].at - first.accepted_at;
+    eprintln!("measured: gap = {gap:?}");
 
     assert!(
         gap >= silence,
@@ -822,6 +836,7 @@ async fn rotated_token_file_is_used_on_next_attempt_and_host_registers() {
     let rotated_at = Instant::now();
     agent.wait_connected_to(&relay).await;
     let took = rotated_at.elapsed();
+    eprintln!("measured: took = {took:?}");
 
     assert!(
         took < Duration::from_secs(1) + SLACK,

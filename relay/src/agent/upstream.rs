@@ -379,8 +379,14 @@ pub async fn run_channel(url: String, mut io: ChannelIo) {
 /// Carries frames between the local socket and the tunnel until one side ends.
 async fn carry(socket: LocalSocket, io: &mut ChannelIo) {
     let (mut local_tx, mut local_rx) = socket.split();
+    // The kill signal only counts when it was sent: its sender is also dropped, without a
+    // word, when the tunnel forgets a channel after queueing its Close(code), and that
+    // must not race the queued code into a 1001.
+    let mut kill_armed = true;
     let close_local = loop {
         tokio::select! {
+            // Queued commands first: a Close(code) queued before a kill wins.
+            biased;
             command = io.commands.recv() => match command {
                 Some(ChannelCommand::Frame(frame)) => {
                     let message = match frame {
@@ -426,7 +432,10 @@ async fn carry(socket: LocalSocket, io: &mut ChannelIo) {
                     return;
                 }
             },
-            code = &mut io.kill => break Some(code.unwrap_or(close_code::GOING_AWAY)),
+            code = &mut io.kill, if kill_armed => match code {
+                Ok(code) => break Some(code),
+                Err(_) => kill_armed = false,
+            },
             () = io.cancel.cancelled() => break Some(close_code::GOING_AWAY),
         }
     };
