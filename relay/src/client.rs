@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::auth::{Role, bearer_token};
 use crate::error::ClientError;
 use crate::host_id::HostId;
+use crate::listener::PeerAddr;
 use crate::protocol::{Frame, Headers, close_code};
 use crate::routing::{self, Forward};
 use crate::server::{Relay, Route};
@@ -32,7 +33,7 @@ pub const WHOOWNS: &str = "/_whoowns";
 /// `ANY /hosts/{hostId}/{*path}`.
 pub(crate) async fn host_request(
     State(relay): State<Relay>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     request: Request,
 ) -> Response {
     let started = Instant::now();

@@ -24,6 +24,7 @@ use crate::config::RoutingMode;
 use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
+use crate::listener::PeerAddr;
 use crate::protocol::close_code;
 use crate::server::Relay;
 use crate::telemetry;
@@ -56,7 +57,7 @@ enum Refusal {
 /// `GET /tunnel?hostId=<id>`.
 pub(crate) async fn accept(
     State(relay): State<Relay>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,

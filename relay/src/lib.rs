@@ -14,6 +14,8 @@
 //! - [`admin`]: `GET /admin/tunnels`, for operators.
 //! - [`server`]: shared state ([`server::Relay`]), the router and the serve loop.
 //! - [`drain`]: the graceful drain sequence, in one place.
+//! - [`listener`]: the listening socket, which a drain closes without dropping
+//!   connections already accepted.
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`host`]: the host side: `/tunnel` registrations.
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
@@ -40,6 +42,7 @@ pub mod error;
 pub mod host;
 pub mod host_id;
 pub mod limits;
+pub mod listener;
 pub mod protocol;
 pub mod registry;
 pub mod routing;

@@ -10,7 +10,6 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use axum::serve::ListenerExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::StatusCode;
 use serde_json::json;
@@ -32,6 +31,7 @@ use crate::limits::{
     DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT, LISTEN_BACKLOG,
     RECONCILE_BATCH, STARTUP_CLEAR_TIMEOUT,
 };
+use crate::listener::{PeerAddr, StoppableListener};
 use crate::registry::Registry;
 use crate::routing::Peers;
 use crate::telemetry::{self, redact_uri};
@@ -450,21 +450,19 @@ pub async fn serve(
         "listening"
     );
 
-    let listener = listener.tap_io(|tcp| {
-        // Small frames (pings, short responses) must not wait for Nagle.
-        if let Err(err) = tcp.set_nodelay(true) {
-            debug!(%err, "could not set TCP_NODELAY");
-        }
-    });
-    let (stop_accepting, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Two separate stops: `stop_accepting` (drain step 4) closes the listening socket, so
+    // new connections are refused and go to another machine; `finish_connections` (the
+    // end of the drain) makes the server finish its connections.
+    let stop_accepting = CancellationToken::new();
+    let listener = StoppableListener::new(listener, stop_accepting.clone())?;
+    let (finish_connections, finish_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         axum::serve(
             listener,
-            app(relay.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+            app(relay.clone()).into_make_service_with_connect_info::<PeerAddr>(),
         )
         .with_graceful_shutdown(async move {
-            // Drain step 4 (or the drain being cut short) stops the accept loop.
-            let _ = stop_rx.await;
+            let _ = finish_rx.await;
         })
         .into_future(),
     );
@@ -482,17 +480,15 @@ pub async fn serve(
 
     let started = Instant::now();
     let deadline = relay.config().drain_deadline;
-    if timeout(
-        deadline,
-        drain::run(&relay, move || {
-            let _ = stop_accepting.send(());
-        }),
-    )
-    .await
-    .is_err()
+    let stop = stop_accepting.clone();
+    if timeout(deadline, drain::run(&relay, move || stop.cancel()))
+        .await
+        .is_err()
     {
         warn!(?deadline, "drain deadline reached; exiting with work left");
     }
+    stop_accepting.cancel();
+    let _ = finish_connections.send(());
     // Whatever is left (tunnels, channels, background loops) ends now, within what
     // remains of the deadline.
     relay.shutdown_token().cancel();
