@@ -142,6 +142,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        // Every tunnel and client connection is a file descriptor: a default soft limit of
+        // 1,024 would cap a relay far below what it can hold.
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => tracing::debug!(limit, "open file limit raised"),
+            Err(err) => tracing::warn!(%err, "could not raise the open file limit"),
+        }
         // Before binding: nothing may be routed here for tunnels a previous process with
         // this identity held (a SIGKILL leaves them behind).
         relay.clear_stale_entries().await;
