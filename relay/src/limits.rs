@@ -252,6 +252,14 @@ pub mod agent {
     /// that proves it sooner.
     pub const REGISTRATION_GRACE: Duration = Duration::from_millis(200);
 
+    /// After a drain, how long the old tunnel stays open once the new one is registered,
+    /// even when idle. Another relay may have looked the host up just before the new
+    /// registration and forwarded a request to the draining relay, which serves it on the
+    /// old tunnel: closing that tunnel at once turned such a request into a 502. One
+    /// second covers a lookup-and-forward many times over and fits well inside the
+    /// relay's 3 s drain grace.
+    pub const DRAINED_TUNNEL_LINGER: Duration = Duration::from_secs(1);
+
     /// Bound on a WebSocket close handshake (tunnel or local channel): a peer that never
     /// answers our Close is abandoned after this, never waited on forever.
     pub const CLOSE_GRACE: Duration = Duration::from_secs(2);

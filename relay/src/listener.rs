@@ -7,6 +7,7 @@
 //! connections refused (so a load balancer moves on to another machine) while the ones
 //! already accepted keep being served until the very end.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,7 +25,7 @@ pub struct StoppableListener {
     addr: SocketAddr,
     stop: CancellationToken,
     /// Connections taken from the backlog at stop time, handed out before going idle.
-    drained: Vec<(TcpStream, SocketAddr)>,
+    drained: VecDeque<(TcpStream, SocketAddr)>,
 }
 
 impl StoppableListener {
@@ -37,7 +38,7 @@ impl StoppableListener {
             addr: listener.local_addr()?,
             inner: Some(listener),
             stop,
-            drained: Vec::new(),
+            drained: VecDeque::new(),
         })
     }
 
@@ -46,14 +47,32 @@ impl StoppableListener {
         let Some(listener) = self.inner.take() else {
             return;
         };
-        // A bounded loop: the backlog is finite, and clients whose handshake completes
-        // after the socket closes are refused, which is what we want.
+        // Real accept(2) calls on the raw socket: tokio's readiness for it may lag behind
+        // the kernel, and a connection the kernel queued must not be reset.
+        let listener = match listener.into_std() {
+            Ok(listener) => listener,
+            Err(err) => {
+                warn!(%err, "cannot take the listener back from the runtime; closing it");
+                return;
+            }
+        };
+        // Bounded: the backlog is finite, and clients whose handshake completes after the
+        // socket closes are refused, which is what we want.
         for _ in 0..crate::limits::LISTEN_BACKLOG {
-            match listener.try_accept() {
-                Ok(conn) => self.drained.push(conn),
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    let stream = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(stream));
+                    match stream {
+                        Ok(stream) => self.drained.push_back((stream, addr)),
+                        Err(err) => debug!(%err, "could not adopt a queued connection"),
+                    }
+                }
                 Err(_) => break,
             }
         }
+        drop(listener);
         debug!(
             queued = self.drained.len(),
             "listener closed; queued connections kept"
@@ -67,7 +86,7 @@ impl axum::serve::Listener for StoppableListener {
 
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         loop {
-            if let Some((stream, addr)) = self.drained.pop() {
+            if let Some((stream, addr)) = self.drained.pop_front() {
                 return with_nodelay(stream, addr);
             }
             let Some(listener) = &self.inner else {
@@ -100,22 +119,6 @@ fn with_nodelay(stream: TcpStream, addr: SocketAddr) -> (TcpStream, SocketAddr) 
         debug!(%err, "could not set TCP_NODELAY");
     }
     (stream, addr)
-}
-
-/// `TcpListener::try_accept`: accept without waiting, for draining the backlog.
-trait TryAccept {
-    fn try_accept(&self) -> io::Result<(TcpStream, SocketAddr)>;
-}
-
-impl TryAccept for TcpListener {
-    fn try_accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let waker = futures_util::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        match self.poll_accept(&mut cx) {
-            std::task::Poll::Ready(result) => result,
-            std::task::Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
 }
 
 /// The client's address, as handlers extract it (`ConnectInfo<PeerAddr>`).

@@ -27,6 +27,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::config::RoutingMode;
@@ -306,10 +307,11 @@ async fn bridge_websocket(
             Ok(Ok((peer, _))) => {
                 telemetry::hop("bridge", "forwarded");
                 let tracker = relay.tracker().clone();
+                let shutdown = relay.shutdown_token().clone();
                 let span = debug_span!("bridge", %host, %owner);
                 return Ok(crate::host::configure(upgrade, limits)
                     .on_upgrade(move |socket| {
-                        tracker.track_future(bridge(socket, peer).instrument(span))
+                        tracker.track_future(bridge(socket, peer, shutdown).instrument(span))
                     })
                     .into_response());
             }
@@ -346,12 +348,22 @@ type PeerSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Carries frames between the client and the owner until either closes; each side's
-/// close code is passed to the other.
-async fn bridge(client: WebSocket, peer: PeerSocket) {
+/// close code is passed to the other. When this relay shuts down, the client gets 1001
+/// (reconnect: it lands on another relay) and the owner a normal close.
+async fn bridge(client: WebSocket, peer: PeerSocket, shutdown: CancellationToken) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut peer_tx, mut peer_rx) = peer.split();
     loop {
         tokio::select! {
+            () = shutdown.cancelled() => {
+                let going_away = ws::CloseFrame {
+                    code: crate::protocol::close_code::GOING_AWAY,
+                    reason: "relay shutting down".into(),
+                };
+                let _ = timeout(CLOSE_TIMEOUT, client_tx.send(ws::Message::Close(Some(going_away)))).await;
+                let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(tungstenite::Message::Close(None))).await;
+                break;
+            }
             message = client_rx.next() => {
                 let Some(Ok(message)) = message else {
                     let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(tungstenite::Message::Close(None))).await;

@@ -41,8 +41,8 @@ use super::upstream::{self, ChannelCommand, ChannelIo, Upstream};
 use super::wire::{self, FromRelay, Parsed, ResponseHeaders, ToRelay};
 use crate::host_id::HostId;
 use crate::limits::agent::{
-    CHANNEL_QUEUE, CLOSE_GRACE, MAX_CHANNELS, MAX_IN_FLIGHT, MAX_INBOUND_MESSAGE,
-    MAX_TUNNEL_MESSAGE, REGISTRATION_GRACE, TUNNEL_QUEUE,
+    CHANNEL_QUEUE, CLOSE_GRACE, DRAINED_TUNNEL_LINGER, MAX_CHANNELS, MAX_IN_FLIGHT,
+    MAX_INBOUND_MESSAGE, MAX_TUNNEL_MESSAGE, REGISTRATION_GRACE, TUNNEL_QUEUE,
 };
 use crate::limits::{MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
 use crate::protocol::close_code;
@@ -401,17 +401,23 @@ impl Session {
         let silence_timeout = self.shared.silence_timeout;
         let silence = sleep(silence_timeout);
         let grace = sleep(REGISTRATION_GRACE);
-        tokio::pin!(silence, grace);
+        // Armed when a newer tunnel is registered; the old one closes only after it.
+        let linger = sleep(Duration::MAX);
+        tokio::pin!(silence, grace, linger);
+        let mut lingering = false;
+        let mut lingered = false;
         let mut in_flight = self.in_flight.subscribe();
         let mut newest = self.newest.clone();
         let mut newest_alive = true;
         let mut finishing = false;
         loop {
-            if self.drained
-                && !finishing
-                && *in_flight.borrow_and_update() == 0
-                && self.replaced(&mut newest)
-            {
+            if self.drained && !finishing && !lingering && self.replaced(&mut newest) {
+                lingering = true;
+                linger
+                    .as_mut()
+                    .reset(Instant::now() + DRAINED_TUNNEL_LINGER);
+            }
+            if self.drained && !finishing && lingered && *in_flight.borrow_and_update() == 0 {
                 info!(relay = %self.relay, "drained tunnel is idle and replaced; closing it");
                 finishing = true;
                 finish.notify_one();
@@ -446,6 +452,7 @@ impl Session {
                 }
                 () = &mut silence => return EndCause::Silence(silence_timeout),
                 () = &mut grace, if self.registered_at.is_none() => self.register(),
+                () = &mut linger, if lingering && !lingered => lingered = true,
                 changed = in_flight.changed(), if self.drained && !finishing => {
                     // The session holds the sender: this cannot fail while it runs.
                     let _ = changed;
