@@ -35,6 +35,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod front_door;
 pub mod host;
 pub mod metrics;
 pub mod redis;
@@ -51,6 +52,7 @@ use std::time::Duration;
 pub use self::redis::{TestRedis, addr_key, host_key, owned_key, unused_port};
 pub use agent::{AgentBuilder, TestAgent, TokenFile};
 pub use client::{HttpClient, HttpResponse};
+pub use front_door::FrontDoor;
 pub use host::{RawHost, TestHost, msg_id, msg_type};
 pub use metrics::counter_value;
 pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_relay_cli};

@@ -1,0 +1,856 @@
+//! The graceful drain (relay/src/drain.rs) seen from outside: real relay
+//! processes, real signals, real tunnels and a real `redis-server`.
+//!
+//! On the first SIGTERM or SIGINT the relay marks itself draining (`/ready`
+//! 503, new tunnels refused with 503 `Retry-After: 0`), tells every tunnel
+//! `drain`, keeps serving for the drain grace (or until every agent left),
+//! stops accepting, removes its directory entries, closes what is left with
+//! 4001 and exits 0, logging each of the 6 steps. A second signal exits at once
+//! with 130. Around it: the admission token bucket (429 with `Retry-After`) and
+//! the ping sent as soon as a tunnel is registered.
+//!
+//! Every wait polls a condition under a deadline. Timing bounds are far from
+//! the configured values they check (a 20 s grace against an exit within
+//! 10 s, say), so a loaded machine does not flake them.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use relay_tests::{
+    DEADLINE, RawHost, Stack, TestAgent, TestHost, TestRedis, TestRelay, Upstream, WsClient, WsEnd,
+    host_key, msg_id, msg_type, owned_key, rejection_status, wait_until, wait_until_async, within,
+};
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_tungstenite::MaybeTlsStream;
+use tokio_tungstenite::tungstenite;
+
+/// The relay's default hard deadline from the signal to exit (`--drain-deadline`).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
+
+/// A grace long enough that "the relay is still draining" is observable for
+/// as long as a test needs, and that an early exit is clearly not the grace
+/// running out.
+const LONG_GRACE: &str = "20s";
+
+/// The hard deadline that goes with [`LONG_GRACE`] (it must exceed the grace
+/// plus the 1.5 s close wait).
+const LONG_DEADLINE: &str = "30s";
+
+/// The 6 step lines of a drain, in order, then the last line of the process
+/// (`stopped`; step 4 says "stopped accepting", hence the `elapsed=`).
+const STEP_LINES: [&str; 7] = [
+    "drain 1/6",
+    "drain 2/6",
+    "drain 3/6",
+    "drain 4/6",
+    "drain 5/6",
+    "drain 6/6",
+    "stopped elapsed=",
+];
+
+/// What a host saw on its tunnel from the signal on.
+#[derive(Debug)]
+struct TunnelEnd {
+    host_id: String,
+    /// Types of the v1 messages before the Close frame, pings excluded.
+    types: Vec<String>,
+    /// The code of the Close frame that ended the tunnel.
+    code: u16,
+}
+
+/// Reads `host` until its tunnel ends with a Close frame, answering pings.
+/// With `leave_on_drain` the host behaves like an agent that moved: on the
+/// `drain` message it closes its tunnel with 1000 itself.
+///
+/// # Panics
+///
+/// If the tunnel ends without a Close frame, or nothing ends it within
+/// [`DEADLINE`].
+async fn read_until_close(mut host: RawHost, host_id: String, leave_on_drain: bool) -> TunnelEnd {
+    let mut types = Vec::new();
+    loop {
+        match host.recv_raw(DEADLINE).await {
+            Ok(msg) if msg_type(&msg) == "ping" => {
+                // The relay may be closing already; a lost pong is fine.
+                let _ = host
+                    .ws_mut()
+                    .try_send(tungstenite::Message::text(
+                        json!({"type": "pong"}).to_string(),
+                    ))
+                    .await;
+            }
+            Ok(msg) => {
+                let ty = msg_type(&msg).to_owned();
+                types.push(ty.clone());
+                if ty == "drain" && leave_on_drain {
+                    host.close(1000).await;
+                }
+            }
+            Err(WsEnd::Close(code)) => {
+                return TunnelEnd {
+                    host_id,
+                    types,
+                    code,
+                };
+            }
+            Err(WsEnd::Dropped(why)) => {
+                panic!("tunnel of {host_id} ended without a Close frame after {types:?}: {why}")
+            }
+        }
+    }
+}
+
+/// Asserts that the 6 drain steps and `stopped` were logged, once each, in
+/// order, each step with its duration (`elapsed=`).
+fn assert_steps_logged_in_order(logs: &[String]) {
+    let mut positions = Vec::new();
+    for needle in STEP_LINES {
+        let hits: Vec<usize> = logs
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains(needle))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "expected exactly one log line containing {needle:?}; log:\n{}",
+            logs.join("\n")
+        );
+        assert!(
+            logs[hits[0]].contains("elapsed="),
+            "the {needle:?} line carries its duration: {}",
+            logs[hits[0]]
+        );
+        positions.push(hits[0]);
+    }
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "drain steps logged out of order (line numbers {positions:?} for {STEP_LINES:?})"
+    );
+}
+
+/// Asserts that the drain ran to its end rather than being cut by the hard
+/// deadline.
+fn assert_not_cut_by_deadline(logs: &[String]) {
+    let cut: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("drain deadline reached") || line.contains("still running"))
+        .collect();
+    assert!(cut.is_empty(), "the drain hit its hard deadline: {cut:?}");
+}
+
+/// `/ready`'s status code.
+async fn ready_status(relay: &TestRelay) -> u16 {
+    relay
+        .http()
+        .get(relay.http_url("/ready"))
+        .send()
+        .await
+        .status
+        .as_u16()
+}
+
+/// Tries to open a tunnel for `host_id`; returns the refusal (status and
+/// `Retry-After`, `fly-replay` headers) or panics if the upgrade succeeded.
+async fn refused_upgrade(
+    relay: &TestRelay,
+    host_id: &str,
+) -> (u16, Option<String>, Option<String>) {
+    let url = relay.tunnel_url(host_id, &relay.host_token(host_id));
+    match WsClient::connect(&url, None).await {
+        Ok(_) => panic!("the tunnel upgrade for {host_id} succeeded; expected a refusal"),
+        Err(tungstenite::Error::Http(response)) => {
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            (
+                response.status().as_u16(),
+                header("retry-after"),
+                header("fly-replay"),
+            )
+        }
+        Err(err) => panic!("the tunnel upgrade for {host_id} failed without an HTTP status: {err}"),
+    }
+}
+
+/// `count` hosts on a relay with Redis (proxy mode) and `--drain-grace 500ms`;
+/// every fifth host leaves on its `drain` like a moving agent, the others
+/// stay. `signal` (`TERM` or `INT`) starts the drain.
+async fn drain_many_tunnels_on(signal: &str, count: usize) {
+    let redis = TestRedis::spawn().await;
+    let mut relay = TestRelay::builder()
+        .redis(&redis.url())
+        .routing("proxy")
+        .arg("--drain-grace", "500ms")
+        .spawn()
+        .await;
+    let owner = relay.owner();
+    let host_ids: Vec<String> = (0..count).map(|i| format!("h{i:02}")).collect();
+    let mut hosts = Vec::new();
+    for host_id in &host_ids {
+        hosts.push(RawHost::connect(&relay, host_id).await);
+    }
+    wait_until_async(
+        &format!("the directory names {owner} for all {count} hosts"),
+        DEADLINE,
+        || async {
+            redis
+                .strings("relay:host:*")
+                .await
+                .iter()
+                .filter(|(_, value)| *value == owner)
+                .count()
+                == count
+        },
+    )
+    .await;
+    let readers: Vec<_> = hosts
+        .into_iter()
+        .zip(&host_ids)
+        .enumerate()
+        .map(|(i, (host, host_id))| {
+            tokio::spawn(read_until_close(host, host_id.clone(), i % 5 == 0))
+        })
+        .collect();
+
+    let signalled_at = Instant::now();
+    relay.send_signal(signal);
+    let ends = within("every tunnel to end", DEADLINE, join_all(readers)).await;
+    let status = relay.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+
+    for (i, end) in ends.into_iter().enumerate() {
+        let end = end.expect("tunnel reader task");
+        let drains = end.types.iter().filter(|t| *t == "drain").count();
+        assert_eq!(
+            drains, 1,
+            "{} gets exactly one `drain` before its Close; got {:?} then close {}",
+            end.host_id, end.types, end.code
+        );
+        if i % 5 == 0 {
+            assert_eq!(
+                end.code, 1000,
+                "{} left on its drain: the relay completes its close handshake",
+                end.host_id
+            );
+        } else {
+            assert_eq!(
+                end.code, 4001,
+                "{} stayed past the grace and is closed with 4001 (draining)",
+                end.host_id
+            );
+        }
+    }
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a drained relay exits 0, got {status}"
+    );
+    assert!(
+        took < DRAIN_DEADLINE,
+        "the drain took {took:?}, past its {DRAIN_DEADLINE:?} hard deadline"
+    );
+    let logs = relay.logs();
+    assert_steps_logged_in_order(&logs);
+    assert_not_cut_by_deadline(&logs);
+    let left: Vec<(String, String)> = redis
+        .strings("relay:host:*")
+        .await
+        .into_iter()
+        .filter(|(_, value)| *value == owner)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "directory entries of the drained relay {owner} remain: {left:?}"
+    );
+    assert_eq!(
+        redis.smembers(&owned_key(&owner)).await,
+        Vec::<String>::new(),
+        "the drained relay's index is gone"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_50_tunnels_drain_before_4001_clears_directory_and_exits_0_in_order() {
+    drain_many_tunnels_on("TERM", 50).await;
+}
+
+#[tokio::test]
+async fn sigint_drains_like_sigterm() {
+    drain_many_tunnels_on("INT", 10).await;
+}
+
+#[tokio::test]
+async fn draining_relay_reports_not_ready_refuses_new_tunnels_with_503_retry_after_0_and_still_serves()
+ {
+    let mut relay = TestRelay::builder()
+        .arg("--drain-grace", LONG_GRACE)
+        .arg("--drain-deadline", LONG_DEADLINE)
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "stays").await;
+    assert_eq!(ready_status(&relay).await, 200, "ready before the drain");
+
+    let signalled_at = Instant::now();
+    relay.send_sigterm();
+    host.expect("drain").await;
+    wait_until_async("/ready answers 503", DEADLINE, || async {
+        ready_status(&relay).await == 503
+    })
+    .await;
+    let (status, retry_after, fly_replay) = refused_upgrade(&relay, "late").await;
+    assert_eq!(status, 503, "a new tunnel is refused while draining");
+    assert_eq!(
+        retry_after.as_deref(),
+        Some("0"),
+        "`Retry-After: 0`: try another relay now"
+    );
+    assert_eq!(fly_replay, None, "no fly-replay header in proxy mode");
+    assert_eq!(
+        relay
+            .counter(
+                "relay_admission_rejections_total",
+                &[("reason", "draining")]
+            )
+            .await,
+        1.0
+    );
+
+    // Step 3: the tunnel that stays keeps serving.
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/stays/echo");
+    let token = relay.client_token(&["stays"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).send().await });
+    let msg = host.expect("http").await;
+    host.respond(&msg_id(&msg), 200, json!({}), "still here")
+        .await;
+    let resp = within("the response during the drain", DEADLINE, request)
+        .await
+        .expect("client task");
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "still here");
+
+    // The last agent leaves: the drain goes on at once instead of waiting
+    // out the 20 s grace.
+    host.close(1000).await;
+    let status = relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        signalled_at.elapsed() < Duration::from_secs(10),
+        "the relay waited {:?} although every agent had left",
+        signalled_at.elapsed()
+    );
+    let logs = relay.logs();
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("drain 3/6") && line.contains("all_moved=true")),
+        "step 3 ends because every agent moved"
+    );
+    assert_steps_logged_in_order(&logs);
+}
+
+#[tokio::test]
+async fn draining_relay_in_fly_replay_mode_points_new_tunnels_elsewhere_with_fly_replay() {
+    let relay = TestRelay::builder()
+        .app_name("relay-test")
+        .routing("fly-replay")
+        .arg("--drain-grace", LONG_GRACE)
+        .arg("--drain-deadline", LONG_DEADLINE)
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "stays").await;
+
+    relay.send_sigterm();
+    host.expect("drain").await;
+    let (status, retry_after, fly_replay) = refused_upgrade(&relay, "late").await;
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.as_deref(), Some("0"));
+    assert_eq!(
+        fly_replay.as_deref(),
+        Some("elsewhere=true"),
+        "Fly's proxy retries the upgrade on another machine"
+    );
+}
+
+#[tokio::test]
+async fn request_in_flight_at_the_signal_completes_with_200_within_the_grace() {
+    // Default grace (3 s): the host (a TestHost, which ignores `drain`) stays
+    // and the 2 s answer arrives while its tunnel is still served.
+    let mut stack = Stack::spawn("web-1").await;
+    let token = stack.client_token();
+    let client = stack.relay.http().clone();
+    let url = stack.url("/slow?ms=2000");
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+    wait_until("the slow request reaches the upstream", DEADLINE, || {
+        stack.upstream.requests() == 1
+    })
+    .await;
+
+    stack.relay.send_sigterm();
+    let resp = within("the in-flight response", DEADLINE, request)
+        .await
+        .expect("client task")
+        .unwrap_or_else(|err| panic!("the in-flight request failed during the drain: {err}"));
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "slow done");
+    assert_eq!(stack.host.seen_of_type("drain"), 1, "the host was told");
+    let status = stack.relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(
+        stack.host.wait_ended(DEADLINE).await,
+        WsEnd::Close(4001),
+        "the host stayed past the grace"
+    );
+}
+
+#[tokio::test]
+async fn answer_arriving_after_close_4001_within_close_wait_still_reaches_client() {
+    let mut relay = TestRelay::builder()
+        .arg("--drain-grace", "300ms")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "h1").await;
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/h1/echo");
+    let token = relay.client_token(&["h1"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+    let id = msg_id(&host.expect("http").await);
+
+    relay.send_sigterm();
+    host.expect("drain").await;
+    relay.wait_for_log("drain 4/6", DEADLINE).await;
+    // The Close frame (4001) is on its way: wait until its bytes are in the
+    // socket, without reading them (a WebSocket that has read the peer's
+    // Close may not send any more), then answer.
+    let MaybeTlsStream::Plain(tcp) = host.ws_mut().stream_mut().get_ref() else {
+        panic!("the test tunnel is plain TCP");
+    };
+    let mut peeked = [0_u8; 2];
+    let n = within(
+        "the relay's Close frame to arrive",
+        DEADLINE,
+        tcp.peek(&mut peeked),
+    )
+    .await
+    .expect("peek on the tunnel socket");
+    assert!(
+        n > 0,
+        "the relay closed the TCP connection without a Close frame"
+    );
+    assert_eq!(
+        peeked[0] & 0x0f,
+        0x8,
+        "the next frame on the tunnel is a Close frame"
+    );
+    host.respond(&id, 200, json!({}), "late answer").await;
+
+    let resp = within("the late answer", DEADLINE, request)
+        .await
+        .expect("client task")
+        .unwrap_or_else(|err| panic!("the late answer was lost: {err}"));
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "late answer");
+    assert_eq!(host.recv_close_code(DEADLINE).await, 4001);
+    let status = relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[tokio::test]
+async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leaves_its_entry() {
+    let redis = TestRedis::spawn().await;
+    let spawn = |machine: &'static str, grace: &'static str, deadline: &'static str| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .arg("--drain-grace", grace)
+            .arg("--drain-deadline", deadline)
+            .spawn()
+    };
+    let mut old_relay = spawn("relay-a", LONG_GRACE, LONG_DEADLINE).await;
+    let new_relay = spawn("relay-b", "3s", "8s").await;
+    let upstream = Upstream::spawn().await;
+    let old = TestHost::connect(&old_relay, "web-1", &upstream).await;
+    redis.wait_host_owner("web-1", &old_relay).await;
+    redis.wait_advertised(&new_relay).await;
+    let token = old_relay.client_token(&["web-1"]);
+    let get = |path: &str| {
+        old_relay
+            .http()
+            .get(old_relay.http_url(&format!("/hosts/web-1{path}")))
+            .bearer(&token)
+            .send()
+    };
+
+    old_relay.send_sigterm();
+    wait_until("the old tunnel is told to drain", DEADLINE, || {
+        old.seen_of_type("drain") == 1
+    })
+    .await;
+    get("/echo/before-move").await.assert_status(200);
+    assert_eq!(
+        old.seen_of_type("http"),
+        1,
+        "before the agent moved, the draining relay serves over its own tunnel"
+    );
+
+    // The agent opens its new tunnel on another relay and keeps the old one.
+    let new = TestHost::connect(&new_relay, "web-1", &upstream).await;
+    redis.wait_host_owner("web-1", &new_relay).await;
+    let resp = get("/echo/after-move").await;
+    resp.assert_status(200);
+    assert_eq!(resp.json()["path"], "/echo/after-move");
+    assert_eq!(
+        (old.seen_of_type("http"), new.seen_of_type("http")),
+        (1, 1),
+        "once the host registered elsewhere, new requests go to its new owner"
+    );
+
+    // The agent lets the old tunnel go: the old relay finishes its drain.
+    old.close(1000);
+    let status = old_relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(
+        redis.get(&host_key("web-1")).await,
+        Some(new_relay.owner()),
+        "the entry the new owner wrote survives the old relay's clear"
+    );
+    let resp = new_relay
+        .http()
+        .get(new_relay.http_url("/hosts/web-1/echo/later"))
+        .bearer(&token)
+        .send()
+        .await;
+    resp.assert_status(200);
+}
+
+#[tokio::test]
+async fn in_flight_request_finishes_on_old_tunnel_while_agent_moves_and_relay_exits_once_it_left() {
+    let redis = TestRedis::spawn().await;
+    let spawn = |machine: &'static str| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .arg("--drain-grace", "6s")
+            .arg("--drain-deadline", "10s")
+            .spawn()
+    };
+    let mut a = spawn("relay-a").await;
+    let b = spawn("relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&a, "web-1", &upstream)
+        .relay(&b.ws_url(""))
+        .drain_spread("50ms")
+        .spawn();
+    agent.wait_connected_to(&a).await;
+    redis.wait_host_owner("web-1", &a).await;
+    let token = a.client_token(&["web-1"]);
+    let client = a.http().clone();
+    let url = a.http_url("/hosts/web-1/slow?ms=2000");
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+    wait_until("the slow request reaches the upstream", DEADLINE, || {
+        upstream.requests() == 1
+    })
+    .await;
+
+    let signalled_at = Instant::now();
+    a.send_sigterm();
+    agent.wait_connected_to(&b).await;
+    redis.wait_host_owner("web-1", &b).await;
+    let resp = within("the in-flight response", DEADLINE, request)
+        .await
+        .expect("client task")
+        .unwrap_or_else(|err| panic!("the in-flight request failed while the agent moved: {err}"));
+    resp.assert_status(200);
+    assert_eq!(resp.text(), "slow done");
+    let status = a.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the relay took {took:?} to exit: it should go as soon as the agent let its old tunnel \
+         go (~2 s, when the slow answer was in), not at the end of the 6 s grace"
+    );
+    assert!(
+        a.logs()
+            .iter()
+            .any(|line| line.contains("drain 3/6") && line.contains("all_moved=true")),
+        "step 3 ends because the agent moved"
+    );
+}
+
+#[tokio::test]
+async fn drain_with_redis_down_finishes_before_deadline_exits_0_and_warns_about_directory() {
+    let mut redis = TestRedis::spawn().await;
+    let mut relay = TestRelay::builder()
+        .redis(&redis.url())
+        .routing("proxy")
+        .arg("--drain-grace", "500ms")
+        .spawn()
+        .await;
+    let host = RawHost::connect(&relay, "h1").await;
+    redis.wait_host_owner("h1", &relay).await;
+    let reader = tokio::spawn(read_until_close(host, "h1".to_owned(), false));
+    redis.kill().await;
+
+    let signalled_at = Instant::now();
+    relay.send_sigterm();
+    let end = within("the tunnel to end", DEADLINE, reader)
+        .await
+        .expect("tunnel reader task");
+    let status = relay.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+
+    assert_eq!(
+        end.types,
+        vec!["drain".to_owned()],
+        "drain before the close"
+    );
+    assert_eq!(end.code, 4001);
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took < DRAIN_DEADLINE,
+        "the drain took {took:?}, past its {DRAIN_DEADLINE:?} deadline"
+    );
+    let logs = relay.logs();
+    assert_steps_logged_in_order(&logs);
+    assert_not_cut_by_deadline(&logs);
+    let warnings: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("WARN") && line.contains("clear_owned"))
+        .collect();
+    assert!(
+        !warnings.is_empty(),
+        "a WARN line says clear_owned failed; log:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("WARN") && line.contains("drain 4/6")),
+        "step 4 is logged as a warning when the entries could not be removed"
+    );
+}
+
+#[tokio::test]
+async fn second_signal_during_the_drain_exits_at_once_with_130() {
+    let mut relay = TestRelay::builder()
+        .arg("--drain-grace", LONG_GRACE)
+        .arg("--drain-deadline", LONG_DEADLINE)
+        .spawn()
+        .await;
+    let _host = RawHost::connect(&relay, "stays").await;
+
+    relay.send_sigterm();
+    relay.wait_for_log("drain 2/6", DEADLINE).await;
+    let second_at = Instant::now();
+    relay.send_signal("INT");
+    let status = relay.wait_exit(DEADLINE).await;
+    let took = second_at.elapsed();
+
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "a second signal exits with 130, got {status}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "exit took {took:?} after the second signal; the grace was {LONG_GRACE}"
+    );
+    let logs = relay.logs();
+    assert!(
+        logs.iter().any(|line| line.contains("second signal")),
+        "the early exit is logged"
+    );
+    assert!(
+        !logs.iter().any(|line| line.contains("drain 3/6")),
+        "the drain did not get past its grace"
+    );
+}
+
+#[tokio::test]
+async fn admission_over_rate_gets_429_with_retry_after_seconds_then_admits_after_that_wait() {
+    let relay = TestRelay::builder()
+        .arg("--admission-rate", "1")
+        .arg("--admission-burst", "3")
+        .spawn()
+        .await;
+    let mut admitted = Vec::new();
+    for host_id in ["h1", "h2", "h3"] {
+        let url = relay.tunnel_url(host_id, &relay.host_token(host_id));
+        admitted.push(RawHost::connect_url(&url, None).await);
+    }
+    let url = relay.tunnel_url("h4", &relay.host_token("h4"));
+    let err = match WsClient::connect(&url, None).await {
+        Ok(_) => panic!("a 4th upgrade at once is admitted beyond the burst of 3"),
+        Err(err) => err,
+    };
+    assert_eq!(rejection_status(&err), Some(429), "{err}");
+    let tungstenite::Error::Http(response) = &err else {
+        unreachable!("rejection_status found a status")
+    };
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("429 without Retry-After: {response:?}"));
+    let seconds: u64 = retry_after.parse().unwrap_or_else(|err| {
+        panic!("Retry-After {retry_after:?} is not a whole number of seconds: {err}")
+    });
+    assert!(seconds >= 1, "Retry-After is at least 1 s, got {seconds}");
+    for host_id in ["h1", "h2", "h3"] {
+        relay.wait_host_connected(host_id).await;
+    }
+    assert_eq!(
+        relay
+            .counter("relay_admission_rejections_total", &[("reason", "rate")])
+            .await,
+        1.0
+    );
+
+    // Doing what the 429 says is the behaviour under test: wait exactly
+    // Retry-After, then come back.
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let _late = RawHost::connect_url(&url, None).await;
+    relay.wait_host_connected("h4").await;
+}
+
+#[tokio::test]
+async fn tunnel_gets_a_ping_right_after_its_directory_entry_is_written() {
+    let redis = TestRedis::spawn().await;
+    let relay = TestRelay::builder()
+        .redis(&redis.url())
+        .routing("proxy")
+        .spawn()
+        .await;
+    let connected_at = Instant::now();
+    let mut host =
+        RawHost::connect_url(&relay.tunnel_url("h1", &relay.host_token("h1")), None).await;
+    let first = within(
+        "a ping right after registration (the periodic one is 30 s away)",
+        Duration::from_secs(1),
+        host.recv_raw(DEADLINE),
+    )
+    .await
+    .unwrap_or_else(|end| panic!("the tunnel ended instead: {end:?}"));
+    let took = connected_at.elapsed();
+
+    assert_eq!(msg_type(&first), "ping", "first message: {first}");
+    assert_eq!(
+        redis.get(&host_key("h1")).await,
+        Some(relay.owner()),
+        "by the time of the ping, the host is routable: its directory entry is written"
+    );
+    println!("first ping {took:?} after the upgrade");
+}
+
+#[tokio::test]
+async fn client_websocket_bridged_through_a_draining_relay_is_closed_with_1001_without_holding_the_exit()
+ {
+    let redis = TestRedis::spawn().await;
+    let spawn = |machine: &'static str| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .spawn()
+    };
+    let mut entry = spawn("relay-a").await;
+    let owner = spawn("relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let _host = TestHost::connect(&owner, "web-1", &upstream).await;
+    redis.wait_host_owner("web-1", &owner).await;
+    redis.wait_advertised(&owner).await;
+    let token = entry.client_token(&["web-1"]);
+    let mut channel =
+        WsClient::connect_ok(&entry.ws_url("/hosts/web-1/ws/echo"), Some(&token)).await;
+    channel.send_text("bridged").await;
+    assert_eq!(channel.recv_text().await, "bridged");
+
+    // The entry relay holds no tunnel: its drain has nothing to wait for.
+    let signalled_at = Instant::now();
+    entry.send_sigterm();
+    let code = channel.recv_close_code(DRAIN_DEADLINE).await;
+    let status = entry.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+
+    assert_eq!(
+        code, 1001,
+        "a client WebSocket on a relay that goes away is closed with 1001"
+    );
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the relay took {took:?} to exit with a bridged WebSocket open (its drain had no \
+         tunnel to wait for; the hard deadline is {DRAIN_DEADLINE:?})"
+    );
+    assert_not_cut_by_deadline(&entry.logs());
+}
+
+#[tokio::test]
+async fn connection_accepted_before_the_relay_stops_accepting_is_still_served_after_step_4() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // axum's trace line for each accepted connection names the peer.
+    let mut relay = TestRelay::builder()
+        .arg("--drain-grace", "300ms")
+        .rust_log("info,axum::serve=trace")
+        .spawn()
+        .await;
+    // A host with an exchange in flight keeps the drain in step 5 (the relay
+    // waits up to 1.5 s for its answer) until the test answers.
+    let mut host = RawHost::connect(&relay, "h1").await;
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/h1/echo");
+    let token = relay.client_token(&["h1"]);
+    let pending = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+    let id = msg_id(&host.expect("http").await);
+    let mut conn = tokio::net::TcpStream::connect(relay.addr())
+        .await
+        .expect("connect to the relay");
+    let local = conn.local_addr().expect("local address");
+    relay
+        .wait_for_log(&format!("connection {local} accepted"), DEADLINE)
+        .await;
+
+    relay.send_sigterm();
+    host.expect("drain").await;
+    relay.wait_for_log("drain 4/6", DEADLINE).await;
+    // The request of a client whose connection was accepted a moment before
+    // (a balancer's, or a slow client's), arriving after step 4.
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write the request");
+    let mut response = Vec::new();
+    let read = within(
+        "the response (or the connection's end)",
+        DEADLINE,
+        conn.read_to_end(&mut response),
+    )
+    .await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "a connection the relay accepted before it stopped accepting was closed without an \
+         answer to its first request: read {read:?}, got {response:?}"
+    );
+    assert!(
+        !relay.logs().iter().any(|line| line.contains("drain 6/6")),
+        "the drain was still in step 5 when the request was answered"
+    );
+
+    host.respond(&id, 200, json!({}), "answered").await;
+    let resp = within("the pending exchange", DEADLINE, pending)
+        .await
+        .expect("client task")
+        .unwrap_or_else(|err| panic!("the pending exchange failed: {err}"));
+    resp.assert_status(200);
+    let status = relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
