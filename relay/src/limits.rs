@@ -144,12 +144,14 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 pub const DRAIN_CLOSE_WAIT: Duration = Duration::from_millis(1_500);
 
 /// Tunnel registrations admitted per second (token bucket refill), and the bucket size.
-/// Sized from the measured registration rate (BENCHMARKS.md): a relay accepts a burst of
-/// a drained peer's hosts at once and sustains the rest at a pace it handles without
-/// starving its existing tunnels; agents told 429 come back after `Retry-After`.
-pub const ADMISSION_RATE: u32 = 500;
+/// Measured (BENCHMARKS.md, `scripts/drain-bench.sh`): one relay registers 4,700 to
+/// 6,000 tunnels a second on 2 loaded cores, CPU-bound (~0.13 CPU-s per 1,000). The rate
+/// is half of that, leaving the other half to the tunnels already here; the burst takes
+/// a drained peer's whole share at once (10,000 hosts re-homing onto two relays is 5,000
+/// each), so a deploy is never throttled and only a storm beyond it is paced by 429s.
+pub const ADMISSION_RATE: u32 = 2_500;
 /// See [`ADMISSION_RATE`].
-pub const ADMISSION_BURST: u32 = 2_000;
+pub const ADMISSION_BURST: u32 = 5_000;
 
 /// Limits of the Redis directory ([`crate::directory::RedisDirectory`]).
 pub mod redis {
