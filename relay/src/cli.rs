@@ -87,6 +87,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The multi-threaded runtime of `serve` and `agent`, or the exit code after saying why
+/// it could not start.
+fn runtime(command: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("{command}: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        })
+}
+
 fn run_agent(args: agent::AgentArgs) -> ExitCode {
     let config = match args.into_config() {
         Ok(config) => config,
@@ -96,15 +108,9 @@ fn run_agent(args: agent::AgentArgs) -> ExitCode {
         }
     };
     telemetry::init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime("relay agent") {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("relay agent: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(agent::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,15 +130,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     telemetry::init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime("relay") {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("relay: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let relay = match server::Relay::new(config) {
