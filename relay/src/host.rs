@@ -138,7 +138,7 @@ fn authorize(
     let host = HostId::parse(&raw)?;
     let token = bearer_token(headers, query).ok_or(AuthError::Missing)?;
     let claims = relay.verifier().authorize(&token, Role::Host, &host)?;
-    Ok((host, claims.sub))
+    Ok((host, claims.sub.clone()))
 }
 
 /// Closes a refused tunnel with 1008 and the reason, then waits briefly for the agent's
