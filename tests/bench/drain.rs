@@ -42,7 +42,7 @@ mod drain_clients;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -161,7 +161,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let binary = locate_binary()?;
+    let binary = relay_tests::release_relay_binary("scripts/drain-bench.sh")?;
     let soft = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
     if soft < 1_024 {
         bail!("RLIMIT_NOFILE is {soft}; at least 1,024 descriptors are needed");
@@ -170,35 +170,6 @@ fn run() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(bench(&binary, &settings, soft))
-}
-
-/// The release binary unless `RELAY_BIN` says otherwise.
-fn locate_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RELAY_BIN") {
-        let path = PathBuf::from(path);
-        if path.is_file() {
-            return Ok(path);
-        }
-        bail!("RELAY_BIN={} is not a file", path.display());
-    }
-    let exe = std::env::current_exe().context("the bench executable has no path")?;
-    // <target>/<profile>/deps/drain-* → <target>/release/relay
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench executable location {}", exe.display()))?;
-    let path = target_dir
-        .join("release")
-        .join(format!("relay{}", std::env::consts::EXE_SUFFIX));
-    if !path.is_file() {
-        bail!(
-            "release relay binary not found at {}: run cargo build --release -p relay \
-             (scripts/drain-bench.sh does it)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 // ---------------------------------------------------------------------------------------

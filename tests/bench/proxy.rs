@@ -118,7 +118,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let binary = relay_child::locate_binary()?;
+    let binary = relay_tests::release_relay_binary("scripts/bench.sh")?;
     let (soft, hard) = raise_nofile()?;
     let needed = settings.tunnels.iter().copied().max().unwrap_or(0) as u64 + 512;
     if settings.rss && soft < needed {

@@ -3,7 +3,7 @@
 //! few plain HTTP calls (`/metrics`, one request through a tunnel).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,40 +22,6 @@ pub const SECRET: &str = "relay-bench-secret-0123456789abcdef";
 
 /// How long the relay may take to log its `listening` line.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Where the release relay binary is: `RELAY_BIN`, or `relay` next to the bench
-/// executable's profile directory (`<target>/release/deps/proxy-*` →
-/// `<target>/release/relay`, which also follows `CARGO_TARGET_DIR`).
-///
-/// # Errors
-/// When the binary is missing, with the command that builds it.
-pub fn locate_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RELAY_BIN") {
-        let path = PathBuf::from(path);
-        if path.is_file() {
-            return Ok(path);
-        }
-        bail!("RELAY_BIN={} is not a file", path.display());
-    }
-    let exe = std::env::current_exe().context("the bench executable has no path")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench executable location {}", exe.display()))?;
-    // The relay must be the optimized build whatever profile the bench was built with.
-    let target_dir = profile_dir.parent().unwrap_or(profile_dir);
-    let path = target_dir
-        .join("release")
-        .join(format!("relay{}", std::env::consts::EXE_SUFFIX));
-    if !path.is_file() {
-        bail!(
-            "release relay binary not found at {}: run `cargo build --release -p relay` first, \
-             or scripts/bench.sh",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 #[derive(Serialize)]
 struct Claims<'a> {

@@ -27,7 +27,7 @@
 //! Logs go to a temporary directory (printed at the start); a failed run keeps them.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
@@ -94,7 +94,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    let binary = locate_binary()?;
+    let binary = relay_tests::release_relay_binary("scripts/storm.sh")?;
     let soft = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
     let needed = settings.agents as u64 * 4 + 256;
     if soft < needed {
@@ -109,35 +109,6 @@ fn run() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(storm(&binary, &settings))
-}
-
-/// The relay and the agents: the release binary unless `RELAY_BIN` says otherwise.
-fn locate_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RELAY_BIN") {
-        let path = PathBuf::from(path);
-        if path.is_file() {
-            return Ok(path);
-        }
-        bail!("RELAY_BIN={} is not a file", path.display());
-    }
-    let exe = std::env::current_exe().context("the bench executable has no path")?;
-    // <target>/<profile>/deps/storm-* → <target>/release/relay
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench executable location {}", exe.display()))?;
-    let path = target_dir
-        .join("release")
-        .join(format!("relay{}", std::env::consts::EXE_SUFFIX));
-    if !path.is_file() {
-        bail!(
-            "release relay binary not found at {}: run cargo build --release -p relay \
-             (scripts/storm.sh does it)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// A command for `binary` with no inherited `RELAY_*`/`FLY_*` settings.
