@@ -157,6 +157,10 @@ impl Supervisor {
             silence_timeout: config.silence_timeout,
             tasks,
         });
+        // Unbounded but bounded by construction: each tunnel sends at most one
+        // `Registered` and one `Drain` (both guarded in the session), and the agent holds
+        // at most one current tunnel plus a few draining ones. An unbounded sender also
+        // never makes a session wait on the run loop.
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Supervisor {
             shared,
