@@ -18,7 +18,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use relay_tests::{
     DEADLINE, RawHost, Stack, TestAgent, TestHost, TestRedis, TestRelay, Upstream, WsClient, WsEnd,
-    host_key, msg_id, msg_type, owned_key, rejection_status, wait_until, wait_until_async, within,
+    counter_value, host_key, msg_id, msg_type, owned_key, rejection_status, wait_until,
+    wait_until_async, within,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -349,8 +350,8 @@ async fn draining_relay_reports_not_ready_refuses_new_tunnels_with_503_retry_aft
     let logs = relay.logs();
     assert!(
         logs.iter()
-            .any(|line| line.contains("drain 3/6") && line.contains("all_moved=true")),
-        "step 3 ends because every agent moved"
+            .any(|line| line.contains("drain 3/6") && line.contains("ended=all_closed")),
+        "step 3 ends because every agent left"
     );
     assert_steps_logged_in_order(&logs);
 }
@@ -500,6 +501,11 @@ async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leav
         "before the agent moved, the draining relay serves over its own tunnel"
     );
 
+    // A channel open on the old tunnel keeps it busy: the drain may not end on an idle
+    // moved tunnel while this test still talks to the old relay.
+    let mut channel =
+        WsClient::connect_ok(&old_relay.ws_url("/hosts/web-1/ws/echo"), Some(&token)).await;
+
     // The agent opens its new tunnel on another relay and keeps the old one.
     let new = TestHost::connect(&new_relay, "web-1", &upstream).await;
     redis.wait_host_owner("web-1", &new_relay).await;
@@ -512,7 +518,8 @@ async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leav
         "once the host registered elsewhere, new requests go to its new owner"
     );
 
-    // The agent lets the old tunnel go: the old relay finishes its drain.
+    // The channel ends and the agent lets the old tunnel go: the old relay finishes.
+    channel.close(1000).await;
     old.close(1000);
     let status = old_relay.wait_exit(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
@@ -528,6 +535,98 @@ async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leav
         .send()
         .await;
     resp.assert_status(200);
+}
+
+#[tokio::test]
+async fn drain_ends_once_every_host_registered_elsewhere_and_its_old_tunnel_is_idle() {
+    let redis = TestRedis::spawn().await;
+    let spawn = |machine: &'static str, grace: &'static str, deadline: &'static str| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .arg("--drain-grace", grace)
+            .arg("--drain-deadline", deadline)
+            .spawn()
+    };
+    let mut a = spawn("relay-a", LONG_GRACE, LONG_DEADLINE).await;
+    let b = spawn("relay-b", "3s", "8s").await;
+    let upstream = Upstream::spawn().await;
+    let hosts = ["web-1", "web-2", "web-3"];
+    let mut old = Vec::new();
+    for host in hosts {
+        old.push(TestHost::connect(&a, host, &upstream).await);
+        redis.wait_host_owner(host, &a).await;
+    }
+
+    let signalled_at = Instant::now();
+    a.send_sigterm();
+    wait_until("every old tunnel is told to drain", DEADLINE, || {
+        old.iter().all(|host| host.seen_of_type("drain") == 1)
+    })
+    .await;
+    // Two hosts move, like agents that keep their old tunnel open (v1 agents may wait
+    // for the 4001). The third has not moved: the drain must wait for it.
+    let mut new = Vec::new();
+    for host in &hosts[..2] {
+        new.push(TestHost::connect(&b, host, &upstream).await);
+        redis.wait_host_owner(host, &b).await;
+    }
+    // Three more of the relay's directory polls, each seeing two hosts moved and one
+    // not: it must still be draining.
+    let polls = |metrics: &str| {
+        counter_value(
+            metrics,
+            "relay_directory_ops_total",
+            &[("op", "lookup_many"), ("outcome", "ok")],
+        )
+    };
+    let before = polls(&a.metrics().await);
+    wait_until_async(
+        "the relay polls the directory 3 more times",
+        DEADLINE,
+        || async { polls(&a.metrics().await) >= before + 3.0 },
+    )
+    .await;
+    assert!(
+        a.try_exit_status().is_none(),
+        "the relay ended its drain while web-3 had not moved"
+    );
+    assert!(old.iter().all(|host| host.ended().is_none()));
+
+    new.push(TestHost::connect(&b, hosts[2], &upstream).await);
+    redis.wait_host_owner(hosts[2], &b).await;
+    let moved_at = signalled_at.elapsed();
+    let status = a.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the relay took {took:?} to exit (every host moved after {moved_at:?}): it must not \
+         wait out the 20 s grace for old tunnels that are idle and replaced"
+    );
+    for host in &old {
+        assert_eq!(
+            host.wait_ended(DEADLINE).await,
+            WsEnd::Close(4001),
+            "an old tunnel still open at the end is closed with 4001"
+        );
+    }
+    let logs = a.logs();
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("drain 3/6") && line.contains("ended=all_moved")),
+        "step 3 says it ended because every host moved"
+    );
+    assert_steps_logged_in_order(&logs);
+    for host in hosts {
+        assert_eq!(
+            redis.get(&host_key(host)).await,
+            Some(b.owner()),
+            "{host}'s new entry survives the old relay's clear"
+        );
+    }
+    drop(new);
 }
 
 #[tokio::test]
@@ -579,10 +678,9 @@ async fn in_flight_request_finishes_on_old_tunnel_while_agent_moves_and_relay_ex
          go (~2 s, when the slow answer was in), not at the end of the 6 s grace"
     );
     assert!(
-        a.logs()
-            .iter()
-            .any(|line| line.contains("drain 3/6") && line.contains("all_moved=true")),
-        "step 3 ends because the agent moved"
+        a.logs().iter().any(|line| line.contains("drain 3/6")
+            && (line.contains("ended=all_closed") || line.contains("ended=all_moved"))),
+        "step 3 ends because the agent moved, not at the end of the grace"
     );
 }
 

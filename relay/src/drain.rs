@@ -10,8 +10,11 @@
 //!    once and keep the old one for what is in flight.
 //! 3. **Keep serving** the tunnels still here (direct, replayed or forwarded requests;
 //!    channels continue). Once a host has registered elsewhere, new requests for it are
-//!    routed to its new owner. Ends when every agent has closed its old tunnel, or after
-//!    the drain grace (`RELAY_DRAIN_GRACE`, 3 s).
+//!    routed to its new owner. Ends when every agent has closed its old tunnel; or when
+//!    every tunnel still here belongs to a host the directory shows registered on another
+//!    machine and carries nothing (polled every [`DRAIN_MOVED_POLL`]: agents that keep
+//!    an idle old tunnel open after moving do not hold the drain); or after the drain
+//!    grace (`RELAY_DRAIN_GRACE`, 3 s).
 //! 4. **Stop accepting** TCP connections, then remove every directory entry this machine
 //!    still owns with the one clear-owned script, and wait for it. Entries that agents
 //!    already re-registered elsewhere survive (compare-and-delete). A Redis that is down
@@ -21,15 +24,18 @@
 //!    close handshake, for at most 1.5 s.
 //! 6. **Exit 0.**
 
+use std::fmt;
 use std::time::Duration;
 
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{info, warn};
 
-use crate::limits::{DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT};
+use crate::host_id::HostId;
+use crate::limits::{DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT, DRAIN_MOVED_POLL, LOOKUP_BATCH};
 use crate::protocol::close_code;
 use crate::server::Relay;
 use crate::telemetry;
+use crate::tunnel::TunnelHandle;
 
 /// The reason sent in every `drain` message.
 pub const DRAIN_REASON: &str = "relay shutting down";
@@ -41,7 +47,9 @@ pub struct DrainReport {
     pub notified: usize,
     /// Time to queue `drain` on every tunnel (step 2).
     pub notify_time: Duration,
-    /// Tunnels still here when the grace ended (step 3).
+    /// Why step 3 ended.
+    pub grace_end: GraceEnd,
+    /// Tunnels still here when step 3 ended.
     pub stayed: usize,
     /// Directory entries removed in step 4, when the directory answered.
     pub cleared: Option<usize>,
@@ -51,6 +59,28 @@ pub struct DrainReport {
     pub closed: usize,
     /// The whole drain.
     pub total: Duration,
+}
+
+/// Why the keep-serving step (3) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GraceEnd {
+    /// Every agent closed its tunnel here.
+    AllClosed,
+    /// Every tunnel still here is idle and its host registered on another machine.
+    AllMoved,
+    /// The drain grace ran out first.
+    #[default]
+    GraceOver,
+}
+
+impl fmt::Display for GraceEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GraceEnd::AllClosed => "all_closed",
+            GraceEnd::AllMoved => "all_moved",
+            GraceEnd::GraceOver => "grace_over",
+        })
+    }
 }
 
 /// Runs the drain sequence. `stop_accepting` is called at step 4 and must make the
@@ -84,12 +114,19 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
 
     // 3.
     let step = Instant::now();
-    let moved = timeout(config.drain_grace, relay.registry().wait_empty())
+    let wait = async {
+        tokio::select! {
+            biased;
+            () = relay.registry().wait_empty() => GraceEnd::AllClosed,
+            () = all_moved_and_idle(relay) => GraceEnd::AllMoved,
+        }
+    };
+    report.grace_end = timeout(config.drain_grace, wait)
         .await
-        .is_ok();
+        .unwrap_or(GraceEnd::GraceOver);
     report.stayed = relay.registry().len();
     info!(
-        all_moved = moved,
+        ended = %report.grace_end,
         remaining = report.stayed,
         elapsed = ?step.elapsed(),
         "drain 3/6: agents moved or grace over"
@@ -146,4 +183,55 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
     telemetry::drained(report.total.as_secs_f64());
     info!(elapsed = ?report.total, "drain 6/6: done, exiting");
     report
+}
+
+/// Resolves once every tunnel still here is idle (no exchange in flight, no channel) and
+/// the directory names another machine for its host: its agent has moved and only keeps
+/// the old tunnel open (to finish work, or waiting for the 4001), so there is nothing left
+/// to wait for. Never resolves while the directory cannot be read (the grace ends it).
+///
+/// Tunnels whose host moved are marked ([`TunnelHandle::mark_moved`]: their end no
+/// longer touches the directory) and not asked about again: a host registered elsewhere
+/// stays there, since only a newer registration could take it back and this machine
+/// refuses them while draining.
+///
+/// # Cancel safety
+/// Cancel safe: it only reads.
+async fn all_moved_and_idle(relay: &Relay) {
+    let own = &relay.config().owner;
+    loop {
+        sleep(DRAIN_MOVED_POLL).await;
+        let handles = relay.registry().handles();
+        let unknown: Vec<&TunnelHandle> = handles
+            .iter()
+            .filter(|handle| !handle.has_moved())
+            .collect();
+        for batch in unknown.chunks(LOOKUP_BATCH) {
+            let hosts: Vec<HostId> = batch.iter().map(|handle| handle.host().clone()).collect();
+            let owners =
+                match timeout(DIRECTORY_TIMEOUT, relay.directory().lookup_many(&hosts)).await {
+                    Ok(Ok(owners)) => owners,
+                    Ok(Err(err)) => {
+                        telemetry::directory_error("lookup_many", own, &err);
+                        break;
+                    }
+                    Err(_) => {
+                        telemetry::directory_error("lookup_many", own, &"timed out");
+                        break;
+                    }
+                };
+            for (handle, owner) in batch.iter().zip(owners) {
+                if owner.is_some_and(|owner| owner != *own) {
+                    handle.mark_moved();
+                }
+            }
+        }
+        let done = !handles.is_empty()
+            && handles.iter().all(|handle| {
+                handle.has_moved() && handle.pending_exchanges() == 0 && handle.open_channels() == 0
+            });
+        if done {
+            return;
+        }
+    }
 }

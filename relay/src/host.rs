@@ -203,15 +203,22 @@ async fn serve_tunnel(
 
         let on_pong = {
             let relay = relay.clone();
-            let host = host.clone();
-            move || relay.heartbeat(&host)
+            let handle = handle.clone();
+            move || {
+                if !handle.has_moved() {
+                    relay.heartbeat(handle.host());
+                }
+            }
         };
         let end = session.run(socket, on_pong).await;
         info!(reason = end.label(), detail = ?end, "tunnel closed");
         telemetry::tunnel_unregistered(end.label());
 
         let _ = publish.await;
-        if relay.registry().remove(&host, handle.id()) {
+        // A host that moved elsewhere has no entry of ours left to remove (the
+        // compare-and-delete would find another owner): a drain of thousands of tunnels
+        // spares Redis that many scripts.
+        if relay.registry().remove(&host, handle.id()) && !handle.has_moved() {
             relay.unpublish(&host).await;
         }
     }

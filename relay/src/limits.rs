@@ -135,6 +135,18 @@ pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// three seconds also lets exchanges already in flight (a 2 s upstream call) finish.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
+/// During the drain grace, how often the relay asks the directory which of its hosts have
+/// registered elsewhere. Once every tunnel still here belongs to a host that has, and
+/// carries nothing (no exchange, no channel), the grace ends early: an agent that keeps
+/// its old tunnel open after moving (`relay agent` lingers 1 s; other v1 agents may wait
+/// for the 4001) no longer holds the drain for the whole grace. Each poll costs one
+/// batched lookup per [`LOOKUP_BATCH`] hosts not yet known to have moved.
+pub const DRAIN_MOVED_POLL: Duration = Duration::from_millis(100);
+
+/// Hosts per batched directory lookup (one Redis `MGET`): 1,000 keys answer in about a
+/// millisecond, short enough not to hold up other clients of Redis.
+pub const LOOKUP_BATCH: usize = 1_000;
+
 /// Hard deadline of the whole drain, from the signal to exit: below Fly's 10 s
 /// `kill_timeout`, so the relay always leaves by itself with its entries removed.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);

@@ -58,6 +58,10 @@ impl Directory for Instrumented {
         measured("lookup", self.inner.lookup(host)).await
     }
 
+    async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError> {
+        measured("lookup_many", self.inner.lookup_many(hosts)).await
+    }
+
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
         measured("heartbeat", self.inner.heartbeat(host, owner)).await
     }

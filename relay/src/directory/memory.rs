@@ -125,6 +125,15 @@ impl Directory for MemoryDirectory {
         Ok(self.state().live_owner(host, Instant::now()).cloned())
     }
 
+    async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError> {
+        let now = Instant::now();
+        let state = self.state();
+        Ok(hosts
+            .iter()
+            .map(|host| state.live_owner(host, now).cloned())
+            .collect())
+    }
+
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
         let now = Instant::now();
         let mut state = self.state();
@@ -242,6 +251,22 @@ mod tests {
         assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(b.clone()));
         assert!(dir.unregister(&host("h"), &b).await.unwrap());
         assert_eq!(dir.lookup(&host("h")).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookup_many_answers_each_host_in_order_without_expired_entries() {
+        let dir = MemoryDirectory::new(Duration::from_secs(10));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        dir.register(&host("old"), &a).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        dir.register(&host("h1"), &a).await.unwrap();
+        dir.register(&host("h2"), &b).await.unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let hosts = [host("h2"), host("old"), host("missing"), host("h1")];
+        assert_eq!(
+            dir.lookup_many(&hosts).await.unwrap(),
+            vec![Some(b), None, None, Some(a)]
+        );
     }
 
     #[tokio::test]

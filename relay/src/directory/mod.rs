@@ -134,6 +134,11 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// The live owner of `host`, if any.
     async fn lookup(&self, host: &HostId) -> Result<Option<Owner>, DirectoryError>;
 
+    /// The live owner of each of `hosts`, in order, in one backend request (a draining
+    /// relay asks which of its hosts have registered elsewhere). Callers bound the batch
+    /// ([`crate::limits::LOOKUP_BATCH`]). A corrupt entry reads as no owner (logged).
+    async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError>;
+
     /// Refreshes the TTL of `host` only if `owner` still owns it; never recreates an entry
     /// that was removed. Returns whether the entry was refreshed.
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError>;

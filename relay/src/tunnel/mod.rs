@@ -186,6 +186,8 @@ struct Inner {
     /// Whether the directory is known to name this machine for the host. False while
     /// Redis is unreachable; the reconciler sets it once the entry is written.
     synced: AtomicBool,
+    /// The directory names another machine for the host (seen while draining).
+    moved: AtomicBool,
     /// When the last pong arrived, in milliseconds since the Unix epoch (0: none yet).
     last_pong_ms: AtomicU64,
 }
@@ -212,6 +214,7 @@ impl TunnelHandle {
                 next_stream: AtomicU64::new(1),
                 open_channels: AtomicUsize::new(0),
                 synced: AtomicBool::new(false),
+                moved: AtomicBool::new(false),
                 last_pong_ms: AtomicU64::new(0),
             }),
         };
@@ -252,6 +255,18 @@ impl TunnelHandle {
     /// Records whether the directory names this machine for the host.
     pub fn set_synced(&self, synced: bool) {
         self.inner.synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// Records that the directory names another machine for the host: the agent has
+    /// registered a newer tunnel elsewhere. The entry is no longer this machine's to
+    /// refresh or remove, so pongs and the end of this tunnel leave the directory alone.
+    pub fn mark_moved(&self) {
+        self.inner.moved.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`TunnelHandle::mark_moved`] was called.
+    pub fn has_moved(&self) -> bool {
+        self.inner.moved.load(Ordering::Relaxed)
     }
 
     /// When the last pong arrived, if one did.

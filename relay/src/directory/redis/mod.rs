@@ -351,6 +351,34 @@ impl Directory for RedisDirectory {
         value.map(|value| decode_owner(&key, value)).transpose()
     }
 
+    async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError> {
+        if hosts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = hosts.iter().map(|host| self.host_key(host)).collect();
+        let values: Vec<Option<Vec<u8>>> = self
+            .query("lookup_many", ::redis::cmd("MGET").arg(&keys))
+            .await?;
+        if values.len() != keys.len() {
+            return Err(DirectoryError::Unavailable(format!(
+                "MGET of {} keys answered {} values",
+                keys.len(),
+                values.len()
+            )));
+        }
+        Ok(keys
+            .iter()
+            .zip(values)
+            .map(|(key, value)| {
+                value.and_then(|value| {
+                    decode_owner(key, value)
+                        .inspect_err(|err| warn!(error = %err, "ignored a corrupt directory entry"))
+                        .ok()
+                })
+            })
+            .collect())
+    }
+
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
         let mut script = self.scripts.heartbeat.prepare_invoke();
         script

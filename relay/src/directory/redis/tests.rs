@@ -202,6 +202,23 @@ async fn register_then_lookup() {
 }
 
 #[tokio::test]
+async fn lookup_many_answers_each_host_in_order_and_reads_a_corrupt_entry_as_none() {
+    let redis = TestRedis::spawn().await;
+    let mut raw = redis.raw().await;
+    let dir = redis.directory(Duration::from_secs(60));
+    let (a, b) = (owner("ams:a"), owner("fra:b"));
+    dir.register(&host("h1"), &a).await.unwrap();
+    dir.register(&host("h2"), &b).await.unwrap();
+    set(&mut raw, "test:host:bad", "no owner here").await;
+    let hosts = [host("h2"), host("missing"), host("bad"), host("h1")];
+    assert_eq!(
+        dir.lookup_many(&hosts).await.unwrap(),
+        vec![Some(b), None, None, Some(a)]
+    );
+    assert_eq!(dir.lookup_many(&[]).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
 async fn unregister_is_compare_and_delete() {
     let redis = TestRedis::spawn().await;
     let mut raw = redis.raw().await;
