@@ -8,8 +8,8 @@
 # pass/fail on timing.
 #
 # Needs redis-server on PATH. Knobs (environment): DRAIN_BENCH_SIZES (1000,5000,10000),
-# DRAIN_BENCH_RAISED (largest size; 0 skips the raised-admission runs),
-# DRAIN_BENCH_RAISED_RATE (20000), DRAIN_BENCH_REGISTER (5000; 0 skips),
+# DRAIN_BENCH_KEEP_OLD (largest size; 0 skips the run whose hosts keep their old tunnel
+# until the relay closes it), DRAIN_BENCH_REGISTER (5000; 0 skips),
 # DRAIN_BENCH_WINDOW (256), DRAIN_BENCH_KEEP_LOGS, RELAY_BIN.
 # Quick smoke run: DRAIN_BENCH_SIZES=200 DRAIN_BENCH_REGISTER=500 scripts/drain-bench.sh
 set -euo pipefail

@@ -7,12 +7,12 @@
 //! the peak of a make-before-break move, over a typical hard `RLIMIT_NOFILE`).
 //!
 //! **Drain.** Relay A (machine `a`, admission opened wide so the setup is not throttled)
-//! holds N tunnels. Relays B and C run with the admission under test (the defaults, 500/s
-//! and a burst of 2,000, unless told otherwise). A gets SIGTERM (`kill -TERM`); each host
-//! reads `drain`, opens a new tunnel to B (even hosts) or C (odd hosts) at once, honours
-//! 429 `Retry-After`, and keeps its old tunnel until A closes it (or, in the
-//! "close once replaced" run, closes it itself once the new tunnel is registered, as
-//! `relay agent` does with an idle tunnel). Reported: A's own step timings (its
+//! holds N tunnels. Relays B and C run with the relay's default admission
+//! (`limits::ADMISSION_RATE` / `ADMISSION_BURST`). A gets SIGTERM (`kill -TERM`); each
+//! host reads `drain`, opens a new tunnel to B (even hosts) or C (odd hosts) at once,
+//! honours 429 `Retry-After`, and closes its old tunnel `DRAINED_TUNNEL_LINGER` after the
+//! new one is registered, as `relay agent` does with an idle tunnel (or, in the
+//! "kept until A closes it" run, never: a v1 agent that waits for the 4001). Reported: A's own step timings (its
 //! `drain k/6 … elapsed=` log lines), the wall time from the signal to A's exit, the
 //! re-home time per host (`drain` read → first message on the new tunnel, which the
 //! relay sends once the directory write is done), 429s, hosts not re-homed within 10 s,
@@ -31,8 +31,7 @@
 //! | variable | default | meaning |
 //! |---|---|---|
 //! | `DRAIN_BENCH_SIZES` | `1000,5000,10000` | tunnels on A, one drain run each, default admission on B and C |
-//! | `DRAIN_BENCH_RAISED` | largest size | tunnels for the two extra runs with admission raised on B and C (0: skip) |
-//! | `DRAIN_BENCH_RAISED_RATE` | 20000 | `--admission-rate` and `--admission-burst` of B and C in those runs |
+//! | `DRAIN_BENCH_KEEP_OLD` | largest size | tunnels for the extra run whose hosts keep their old tunnel until A closes it (0: skip) |
 //! | `DRAIN_BENCH_REGISTER` | 5000 | hosts of the registration-rate run (0: skip) |
 //! | `DRAIN_BENCH_WINDOW` | 256 | concurrent connection attempts while a fleet registers |
 //! | `RELAY_BIN` | `<target>/release/relay` | the relay binary |
@@ -66,9 +65,9 @@ const REGION: &str = "bench";
 /// Admission that never throttles (A's setup, the registration-rate run).
 const WIDE_OPEN: u32 = 1_000_000;
 
-/// The relay's defaults (`limits::ADMISSION_RATE` / `ADMISSION_BURST`).
-const DEFAULT_RATE: u32 = 500;
-const DEFAULT_BURST: u32 = 2_000;
+/// The relay's defaults, so the "default admission" runs follow them.
+const DEFAULT_RATE: u32 = relay::limits::ADMISSION_RATE;
+const DEFAULT_BURST: u32 = relay::limits::ADMISSION_BURST;
 
 /// Targets from the issue (reported, not asserted).
 const TARGET_NOTIFY: Duration = Duration::from_millis(250);
@@ -92,8 +91,7 @@ const REPORT_DEADLINE: Duration = Duration::from_secs(30);
 
 struct Settings {
     sizes: Vec<usize>,
-    raised: usize,
-    raised_rate: u32,
+    keep_old: usize,
     register: usize,
     window: usize,
 }
@@ -131,8 +129,7 @@ impl Settings {
             .collect();
         let largest = sizes.iter().copied().max().unwrap_or(0);
         Ok(Settings {
-            raised: env_usize("DRAIN_BENCH_RAISED", largest)?,
-            raised_rate: u32::try_from(env_usize("DRAIN_BENCH_RAISED_RATE", 20_000)?.max(1))?,
+            keep_old: env_usize("DRAIN_BENCH_KEEP_OLD", largest)?,
             register: env_usize("DRAIN_BENCH_REGISTER", 5_000)?,
             window: env_usize("DRAIN_BENCH_WINDOW", 256)?.max(1),
             sizes,
@@ -713,7 +710,8 @@ struct DrainCase {
     tunnels: usize,
     rate: u32,
     burst: u32,
-    close_old_when_replaced: bool,
+    /// See `WorkerConfig::close_old_after_ms`.
+    close_old_after_ms: Option<u64>,
 }
 
 struct DrainResult {
@@ -774,7 +772,7 @@ async fn drain_run(
             targets: vec![b.addr, c.addr],
             token: token.clone(),
             connect_window: settings.window,
-            close_old_when_replaced: case.close_old_when_replaced,
+            close_old_after_ms: case.close_old_after_ms,
             rehome_deadline_ms: REHOME_DEADLINE.as_secs() * 1_000,
         })
         .collect();
@@ -936,10 +934,10 @@ async fn drain_run(
     );
     row(
         "old tunnel",
-        if case.close_old_when_replaced {
-            "closed by the host once replaced".to_owned()
-        } else {
-            "kept until A closes it".to_owned()
+        match case.close_old_after_ms {
+            Some(0) => "closed by the host once replaced".to_owned(),
+            Some(ms) => format!("closed by the host {ms} ms after it was replaced"),
+            None => "kept until A closes it".to_owned(),
         },
     );
     row(
@@ -971,9 +969,9 @@ async fn drain_run(
     row(
         "drain 3/6 agents moved or grace over",
         format!(
-            "{} (all_moved={}, remaining={})",
+            "{} (ended={}, remaining={})",
             opt_ms(steps[2].elapsed),
-            steps[2].get("all_moved").unwrap_or("?"),
+            steps[2].get("ended").unwrap_or("?"),
             steps[2].get("remaining").unwrap_or("?")
         ),
     );
@@ -1174,7 +1172,7 @@ async fn register_run(
             targets: vec![relay.addr],
             token: token.clone(),
             connect_window: settings.window,
-            close_old_when_replaced: false,
+            close_old_after_ms: None,
             rehome_deadline_ms: 0,
         })
         .collect();
@@ -1281,6 +1279,9 @@ async fn bench(binary: &Path, settings: &Settings, nofile: u64) -> Result<()> {
          RLIMIT_NOFILE {nofile}; client workers of at most {MAX_SHARD} hosts"
     );
 
+    // The hosts behave as `relay agent` does with an idle drained tunnel: closed once the
+    // agent's linger after the replacement is over.
+    let linger = u64::try_from(relay::limits::agent::DRAINED_TUNNEL_LINGER.as_millis())?;
     let mut cases = Vec::new();
     for &n in &settings.sizes {
         cases.push(DrainCase {
@@ -1288,27 +1289,20 @@ async fn bench(binary: &Path, settings: &Settings, nofile: u64) -> Result<()> {
             tunnels: n,
             rate: DEFAULT_RATE,
             burst: DEFAULT_BURST,
-            close_old_when_replaced: false,
+            close_old_after_ms: Some(linger),
         });
     }
-    if settings.raised > 0 {
-        let r = settings.raised_rate;
-        cases.push(DrainCase {
-            label: format!("{} tunnels, admission {r}/{r}", settings.raised),
-            tunnels: settings.raised,
-            rate: r,
-            burst: r,
-            close_old_when_replaced: false,
-        });
+    // A v1 agent that never closes its old tunnel: A must close it (4001).
+    if settings.keep_old > 0 {
         cases.push(DrainCase {
             label: format!(
-                "{} tunnels, admission {r}/{r}, old closed once replaced",
-                settings.raised
+                "{} tunnels, default admission, old tunnel kept until A closes it",
+                settings.keep_old
             ),
-            tunnels: settings.raised,
-            rate: r,
-            burst: r,
-            close_old_when_replaced: true,
+            tunnels: settings.keep_old,
+            rate: DEFAULT_RATE,
+            burst: DEFAULT_BURST,
+            close_old_after_ms: None,
         });
     }
 

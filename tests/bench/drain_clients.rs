@@ -12,8 +12,9 @@
 //! 2. answers every `ping` with `pong`;
 //! 3. on `{"type":"drain"}` at once opens a NEW tunnel for the same hostId to its target
 //!    (B for even host numbers, C for odd), make before break: the old tunnel stays open
-//!    until the relay closes it (or, with `close_old_when_replaced`, until the new tunnel
-//!    received its first message, as `relay agent` does with an idle tunnel). HTTP 429 on
+//!    until the relay closes it (or, with `close_old_after_ms`, until that long after the
+//!    new tunnel received its first message, as `relay agent` does with an idle tunnel:
+//!    `limits::agent::DRAINED_TUNNEL_LINGER`). HTTP 429 on
 //!    the upgrade is honoured: the host waits `Retry-After` (whole seconds) and tries the
 //!    same relay again; any other failure is retried after [`RETRY_DELAY`];
 //! 4. the re-home time is from the moment it read `drain` to the moment its new tunnel
@@ -101,9 +102,10 @@ pub struct WorkerConfig {
     pub token: String,
     /// Concurrent connection attempts (TCP connect + upgrade) during the setup.
     pub connect_window: usize,
-    /// Close the old tunnel as soon as the new one received its first message (what
-    /// `relay agent` does with an idle drained tunnel), instead of waiting for the relay.
-    pub close_old_when_replaced: bool,
+    /// Close the old tunnel this many milliseconds after the new one received its first
+    /// message (`relay agent` does so with an idle drained tunnel after
+    /// `DRAINED_TUNNEL_LINGER`); `None` keeps it until the relay closes it.
+    pub close_old_after_ms: Option<u64>,
     /// Hosts not re-homed within this long count as "never re-homed".
     pub rehome_deadline_ms: u64,
 }
@@ -567,8 +569,11 @@ async fn host(shared: Arc<Shared>, local: usize) {
     if message_type(&first).as_deref() == Some("ping") {
         let _ = new.send(Message::text(PONG)).await;
     }
-    if config.close_old_when_replaced {
-        let _ = replaced_tx.send(());
+    if let Some(after) = config.close_old_after_ms {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let _ = replaced_tx.send(());
+        });
     }
     serve_pings(new).await;
 }
