@@ -6,6 +6,8 @@
 //! `127.0.0.1`, with distinct machine ids. The relays advertise their bound
 //! address, so nothing but `--redis-url` is needed to make them peers.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -569,6 +571,23 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
         .await;
 
     resp.assert_status(503);
+    assert_eq!(
+        resp.header("x-relay-not-here"),
+        Some("1"),
+        "a peer-forwarded request for a host not held here is marked so the peer may retry"
+    );
+    let direct = b
+        .http()
+        .get(host_url(&b, "nobody", "/x"))
+        .bearer(&b.client_token(&["nobody"]))
+        .send()
+        .await;
+    direct.assert_status(503);
+    assert_eq!(
+        direct.header("x-relay-not-here"),
+        None,
+        "clients never see the marker"
+    );
     let mut upgrade = b
         .ws_url("/hosts/web-1/ws/echo")
         .into_client_request()
@@ -599,6 +618,125 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
         a.counter(CLIENT_REQUESTS, &[]).await,
         a_requests,
         "B forwarded a request that had already made its one hop"
+    );
+}
+
+/// A stand-in for a relay that the directory still names for `web-1` but that no
+/// longer holds it (the agent moved between the lookup and the hop): it answers 503 with
+/// the not-here marker, and by then the directory names the real owner.
+async fn stale_owner_stub(
+    redis: &TestRedis,
+    real_owner: String,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let redis_url = redis.url();
+    let app = axum::Router::new().fallback({
+        let hits = hits.clone();
+        move || {
+            let hits = hits.clone();
+            let redis_url = redis_url.clone();
+            let real_owner = real_owner.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let client = redis::Client::open(redis_url).expect("redis url");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis connection");
+                let _: () = redis::cmd("SET")
+                    .arg(host_key("web-1"))
+                    .arg(&real_owner)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SET");
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    [("x-relay-not-here", "1")],
+                    r#"{"error":"host not connected"}"#,
+                )
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the stub");
+    let addr = listener.local_addr().expect("stub address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn request_forwarded_to_relay_that_no_longer_holds_host_is_retried_on_new_owner() {
+    let redis = TestRedis::spawn().await;
+    let b = relay_on(&redis, "fra", "relay-b").await;
+    let c = relay_on(&redis, "cdg", "relay-c").await;
+    let upstream = Upstream::spawn().await;
+    let _host = host_on(&redis, &b, "web-1", &upstream).await;
+
+    // The directory still names relay-a, which advertises the stub's address.
+    let (stub, stub_hits) = stale_owner_stub(&redis, b.owner()).await;
+    redis.set(&addr_key("ams:relay-a"), &stub.to_string()).await;
+    redis.set(&host_key("web-1"), "ams:relay-a").await;
+
+    let resp = c
+        .http()
+        .request(Method::POST, host_url(&c, "web-1", "/echo/moved"))
+        .bearer(&c.client_token(&["web-1"]))
+        .body("order 66")
+        .send()
+        .await;
+    resp.assert_status(200);
+    assert_eq!(resp.json()["path"], "/echo/moved");
+    assert_eq!(resp.json()["body"], "order 66");
+    assert_eq!(resp.header("x-relay-not-here"), None);
+    assert_eq!(
+        stub_hits.load(Ordering::SeqCst),
+        1,
+        "the stale owner was tried first"
+    );
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the host got the request exactly once"
+    );
+    assert_eq!(
+        c.counter(
+            "relay_hops_total",
+            &[("mode", "proxy"), ("outcome", "not_here")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn request_forwarded_to_relay_that_no_longer_holds_host_gets_503_when_no_one_else_does() {
+    let redis = TestRedis::spawn().await;
+    let c = relay_on(&redis, "cdg", "relay-c").await;
+    // The stub moves the entry to relay-a itself: a second lookup names the same
+    // machine, so there is nobody else to try.
+    let (stub, stub_hits) = stale_owner_stub(&redis, "ams:relay-a".to_owned()).await;
+    redis.set(&addr_key("ams:relay-a"), &stub.to_string()).await;
+    redis.set(&host_key("web-1"), "ams:relay-a").await;
+
+    let resp = c
+        .http()
+        .get(host_url(&c, "web-1", "/echo/nowhere"))
+        .bearer(&c.client_token(&["web-1"]))
+        .send()
+        .await;
+    resp.assert_status(503);
+    assert_eq!(
+        resp.header("x-relay-not-here"),
+        None,
+        "the marker stays between relays"
+    );
+    assert_eq!(
+        stub_hits.load(Ordering::SeqCst),
+        1,
+        "no second try on the same machine"
     );
 }
 

@@ -22,10 +22,12 @@ use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
 use crate::protocol::{Frame, Headers, close_code};
-use crate::routing::{self, Forward};
+use crate::routing::{self, Forward, Hop};
 use crate::server::{Relay, Route};
 use crate::telemetry;
-use crate::tunnel::{Channel, ExchangeError, HttpRequest, HttpResponse, TunnelHandle};
+use crate::tunnel::{
+    Channel, ExchangeError, ExchangeFailure, HttpRequest, HttpResponse, TunnelHandle,
+};
 
 /// Path segment under a host that the relay answers itself.
 pub const WHOOWNS: &str = "/_whoowns";
@@ -70,8 +72,12 @@ async fn serve(
         .authorize(&token, Role::Client, &host)
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
 
-    let hopped = routing::is_hopped(request.headers());
-    let tunnel = match relay.route(&host, hopped).await? {
+    let hop = Hop::of(request.headers());
+    let route_found = match relay.route(&host, hop.is_hopped()).await {
+        Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
+        other => other?,
+    };
+    let tunnel = match route_found {
         Route::Local(tunnel) => tunnel,
         Route::Remote(owner) => {
             let (mut parts, body) = request.into_parts();
@@ -114,7 +120,7 @@ async fn serve(
             .map_err(|_| ClientError::NotWebSocket)?;
         return Ok(open_channel(relay, tunnel, upgrade, path, query));
     }
-    exchange(relay, tunnel, peer, request, path, query).await
+    exchange(relay, tunnel, peer, request, path, query, hop).await
 }
 
 /// Reads a request body whole, refusing it (413) past `limit` before reading further.
@@ -158,6 +164,7 @@ async fn exchange(
     request: Request,
     path: String,
     query: Option<String>,
+    hop: Hop,
 ) -> Result<Response, ClientError> {
     let limits = &relay.config().limits;
     // Refuse before reading a byte of body if the tunnel is full.
@@ -176,11 +183,48 @@ async fn exchange(
         headers: forward_headers(&parts.headers, client_ip(peer)),
         body,
     };
-    let response = tunnel
-        .exchange_reserved(permit, request, limits.exchange_timeout)
-        .await?;
+    let response = match tunnel
+        .try_exchange_reserved(permit, request, limits.exchange_timeout)
+        .await
+    {
+        Ok(response) => response,
+        Err(ExchangeFailure::Failed(err)) => return Err(err.into()),
+        Err(ExchangeFailure::NotDelivered(request)) => {
+            return redeliver(&relay, tunnel.host(), peer, &parts, request, hop).await;
+        }
+    };
     telemetry::bytes("from_host", response.body.len());
     into_client_response(response)
+}
+
+/// Routes again, once, a request whose tunnel ended before writing it (replaced by a
+/// newer tunnel, closed by a drain, gone): the host never saw it, so any method may go to
+/// wherever the host is now.
+async fn redeliver(
+    relay: &Relay,
+    host: &HostId,
+    peer: SocketAddr,
+    parts: &http::request::Parts,
+    request: HttpRequest,
+    hop: Hop,
+) -> Result<Response, ClientError> {
+    telemetry::redelivered();
+    match relay.route(host, hop.is_hopped()).await {
+        Ok(Route::Local(tunnel)) => {
+            let permit = tunnel.reserve()?;
+            let response = tunnel
+                .exchange_reserved(permit, request, relay.config().limits.exchange_timeout)
+                .await?;
+            telemetry::bytes("from_host", response.body.len());
+            into_client_response(response)
+        }
+        Ok(Route::Remote(owner)) => {
+            let body = Forward::Http(bytes::Bytes::from(request.body));
+            routing::forward(relay, host, owner, client_ip(peer), parts, body).await
+        }
+        Err(ClientError::HostNotConnected) if hop.is_hopped() => Ok(hop.host_not_here()),
+        Err(err) => Err(err),
+    }
 }
 
 /// A WebSocket channel over the tunnel.

@@ -8,7 +8,11 @@
 //!
 //! Every forwarded request carries [`HOP_HEADER`]; a relay that receives one (or a Fly
 //! replay, marked by `fly-replay-src`) serves it only from a local tunnel and never
-//! forwards it again, so a stale directory can cause a 503 but never a loop. The client's
+//! forwards it again, so a stale directory can never cause a loop. When the relay it was
+//! forwarded to does not hold the host after all (the agent moved between the lookup and
+//! the hop), that relay answers 503 with [`NOT_HERE_HEADER`]; nothing reached a host, so
+//! the forwarding relay looks the host up again and, if it names another machine, tries
+//! that one, once. The client's
 //! credentials travel unchanged and the owner checks them again: forwarding never
 //! weakens authorization.
 
@@ -41,12 +45,60 @@ use crate::telemetry;
 /// Marks a request forwarded by a peer relay; its value is the forwarding machine.
 pub const HOP_HEADER: &str = "x-relay-hop";
 
+/// On a 503 to a forwarded request: this machine does not hold the host, and nothing was
+/// sent to any host, so the forwarding relay may try the current owner instead. Never
+/// shown to clients.
+pub const NOT_HERE_HEADER: &str = "x-relay-not-here";
+
+/// The answer to a forwarded request for a host this machine does not hold.
+fn not_here() -> Response {
+    let mut response = ClientError::HostNotConnected.into_response();
+    response
+        .headers_mut()
+        .insert(NOT_HERE_HEADER, HeaderValue::from_static("1"));
+    response
+}
+
 /// Fly's proxy adds this to a replayed request.
 pub const FLY_REPLAY_SRC: &str = "fly-replay-src";
 
-/// Whether a request has already been routed once (by a peer relay or by Fly).
-pub fn is_hopped(headers: &HeaderMap) -> bool {
-    headers.contains_key(HOP_HEADER) || headers.contains_key(FLY_REPLAY_SRC)
+/// How a request reached this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Straight from the client (or its load balancer).
+    Direct,
+    /// Forwarded by a peer relay (proxy mode or a bridged WebSocket).
+    Peer,
+    /// Replayed by Fly's proxy.
+    Replay,
+}
+
+impl Hop {
+    /// How the request with these headers arrived.
+    pub fn of(headers: &HeaderMap) -> Hop {
+        if headers.contains_key(HOP_HEADER) {
+            Hop::Peer
+        } else if headers.contains_key(FLY_REPLAY_SRC) {
+            Hop::Replay
+        } else {
+            Hop::Direct
+        }
+    }
+
+    /// Whether the request was already routed once: then only a local tunnel may serve
+    /// it, so that it can never loop.
+    pub fn is_hopped(self) -> bool {
+        self != Hop::Direct
+    }
+
+    /// The answer when this machine does not hold the host: a peer relay gets the
+    /// [`not_here`] marker so it may try the current owner; anyone else a plain 503.
+    pub(crate) fn host_not_here(self) -> Response {
+        match self {
+            Hop::Peer => not_here(),
+            Hop::Direct | Hop::Replay => ClientError::HostNotConnected.into_response(),
+        }
+    }
 }
 
 /// Pooled HTTP connections to peer relays.
@@ -226,6 +278,18 @@ async fn proxy_http(
         *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers);
         match timeout(deadline, relay.peers().client.request(request)).await {
             Ok(Ok(response)) => {
+                if response.headers().contains_key(NOT_HERE_HEADER) {
+                    telemetry::hop("proxy", "not_here");
+                    if attempt == 0
+                        && let Some(next) = owner_again(relay, host).await
+                        && next != owner
+                    {
+                        debug!(%host, %owner, %next, "the owner no longer holds the host; trying the new one");
+                        owner = next;
+                        continue;
+                    }
+                    return Err(ClientError::HostNotConnected);
+                }
                 telemetry::hop("proxy", "forwarded");
                 let (mut head, incoming) = response.into_parts();
                 let hop_by_hop: Vec<_> = head
@@ -314,6 +378,19 @@ async fn bridge_websocket(
                         tracker.track_future(bridge(socket, peer, shutdown).instrument(span))
                     })
                     .into_response());
+            }
+            Ok(Err(tungstenite::Error::Http(response)))
+                if response.headers().contains_key(NOT_HERE_HEADER) =>
+            {
+                telemetry::hop("bridge", "not_here");
+                if attempt == 0
+                    && let Some(next) = owner_again(relay, host).await
+                    && next != owner
+                {
+                    owner = next;
+                    continue;
+                }
+                return Err(ClientError::HostNotConnected);
             }
             Ok(Err(tungstenite::Error::Http(response))) => {
                 // The owner answered (auth, not connected, ...): pass its verdict on.

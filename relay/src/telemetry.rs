@@ -177,6 +177,11 @@ pub fn hop(mode: &'static str, outcome: &'static str) {
     metrics::counter!("relay_hops_total", "mode" => mode, "outcome" => outcome).increment(1);
 }
 
+/// A request whose tunnel ended before writing it was routed again.
+pub fn redelivered() {
+    metrics::counter!("relay_requests_redelivered_total").increment(1);
+}
+
 /// The reconciler wrote `n` directory entries back.
 pub fn reconciled(n: usize) {
     metrics::counter!("relay_reconcile_writes_total").increment(n as u64);

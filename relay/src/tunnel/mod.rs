@@ -82,6 +82,32 @@ pub enum ExchangeError {
     InvalidResponse(String),
 }
 
+/// How an exchange ended without a response, as the session reports it.
+#[derive(Debug)]
+pub enum ExchangeFailure {
+    /// The exchange failed; see [`ExchangeError`].
+    Failed(ExchangeError),
+    /// The tunnel ended before the request was written to it (replaced, drained, gone):
+    /// the host never saw it, so it is handed back to be routed again.
+    NotDelivered(HttpRequest),
+}
+
+impl ExchangeFailure {
+    /// The error to report when the request is not routed again.
+    pub fn into_error(self) -> ExchangeError {
+        match self {
+            ExchangeFailure::Failed(err) => err,
+            ExchangeFailure::NotDelivered(_) => ExchangeError::TunnelClosed,
+        }
+    }
+}
+
+impl From<ExchangeError> for ExchangeFailure {
+    fn from(err: ExchangeError) -> ExchangeFailure {
+        ExchangeFailure::Failed(err)
+    }
+}
+
 /// Something a handle asks the session to do. Processed in order.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -89,7 +115,7 @@ pub(crate) enum Command {
     Http {
         id: StreamId,
         request: HttpRequest,
-        respond: oneshot::Sender<Result<HttpResponse, ExchangeError>>,
+        respond: oneshot::Sender<Result<HttpResponse, ExchangeFailure>>,
     },
     /// The client of an exchange gave up (timeout or disconnect): forget the stream.
     Abandon { id: StreamId },
@@ -296,6 +322,11 @@ impl TunnelHandle {
         self.inner.cancel.cancel();
     }
 
+    /// How the session ends once closed through a handle.
+    fn closed_with(&self) -> SessionEnd {
+        SessionEnd::Closed(self.inner.close_code.load(Ordering::Relaxed))
+    }
+
     /// Sends the in-band v1 `drain` message. Does not wait for room in the queue: a
     /// tunnel too backed up to take it will be closed with 4001 anyway.
     pub fn drain(&self, reason: &str) -> bool {
@@ -349,10 +380,27 @@ impl TunnelHandle {
     /// See [`ExchangeError`].
     pub async fn exchange_reserved(
         &self,
-        _permit: OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
         request: HttpRequest,
         timeout: std::time::Duration,
     ) -> Result<HttpResponse, ExchangeError> {
+        self.try_exchange_reserved(permit, request, timeout)
+            .await
+            .map_err(ExchangeFailure::into_error)
+    }
+
+    /// [`TunnelHandle::exchange_reserved`], but a request the tunnel never wrote (it ended
+    /// first) comes back as [`ExchangeFailure::NotDelivered`], for the caller to route
+    /// again: the host cannot have acted on it.
+    ///
+    /// # Errors
+    /// See [`ExchangeFailure`].
+    pub async fn try_exchange_reserved(
+        &self,
+        _permit: OwnedSemaphorePermit,
+        request: HttpRequest,
+        timeout: std::time::Duration,
+    ) -> Result<HttpResponse, ExchangeFailure> {
         let id = self.next_stream_id();
         let (respond, response) = oneshot::channel();
         let mut guard = AbandonOnDrop {
@@ -360,20 +408,28 @@ impl TunnelHandle {
             id,
             armed: true,
         };
+        let command = Command::Http {
+            id,
+            request,
+            respond,
+        };
         let result = tokio::time::timeout(timeout, async {
-            self.send(Command::Http {
-                id,
-                request,
-                respond,
-            })
-            .await?;
-            response.await.map_err(|_| ExchangeError::TunnelClosed)?
+            if let Err(mpsc::error::SendError(command)) = self.inner.tx.send(command).await {
+                // The session is gone: the request never entered the tunnel.
+                return match command {
+                    Command::Http { request, .. } => Err(ExchangeFailure::NotDelivered(request)),
+                    _ => Err(ExchangeError::TunnelClosed.into()),
+                };
+            }
+            response
+                .await
+                .unwrap_or(Err(ExchangeError::TunnelClosed.into()))
         })
         .await
-        .unwrap_or(Err(ExchangeError::Timeout));
+        .unwrap_or(Err(ExchangeError::Timeout.into()));
         // The session removes the stream itself when the host answers or the tunnel
         // ends; only a timeout leaves it behind.
-        guard.armed = matches!(result, Err(ExchangeError::Timeout));
+        guard.armed = matches!(result, Err(ExchangeFailure::Failed(ExchangeError::Timeout)));
         result
     }
 
@@ -440,5 +496,119 @@ impl Drop for AbandonOnDrop<'_> {
                 .tx
                 .try_send(Command::Abandon { id: self.id });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use axum::extract::ws::Message;
+    use futures_util::{Sink, Stream};
+
+    use super::*;
+
+    /// A socket whose host has gone: reads end at once, writes are accepted and dropped.
+    struct GoneSocket;
+
+    impl Stream for GoneSocket {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Poll::Ready(None)
+        }
+    }
+
+    impl Sink<Message> for GoneSocket {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn tunnel() -> (TunnelHandle, Session) {
+        let host = HostId::parse("web-1").unwrap();
+        TunnelHandle::new(host, &Limits::default(), &CancellationToken::new())
+    }
+
+    fn request(path: &str) -> HttpRequest {
+        HttpRequest {
+            method: "POST".into(),
+            path: path.into(),
+            headers: Headers::default(),
+            body: "payload".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_comes_back_undelivered_when_the_session_is_already_gone() {
+        let (handle, session) = tunnel();
+        drop(session);
+        let permit = handle.reserve().unwrap();
+        let failure = handle
+            .try_exchange_reserved(permit, request("/orders"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let ExchangeFailure::NotDelivered(back) = failure else {
+            panic!("expected the request back, got {failure:?}");
+        };
+        assert_eq!(
+            (back.path.as_str(), back.body.as_str()),
+            ("/orders", "payload")
+        );
+        assert_eq!(handle.pending_exchanges(), 0, "the permit is released");
+    }
+
+    #[tokio::test]
+    async fn request_queued_when_the_tunnel_is_closed_comes_back_undelivered() {
+        let (handle, session) = tunnel();
+        let exchange = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                let permit = handle.reserve().unwrap();
+                handle
+                    .try_exchange_reserved(permit, request("/queued"), Duration::from_secs(5))
+                    .await
+            }
+        });
+        // The session is not running yet: the request waits in the tunnel's queue.
+        let max = handle.inner.tx.max_capacity();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while handle.inner.tx.capacity() == max {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request was never queued"
+            );
+            tokio::task::yield_now().await;
+        }
+        handle.close(close_code::REPLACED);
+        let end = session.run(GoneSocket, || {}).await;
+        assert_eq!(end, SessionEnd::Closed(close_code::REPLACED));
+        match exchange.await.unwrap() {
+            Err(ExchangeFailure::NotDelivered(back)) => assert_eq!(back.path, "/queued"),
+            other => panic!("expected the request back, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn exchange_reserved_reports_an_undelivered_request_as_tunnel_closed() {
+        let (handle, session) = tunnel();
+        drop(session);
+        let permit = handle.reserve().unwrap();
+        let err = handle
+            .exchange_reserved(permit, request("/x"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err, ExchangeError::TunnelClosed);
     }
 }

@@ -10,7 +10,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tracing::{debug, warn};
 
 use super::streams::{Delivery, Stream, StreamTable};
-use super::{Command, ExchangeError, HttpResponse, TunnelHandle};
+use super::{Command, ExchangeError, ExchangeFailure, HttpResponse, TunnelHandle};
 use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits, MAX_CLOSE_REASON};
 use crate::protocol::{
     Encoding, Frame, HostMessage, Inbound, RelayMessage, StreamId, close_code, encode_base64,
@@ -127,17 +127,23 @@ impl Session {
         };
         let cancel = self.handle.inner.cancel.clone();
         let end = tokio::select! {
-            end = write_loop(&mut sink, &mut self.rx, &shared, &self.limits) => end,
+            end = write_loop(&mut sink, &mut self.rx, &shared, &self.limits, &self.handle) => end,
             end = read_loop(&mut stream, &self.handle, &shared, &on_pong) => end,
-            () = cancel.cancelled() => {
-                SessionEnd::Closed(self.handle.inner.close_code.load(Ordering::Relaxed))
-            }
+            () = cancel.cancelled() => self.handle.closed_with(),
         };
-        // No handle can queue more work from here; what was queued but never sent fails
-        // now (the exchanges get 502 at once, not after a timeout).
+        // No handle can queue more work from here. Requests queued but never written go
+        // back to their handlers, to be routed again (to a newer tunnel, another relay);
+        // the rest of what was queued is dropped.
         self.handle.inner.cancel.cancel();
         self.rx.close();
-        while self.rx.try_recv().is_ok() {}
+        while let Ok(command) = self.rx.try_recv() {
+            if let Command::Http {
+                request, respond, ..
+            } = command
+            {
+                let _ = respond.send(Err(ExchangeFailure::NotDelivered(request)));
+            }
+        }
 
         if end == SessionEnd::Closed(close_code::DRAINING) {
             self.finish_draining(&mut sink, &mut stream, &shared, &on_pong)
@@ -194,20 +200,28 @@ impl Session {
     }
 }
 
-/// Writes commands and pings to the host until the writer fails or pings time out.
+/// Writes commands and pings to the host until the writer fails, pings time out, or the
+/// tunnel is closed through a handle. Once closed, it takes nothing more from the queue,
+/// so that what is still queued can be handed back undelivered.
 async fn write_loop<S>(
     sink: &mut S,
     rx: &mut mpsc::Receiver<Command>,
     shared: &Shared,
     limits: &Limits,
+    handle: &TunnelHandle,
 ) -> SessionEnd
 where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
+    let cancel = &handle.inner.cancel;
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let mut ping = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            biased;
+            () = &mut cancelled => return handle.closed_with(),
             command = rx.recv() => {
                 let Some(command) = command else {
                     // Unreachable while the session's own handle is alive; end cleanly.
@@ -222,7 +236,11 @@ where
                         return SessionEnd::HostGone(format!("write failed: {err}"));
                     }
                     batch += 1;
-                    next = if batch < MAX_BATCH { rx.try_recv().ok() } else { None };
+                    next = if batch < MAX_BATCH && !cancel.is_cancelled() {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 if let Err(err) = sink.flush().await {
                     return SessionEnd::HostGone(format!("write failed: {err}"));

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChannelSender, ExchangeError, HttpResponse};
+use super::{ChannelSender, ExchangeError, ExchangeFailure, HttpResponse};
 use crate::protocol::{Frame, StreamId, close_code};
 
-pub(super) type Responder = oneshot::Sender<Result<HttpResponse, ExchangeError>>;
+pub(super) type Responder = oneshot::Sender<Result<HttpResponse, ExchangeFailure>>;
 
 /// One stream in flight.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ impl StreamTable {
         match self.streams.remove(&id) {
             Some(Stream::Exchange(respond)) => {
                 // The client may have just given up; nothing to do then.
-                let _ = respond.send(result);
+                let _ = respond.send(result.map_err(ExchangeFailure::Failed));
                 true
             }
             Some(other) => {
@@ -135,7 +135,7 @@ impl StreamTable {
         for (_, stream) in self.streams.drain() {
             match stream {
                 Stream::Exchange(respond) => {
-                    let _ = respond.send(Err(ExchangeError::TunnelClosed));
+                    let _ = respond.send(Err(ExchangeError::TunnelClosed.into()));
                 }
                 Stream::Channel(channel) => {
                     let _ = channel.closed.send(Some(channel_code));
