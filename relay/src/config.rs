@@ -92,7 +92,33 @@ pub enum DirectoryConfig {
         url: Secret,
         /// Prefix of every key.
         prefix: String,
+        /// PEM certificates a `rediss://` server must chain to; `None`: the web roots.
+        tls_ca: Option<Vec<u8>>,
     },
+}
+
+/// Reads a PEM file of CA certificates, checking that it holds at least one.
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read RELAY_REDIS_CA_FILE {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "RELAY_REDIS_CA_FILE {} is not valid PEM: {e}",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "RELAY_REDIS_CA_FILE {} holds no certificate",
+            path.display()
+        ));
+    }
+    Ok(pem)
 }
 
 /// Flags of `relay serve`. Every flag can also be set from the environment variable
@@ -176,10 +202,16 @@ pub struct ServeArgs {
           default_value = "90s")]
     pub directory_ttl: Duration,
 
-    /// Redis URL of the shared directory (`redis://[:password@]host:port[/db]`). Without
-    /// it the directory is embedded (one machine).
+    /// Redis URL of the shared directory (`redis://[:password@]host:port[/db]`, or
+    /// `rediss://` for TLS, verified against the public web roots). Without it the
+    /// directory is embedded (one machine).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
+
+    /// PEM file of the certificate authorities a `rediss://` server must chain to, instead
+    /// of the public web roots (a private or self-signed CA).
+    #[arg(long, env = "RELAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Prefix of every Redis key.
     #[arg(long, env = "RELAY_REDIS_PREFIX", default_value = "relay:")]
@@ -397,10 +429,24 @@ impl ServeArgs {
                 if self.redis_prefix.is_empty() {
                     return err("RELAY_REDIS_PREFIX must not be empty".into());
                 }
+                let tls_ca = match &self.redis_ca_file {
+                    Some(path) if !url.0.starts_with("rediss://") => {
+                        return err(format!(
+                            "RELAY_REDIS_CA_FILE ({}) needs a rediss:// REDIS_URL",
+                            path.display()
+                        ));
+                    }
+                    Some(path) => Some(read_ca_file(path).map_err(ConfigError)?),
+                    None => None,
+                };
                 DirectoryConfig::Redis {
                     url,
                     prefix: self.redis_prefix,
+                    tls_ca,
                 }
+            }
+            _ if self.redis_ca_file.is_some() => {
+                return err("RELAY_REDIS_CA_FILE is set but REDIS_URL is not".into());
             }
             _ => DirectoryConfig::Memory,
         };
@@ -541,6 +587,55 @@ mod tests {
         assert_eq!(config.listen.to_string(), "[::]:8080");
         assert_eq!(config.owner.to_string(), "local:m1");
         assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn redis_ca_file_needs_a_tls_url_and_a_readable_pem_with_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("relay-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate in here\n").unwrap();
+        let missing = dir.join("missing.pem");
+        let base = ["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"];
+        let cases: [(&[&str], &str); 4] = [
+            (
+                &[
+                    "--redis-url",
+                    "redis://r:6379",
+                    "--redis-ca-file",
+                    empty.to_str().unwrap(),
+                ],
+                "needs a rediss:// REDIS_URL",
+            ),
+            (
+                &["--redis-ca-file", empty.to_str().unwrap()],
+                "REDIS_URL is not",
+            ),
+            (
+                &[
+                    "--redis-url",
+                    "rediss://r:6379",
+                    "--redis-ca-file",
+                    missing.to_str().unwrap(),
+                ],
+                "cannot read RELAY_REDIS_CA_FILE",
+            ),
+            (
+                &[
+                    "--redis-url",
+                    "rediss://r:6379",
+                    "--redis-ca-file",
+                    empty.to_str().unwrap(),
+                ],
+                "holds no certificate",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra:?}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -87,11 +87,20 @@ impl Relay {
     pub fn new(config: Config) -> Result<Relay, ConfigError> {
         let directory: Arc<dyn Directory> = match &config.directory {
             DirectoryConfig::Memory => Arc::new(MemoryDirectory::new(config.limits.directory_ttl)),
-            DirectoryConfig::Redis { url, prefix } => {
+            DirectoryConfig::Redis {
+                url,
+                prefix,
+                tls_ca,
+            } => {
                 let url = String::from_utf8_lossy(url.expose()).into_owned();
                 Arc::new(
-                    RedisDirectory::new(&url, prefix, config.limits.directory_ttl)
-                        .map_err(|e| ConfigError(format!("REDIS_URL: {e}")))?,
+                    RedisDirectory::with_tls_ca(
+                        &url,
+                        prefix,
+                        config.limits.directory_ttl,
+                        tls_ca.as_deref(),
+                    )
+                    .map_err(|e| ConfigError(format!("REDIS_URL: {e}")))?,
                 )
             }
         };

@@ -31,6 +31,7 @@
 //! - [`stub_relay`]: [`StubRelay`], a raw WebSocket server standing in for
 //!   the relay in agent tests: refuses upgrades with any status and headers
 //!   or hands accepted tunnels to the test, and records every attempt.
+//! - [`tls`]: [`TestCa`], a private CA and a certificate for 127.0.0.1.
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
@@ -43,6 +44,7 @@ pub mod relay_process;
 pub mod release_binary;
 pub mod stack;
 pub mod stub_relay;
+pub mod tls;
 pub mod tokens;
 pub mod upstream;
 pub mod wait;
@@ -60,6 +62,7 @@ pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_re
 pub use release_binary::release_relay_binary;
 pub use stack::Stack;
 pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
+pub use tls::TestCa;
 pub use tokens::{Claims, claims_of, mint, unix_now};
 pub use upstream::Upstream;
 pub use wait::{wait_until, wait_until_async, within};

@@ -58,6 +58,14 @@ pub fn unused_port() -> u16 {
         .port()
 }
 
+/// The TLS listener of a test server.
+struct TlsListener {
+    port: u16,
+    cert: String,
+    key: String,
+    ca: String,
+}
+
 /// Whether something on `127.0.0.1:port` answers `PING` with `+PONG`.
 async fn answers_ping(port: u16) -> bool {
     let probe = async {
@@ -79,6 +87,8 @@ pub struct TestRedis {
     /// kills it explicitly too, so no server outlives its test.
     child: Option<Child>,
     port: u16,
+    /// The TLS port, when started with [`TestRedis::spawn_tls`].
+    tls_port: Option<u16>,
 }
 
 // === impl TestRedis ===
@@ -93,11 +103,43 @@ impl TestRedis {
         for _ in 0..SPAWN_ATTEMPTS {
             // Another process may take the port between the probe and the
             // server's bind; then the server exits and another port is tried.
-            if let Some(child) = start_server(unused_port()).await {
+            if let Some(child) = start_server(unused_port(), None).await {
                 return child;
             }
         }
         panic!("redis-server failed to start on {SPAWN_ATTEMPTS} free ports");
+    }
+
+    /// Starts an empty server that listens in plain text on [`port`](Self::port) (for
+    /// the assertion helpers) and with TLS on a second port ([`tls_url`](Self::tls_url)),
+    /// with the server certificate of `ca`. Clients need no certificate.
+    ///
+    /// # Panics
+    ///
+    /// As [`spawn`](Self::spawn); also if this `redis-server` was built without TLS.
+    pub async fn spawn_tls(ca: &crate::tls::TestCa) -> Self {
+        for _ in 0..SPAWN_ATTEMPTS {
+            let tls = TlsListener {
+                port: unused_port(),
+                cert: ca.server_cert().display().to_string(),
+                key: ca.server_key().display().to_string(),
+                ca: ca.ca_file().display().to_string(),
+            };
+            if let Some(child) = start_server(unused_port(), Some(&tls)).await {
+                return child;
+            }
+        }
+        panic!("redis-server with TLS failed to start on {SPAWN_ATTEMPTS} pairs of free ports");
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT`.
+    ///
+    /// # Panics
+    ///
+    /// If the server was not started with [`spawn_tls`](Self::spawn_tls).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with TestRedis::spawn_tls");
+        format!("rediss://127.0.0.1:{port}")
     }
 
     /// Starts an empty server on `port` (e.g. one a relay was told to use
@@ -110,7 +152,7 @@ impl TestRedis {
     pub async fn spawn_on(port: u16) -> Self {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Some(redis) = start_server(port).await {
+            if let Some(redis) = start_server(port, None).await {
                 return redis;
             }
             assert!(
@@ -313,10 +355,18 @@ impl Drop for TestRedis {
 ///
 /// If `redis-server` cannot be run, or it neither answers nor exits within
 /// [`DEADLINE`].
-async fn start_server(port: u16) -> Option<TestRedis> {
-    let child = Command::new("redis-server")
+async fn start_server(port: u16, tls: Option<&TlsListener>) -> Option<TestRedis> {
+    let mut command = Command::new("redis-server");
+    command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
+        .args(["--save", "", "--appendonly", "no"]);
+    if let Some(tls) = tls {
+        command
+            .args(["--tls-port", &tls.port.to_string()])
+            .args(["--tls-cert-file", &tls.cert, "--tls-key-file", &tls.key])
+            .args(["--tls-ca-cert-file", &tls.ca, "--tls-auth-clients", "no"]);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -332,6 +382,7 @@ async fn start_server(port: u16) -> Option<TestRedis> {
     let mut redis = TestRedis {
         child: Some(child),
         port,
+        tls_port: tls.map(|tls| tls.port),
     };
     let deadline = Instant::now() + DEADLINE;
     loop {

@@ -148,12 +148,9 @@ pub struct RedisDirectory {
 // === impl RedisDirectory ===
 
 impl RedisDirectory {
-    /// A directory in the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`),
-    /// keys starting with `prefix`, host entries living `ttl` without a heartbeat.
-    ///
-    /// TLS (`rediss://`) is not built in (the `redis` crate's TLS features are off), so
-    /// such a URL is rejected here; Fly Redis (Upstash) is reached with `redis://` over
-    /// Fly's private network.
+    /// A directory in the Redis at `url` (`redis://[[user]:password@]host[:port][/db]`,
+    /// or `rediss://` for TLS verified against the public web roots), keys starting with
+    /// `prefix`, host entries living `ttl` without a heartbeat.
     ///
     /// Lazy: nothing is sent until the first operation, so this returns at once whether
     /// Redis is up or not, and a Redis that starts later is used without a restart (see
@@ -165,12 +162,41 @@ impl RedisDirectory {
     /// # Panics
     /// Outside a Tokio runtime (the connection manager spawns a task).
     pub fn new(url: &str, prefix: &str, ttl: Duration) -> Result<RedisDirectory, DirectoryError> {
+        RedisDirectory::with_tls_ca(url, prefix, ttl, None)
+    }
+
+    /// [`RedisDirectory::new`], where a `rediss://` server must chain to one of the
+    /// certificates in `tls_ca` (PEM) instead of the public web roots, when given.
+    ///
+    /// # Errors
+    /// [`DirectoryError::Unavailable`] when `url` is not a valid Redis URL, or `tls_ca`
+    /// is given for a `redis://` URL or holds no usable certificate.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the connection manager spawns a task).
+    pub fn with_tls_ca(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        tls_ca: Option<&[u8]>,
+    ) -> Result<RedisDirectory, DirectoryError> {
         let invalid =
             |err: RedisError| DirectoryError::Unavailable(format!("invalid Redis URL: {err}"));
         let info = url.into_connection_info().map_err(invalid)?;
         let server = info.addr().to_string();
         let info = info.set_tcp_settings(tcp_settings());
-        let client = Client::open(info).map_err(invalid)?;
+        let client = match tls_ca {
+            None => Client::open(info).map_err(invalid)?,
+            Some(pem) => {
+                let certificates = ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                };
+                Client::build_with_tls(info, certificates).map_err(|err| {
+                    DirectoryError::Unavailable(format!("cannot use the Redis TLS CA: {err}"))
+                })?
+            }
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
