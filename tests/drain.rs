@@ -102,6 +102,18 @@ async fn read_until_close(mut host: RawHost, host_id: String, leave_on_drain: bo
     }
 }
 
+/// A relay named `machine` on `redis`, in proxy mode, with this drain grace and deadline.
+async fn proxy_relay(redis: &TestRedis, machine: &str, grace: &str, deadline: &str) -> TestRelay {
+    TestRelay::builder()
+        .machine_id(machine)
+        .redis(&redis.url())
+        .routing("proxy")
+        .arg("--drain-grace", grace)
+        .arg("--drain-deadline", deadline)
+        .spawn()
+        .await
+}
+
 /// Asserts that the 6 drain steps and `stopped` were logged, once each, in
 /// order, each step with its duration (`elapsed=`).
 fn assert_steps_logged_in_order(logs: &[String]) {
@@ -465,15 +477,7 @@ async fn answer_arriving_after_close_4001_within_close_wait_still_reaches_client
 #[tokio::test]
 async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leaves_its_entry() {
     let redis = TestRedis::spawn().await;
-    let spawn = |machine: &'static str, grace: &'static str, deadline: &'static str| {
-        TestRelay::builder()
-            .machine_id(machine)
-            .redis(&redis.url())
-            .routing("proxy")
-            .arg("--drain-grace", grace)
-            .arg("--drain-deadline", deadline)
-            .spawn()
-    };
+    let spawn = |machine, grace, deadline| proxy_relay(&redis, machine, grace, deadline);
     let mut old_relay = spawn("relay-a", LONG_GRACE, LONG_DEADLINE).await;
     let new_relay = spawn("relay-b", "3s", "8s").await;
     let upstream = Upstream::spawn().await;
@@ -540,15 +544,7 @@ async fn draining_relay_forwards_requests_to_new_owner_once_agent_moved_and_leav
 #[tokio::test]
 async fn drain_ends_once_every_host_registered_elsewhere_and_its_old_tunnel_is_idle() {
     let redis = TestRedis::spawn().await;
-    let spawn = |machine: &'static str, grace: &'static str, deadline: &'static str| {
-        TestRelay::builder()
-            .machine_id(machine)
-            .redis(&redis.url())
-            .routing("proxy")
-            .arg("--drain-grace", grace)
-            .arg("--drain-deadline", deadline)
-            .spawn()
-    };
+    let spawn = |machine, grace, deadline| proxy_relay(&redis, machine, grace, deadline);
     let mut a = spawn("relay-a", LONG_GRACE, LONG_DEADLINE).await;
     let b = spawn("relay-b", "3s", "8s").await;
     let upstream = Upstream::spawn().await;
@@ -632,15 +628,7 @@ async fn drain_ends_once_every_host_registered_elsewhere_and_its_old_tunnel_is_i
 #[tokio::test]
 async fn in_flight_request_finishes_on_old_tunnel_while_agent_moves_and_relay_exits_once_it_left() {
     let redis = TestRedis::spawn().await;
-    let spawn = |machine: &'static str| {
-        TestRelay::builder()
-            .machine_id(machine)
-            .redis(&redis.url())
-            .routing("proxy")
-            .arg("--drain-grace", "6s")
-            .arg("--drain-deadline", "10s")
-            .spawn()
-    };
+    let spawn = |machine| proxy_relay(&redis, machine, "6s", "10s");
     let mut a = spawn("relay-a").await;
     let b = spawn("relay-b").await;
     let upstream = Upstream::spawn().await;

@@ -6,19 +6,22 @@ use relay_tests::{
     DEADLINE, TestCa, TestHost, TestRedis, TestRelay, Upstream, host_key, wait_until_async,
 };
 
+/// A relay on `redis` over TLS, trusting only `ca`.
+async fn relay_trusting(redis: &TestRedis, ca: &TestCa) -> TestRelay {
+    let ca_file = ca.ca_file();
+    TestRelay::builder()
+        .machine_id("relay-a")
+        .redis(&redis.tls_url())
+        .arg("--redis-ca-file", ca_file.to_str().expect("utf-8 path"))
+        .spawn()
+        .await
+}
+
 #[tokio::test]
 async fn relay_publishes_hosts_over_tls_to_redis_signed_by_its_private_ca() {
     let ca = TestCa::generate();
     let redis = TestRedis::spawn_tls(&ca).await;
-    let relay = TestRelay::builder()
-        .machine_id("relay-a")
-        .redis(&redis.tls_url())
-        .arg(
-            "--redis-ca-file",
-            ca.ca_file().to_str().expect("utf-8 path"),
-        )
-        .spawn()
-        .await;
+    let relay = relay_trusting(&redis, &ca).await;
     let upstream = Upstream::spawn().await;
     let host = TestHost::connect(&relay, "web-1", &upstream).await;
 
@@ -49,15 +52,7 @@ async fn relay_refuses_redis_whose_certificate_its_ca_did_not_sign_and_serves_lo
     let ca = TestCa::generate();
     let other = TestCa::generate();
     let redis = TestRedis::spawn_tls(&ca).await;
-    let relay = TestRelay::builder()
-        .machine_id("relay-a")
-        .redis(&redis.tls_url())
-        .arg(
-            "--redis-ca-file",
-            other.ca_file().to_str().expect("utf-8 path"),
-        )
-        .spawn()
-        .await;
+    let relay = relay_trusting(&redis, &other).await;
     let upstream = Upstream::spawn().await;
     let _host = TestHost::connect(&relay, "web-1", &upstream).await;
 
