@@ -592,8 +592,16 @@ mod tests {
             tokio::task::yield_now().await;
         }
         handle.close(close_code::REPLACED);
+        // The session sees the close or the end of the socket first (the order is not
+        // fixed); either way its writer takes nothing more from the queue.
         let end = session.run(GoneSocket, || {}).await;
-        assert_eq!(end, SessionEnd::Closed(close_code::REPLACED));
+        assert!(
+            matches!(
+                end,
+                SessionEnd::Closed(close_code::REPLACED) | SessionEnd::HostGone(_)
+            ),
+            "{end:?}"
+        );
         match exchange.await.unwrap() {
             Err(ExchangeFailure::NotDelivered(back)) => assert_eq!(back.path, "/queued"),
             other => panic!("expected the request back, got {other:?}"),
