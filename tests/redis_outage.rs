@@ -329,6 +329,46 @@ async fn relay_boots_while_redis_is_down_serves_locally_and_publishes_once_redis
 }
 
 #[tokio::test]
+async fn tunnel_whose_directory_write_failed_is_published_within_seconds_not_at_next_reconcile() {
+    let mut redis = TestRedis::spawn().await;
+    // A reconcile interval far beyond the test: only the prompt retry can publish.
+    let a = TestRelay::builder()
+        .region("ams")
+        .machine_id("relay-a")
+        .redis(&redis.url())
+        .routing("proxy")
+        .reconcile_interval("10m")
+        .spawn()
+        .await;
+    redis.wait_advertised(&a).await;
+    redis.kill().await;
+
+    let upstream = Upstream::spawn().await;
+    let _host = TestHost::connect(&a, "web-1", &upstream).await;
+    wait_until_async("the directory write fails", DEADLINE, || async {
+        a.counter(DIRECTORY_ERRORS, &[("op", "register")]).await > 0.0
+    })
+    .await;
+    assert_served(&a, "web-1", "unpublished").await;
+
+    let restarted = Instant::now();
+    redis.restart_empty().await;
+    redis
+        .wait_value(&host_key("web-1"), &a.owner(), RESTORE_DEADLINE)
+        .await;
+    assert!(
+        restarted.elapsed() < RESTORE_DEADLINE,
+        "published {:?} after Redis came back",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        a.counter(REGISTRATIONS, &[]).await,
+        1.0,
+        "the host did not need to reconnect to be published"
+    );
+}
+
+#[tokio::test]
 async fn relays_boot_and_serve_locally_when_redis_accepts_connections_but_never_answers() {
     // The kernel completes TCP handshakes into the backlog of a socket that
     // never accepts: a Redis that hangs rather than refuses.

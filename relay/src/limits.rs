@@ -113,6 +113,12 @@ pub const LISTEN_BACKLOG: i32 = 4_096;
 /// tunnels still heals in 20 calls.
 pub const RECONCILE_BATCH: usize = 500;
 
+/// After a directory write of a new tunnel fails (Redis down or slow), the reconciler
+/// retries the tunnels not yet published this soon, then after twice as long each time,
+/// up to the reconcile interval: a hiccup costs a host its cross-machine reachability
+/// for about a second, not a whole interval.
+pub const RESYNC_FIRST_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a startup clean-up of this machine's stale directory entries may delay
 /// binding: best effort, the relay boots without it.
 pub const STARTUP_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -14,6 +15,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +31,7 @@ use crate::host;
 use crate::host_id::HostId;
 use crate::limits::{
     DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT, LISTEN_BACKLOG,
-    RECONCILE_BATCH, STARTUP_CLEAR_TIMEOUT,
+    RECONCILE_BATCH, RESYNC_FIRST_RETRY, STARTUP_CLEAR_TIMEOUT,
 };
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::registry::Registry;
@@ -66,6 +68,8 @@ struct Inner {
     directory_cleared: AtomicBool,
     /// Token bucket of tunnel registrations.
     admission: DefaultDirectRateLimiter,
+    /// Woken when a tunnel's directory write failed: the reconciler retries soon.
+    unsynced: Notify,
 }
 
 /// Where a client request for a host goes.
@@ -129,6 +133,7 @@ impl Relay {
                 admission: RateLimiter::direct(
                     Quota::per_second(config.admission_rate).allow_burst(config.admission_burst),
                 ),
+                unsynced: Notify::new(),
                 config,
             }),
         })
@@ -279,10 +284,12 @@ impl Relay {
             Ok(Ok(None)) => true,
             Ok(Err(err)) => {
                 host::directory_failed("register", host, &err);
+                self.inner.unsynced.notify_one();
                 false
             }
             Err(_) => {
                 host::directory_failed("register", host, &"timed out");
+                self.inner.unsynced.notify_one();
                 false
             }
         }
@@ -534,52 +541,102 @@ async fn sweep_loop(directory: Arc<dyn Directory>, owner: Owner, shutdown: Cance
 /// local tunnel in batches, writing only entries that are absent or already ours. This is
 /// what heals the directory after a Redis restart, flush or failover without any host
 /// reconnecting, and what publishes tunnels that registered while Redis was down.
+///
+/// Between intervals, once a tunnel's own directory write failed, only the tunnels not yet
+/// published are retried: after [`RESYNC_FIRST_RETRY`], then twice as long each time
+/// while some remain, up to the interval.
 async fn reconcile_loop(relay: Relay) {
     let interval = relay.config().reconcile_interval;
     let owner = relay.config().owner.clone();
     let shutdown = relay.shutdown_token().clone();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now(), interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry_delay = RESYNC_FIRST_RETRY;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        let full = tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Some(addr) = relay.advertise_addr() {
-            // Three rounds of slack: one missed round does not hide this machine.
-            let ttl = interval.saturating_mul(3);
-            match timeout(
-                DIRECTORY_TIMEOUT,
-                relay.directory().advertise(&owner, addr, ttl),
-            )
-            .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => telemetry::directory_error("advertise", &owner, &err),
-                Err(_) => telemetry::directory_error("advertise", &owner, &"timed out"),
+            _ = tick.tick() => true,
+            () = relay.inner.unsynced.notified(), if retry_at.is_none() => {
+                retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                continue;
             }
+            () = sleep_until_or_never(retry_at) => false,
+        };
+        if full {
+            advertise(&relay, &owner, interval).await;
         }
-        let handles = relay.registry().handles();
-        let hosts: Vec<HostId> = handles.iter().map(|h| h.host().clone()).collect();
-        let mut written = 0;
-        for (batch, handles) in hosts
-            .chunks(RECONCILE_BATCH)
-            .zip(handles.chunks(RECONCILE_BATCH))
-        {
-            match timeout(DIRECTORY_TIMEOUT, relay.directory().reassert(batch, &owner)).await {
-                Ok(Ok(n)) => {
-                    written += n;
-                    for handle in handles {
-                        handle.set_synced(true);
-                    }
-                }
-                Ok(Err(err)) => telemetry::directory_error("reassert", &owner, &err),
-                Err(_) => telemetry::directory_error("reassert", &owner, &"timed out"),
-            }
-        }
+        let handles: Vec<TunnelHandle> = relay
+            .registry()
+            .handles()
+            .into_iter()
+            .filter(|handle| full || !handle.is_synced())
+            .collect();
+        let written = reassert(&relay, &owner, &handles).await;
         if written > 0 {
             telemetry::reconciled(written);
-            debug!(written, "reconciler restored directory entries");
+            debug!(written, full, "reconciler restored directory entries");
+        }
+        if handles.iter().any(|handle| !handle.is_synced()) {
+            retry_at = Some(tokio::time::Instant::now() + retry_delay);
+            retry_delay = (retry_delay * 2).min(interval);
+        } else {
+            retry_at = None;
+            retry_delay = RESYNC_FIRST_RETRY;
         }
     }
+}
+
+/// Resolves at `at`, or never when there is none.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes this machine's peer address for three reconcile intervals.
+async fn advertise(relay: &Relay, owner: &Owner, interval: Duration) {
+    let Some(addr) = relay.advertise_addr() else {
+        return;
+    };
+    // Three rounds of slack: one missed round does not hide this machine.
+    let ttl = interval.saturating_mul(3);
+    match timeout(
+        DIRECTORY_TIMEOUT,
+        relay.directory().advertise(owner, addr, ttl),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => telemetry::directory_error("advertise", owner, &err),
+        Err(_) => telemetry::directory_error("advertise", owner, &"timed out"),
+    }
+}
+
+/// Re-asserts the entries of `handles` in batches; marks each batch that went through as
+/// synced. Stops at the first failure: the next batches would only wait on the same sick
+/// Redis. Returns how many entries were written.
+async fn reassert(relay: &Relay, owner: &Owner, handles: &[TunnelHandle]) -> usize {
+    let mut written = 0;
+    for batch in handles.chunks(RECONCILE_BATCH) {
+        let hosts: Vec<HostId> = batch.iter().map(|h| h.host().clone()).collect();
+        match timeout(DIRECTORY_TIMEOUT, relay.directory().reassert(&hosts, owner)).await {
+            Ok(Ok(n)) => {
+                written += n;
+                for handle in batch {
+                    handle.set_synced(true);
+                }
+            }
+            Ok(Err(err)) => {
+                telemetry::directory_error("reassert", owner, &err);
+                break;
+            }
+            Err(_) => {
+                telemetry::directory_error("reassert", owner, &"timed out");
+                break;
+            }
+        }
+    }
+    written
 }
