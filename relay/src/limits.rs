@@ -275,9 +275,10 @@ pub mod agent {
     /// After a drain, how long the old tunnel stays open once the new one is registered,
     /// even when idle. Another relay may have looked the host up just before the new
     /// registration and forwarded a request to the draining relay, which serves it on the
-    /// old tunnel: closing that tunnel at once turned such a request into a 502. One
-    /// second covers a lookup-and-forward many times over and fits well inside the
-    /// relay's 3 s drain grace.
+    /// old tunnel. Once the tunnel is gone the relays route such a request on, but one
+    /// written to the old tunnel in the instant the agent closes it would fail (502): one
+    /// second covers a lookup-and-forward many times over, and costs the relay's drain
+    /// nothing (it ends once every host has moved and its old tunnel is idle).
     pub const DRAINED_TUNNEL_LINGER: Duration = Duration::from_secs(1);
 
     /// Bound on a WebSocket close handshake (tunnel or local channel): a peer that never
