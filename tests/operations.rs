@@ -1,7 +1,7 @@
 //! What an operator sees: metrics that move with traffic, the admin endpoint, and
 //! structured logs without tokens.
 
-use relay_tests::{DEADLINE, Stack, TestHost, TestRelay, Upstream, wait_until_async};
+use relay_tests::{DEADLINE, Stack, TestHost, TestRedis, TestRelay, Upstream, wait_until_async};
 use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0001";
@@ -122,6 +122,94 @@ async fn admin_tunnels_rejects_missing_and_wrong_tokens_and_lists_real_tunnels()
         "{tunnel}"
     );
     assert!(!stack.relay.logs().iter().any(|l| l.contains(ADMIN_TOKEN)));
+}
+
+#[tokio::test]
+async fn admin_tunnels_all_walks_the_whole_directory_in_pages() {
+    let redis = TestRedis::spawn().await;
+    let spawn = |region: &'static str, machine: &'static str| {
+        TestRelay::builder()
+            .region(region)
+            .machine_id(machine)
+            .redis(&redis.url())
+            .env("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
+            .spawn()
+    };
+    let a = spawn("ams", "relay-a").await;
+    let b = spawn("fra", "relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let mut hosts = Vec::new();
+    for (relay, host) in [(&a, "web-1"), (&a, "web-2"), (&b, "web-3")] {
+        hosts.push(TestHost::connect(relay, host, &upstream).await);
+        redis.wait_host_owner(host, relay).await;
+    }
+    let admin = |query: &str| {
+        a.http()
+            .get(a.http_url(&format!("/admin/tunnels{query}")))
+            .bearer(ADMIN_TOKEN)
+            .send()
+    };
+
+    let local = admin("").await;
+    local.assert_status(200);
+    assert!(local.json().get("directory").is_none(), "only with ?all=1");
+
+    let all = admin("?all=1").await;
+    all.assert_status(200);
+    let body = all.json();
+    assert_eq!(body["count"], 2, "the local part is unchanged: {body}");
+    assert_eq!(body["directory"]["kind"], "redis");
+    let owners: Vec<(String, String)> = entries(&body);
+    assert_eq!(
+        owners,
+        [
+            ("web-1".to_owned(), "ams:relay-a".to_owned()),
+            ("web-2".to_owned(), "ams:relay-a".to_owned()),
+            ("web-3".to_owned(), "fra:relay-b".to_owned()),
+        ]
+    );
+
+    // A page at a time, following nextCursor until it is null.
+    let mut walked = Vec::new();
+    let mut cursor = String::from("0");
+    for _ in 0..100 {
+        let page = admin(&format!("?all=1&count=1&cursor={cursor}")).await;
+        page.assert_status(200);
+        let page = page.json();
+        walked.extend(entries(&page));
+        match page["directory"]["nextCursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    walked.sort();
+    walked.dedup();
+    assert_eq!(walked, owners);
+
+    admin("?all=1&cursor=minus-one").await.assert_status(400);
+    admin("?all=1&count=lots").await.assert_status(400);
+    a.http()
+        .get(a.http_url("/admin/tunnels?all=1"))
+        .send()
+        .await
+        .assert_status(401);
+}
+
+/// The directory entries of an admin answer, as (hostId, owner), sorted.
+fn entries(body: &Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = body["directory"]["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no directory entries in {body}"))
+        .iter()
+        .map(|e| {
+            (
+                e["hostId"].as_str().unwrap().to_owned(),
+                e["owner"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[tokio::test]

@@ -2,19 +2,46 @@
 //!
 //! Off unless `RELAY_ADMIN_TOKEN` is set; then it needs `Authorization: Bearer <token>`
 //! (401 otherwise). The token is compared in constant time and never logged.
+//!
+//! `?all=1` adds one page of the whole directory (every machine's hosts):
+//! `&count=` entries at most about (default [`ADMIN_DIRECTORY_PAGE`], at most
+//! [`ADMIN_DIRECTORY_PAGE_MAX`]), from `&cursor=` (the `nextCursor` of the previous page;
+//! `null` there means the walk is done).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, header};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::time::timeout;
 
+use crate::limits::{ADMIN_DIRECTORY_PAGE, ADMIN_DIRECTORY_PAGE_MAX, DIRECTORY_TIMEOUT};
 use crate::server::Relay;
 
+/// The query of `GET /admin/tunnels`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TunnelsQuery {
+    /// `1` (or `true`) adds a page of the whole directory.
+    #[serde(default)]
+    all: Option<String>,
+    /// Where the page starts (the previous page's `nextCursor`).
+    #[serde(default)]
+    cursor: Option<String>,
+    /// How many entries, about.
+    #[serde(default)]
+    count: Option<String>,
+}
+
 /// `GET /admin/tunnels`.
-pub(crate) async fn tunnels(State(relay): State<Relay>, headers: HeaderMap) -> Response {
+pub(crate) async fn tunnels(
+    State(relay): State<Relay>,
+    headers: HeaderMap,
+    query: Result<Query<TunnelsQuery>, QueryRejection>,
+) -> Response {
     let Some(expected) = &relay.config().admin_token else {
         return (
             StatusCode::NOT_FOUND,
@@ -59,14 +86,79 @@ pub(crate) async fn tunnels(State(relay): State<Relay>, headers: HeaderMap) -> R
         })
         .collect();
     tunnels.sort_by(|a, b| a["hostId"].as_str().cmp(&b["hostId"].as_str()));
-    Json(json!({
+    let mut body = json!({
         "region": owner.region,
         "machine": owner.machine_id,
         "draining": relay.is_draining(),
         "count": tunnels.len(),
         "tunnels": tunnels,
-    }))
-    .into_response()
+    });
+    // Read only now: the token is checked before anything about the request is answered.
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": rejection.body_text()})),
+            )
+                .into_response();
+        }
+    };
+    if matches!(query.all.as_deref(), Some("1" | "true")) {
+        match directory_page(&relay, &query).await {
+            Ok(page) => body["directory"] = page,
+            Err(response) => return response,
+        }
+    }
+    Json(body).into_response()
+}
+
+/// One page of the whole directory, as JSON; a 400 for a bad cursor or count. A directory
+/// that fails is reported in the page (`error`), not as a failed request: the local part
+/// of the answer still helps.
+async fn directory_page(relay: &Relay, query: &TunnelsQuery) -> Result<Value, Response> {
+    let bad = |what: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{what} must be a whole number")})),
+        )
+            .into_response()
+    };
+    let cursor = match query.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => c.parse::<u64>().map_err(|_| bad("cursor"))?,
+    };
+    let count = match query.count.as_deref() {
+        None | Some("") => ADMIN_DIRECTORY_PAGE,
+        Some(c) => c.parse::<usize>().map_err(|_| bad("count"))?,
+    }
+    .clamp(1, ADMIN_DIRECTORY_PAGE_MAX);
+    Ok(
+        match timeout(DIRECTORY_TIMEOUT, relay.directory().list(cursor, count)).await {
+            Ok(Ok(page)) => {
+                let entries: Vec<Value> = page
+                    .entries
+                    .iter()
+                    .map(|(host, owner)| {
+                        json!({
+                            "hostId": host.as_str(),
+                            "owner": owner.to_string(),
+                            "region": owner.region,
+                            "machine": owner.machine_id,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "kind": relay.directory().kind(),
+                    "entries": entries,
+                    // A string: cursors can exceed what JSON numbers carry exactly.
+                    "nextCursor": (page.next != 0).then(|| page.next.to_string()),
+                })
+            }
+            Ok(Err(err)) => json!({"error": err.to_string()}),
+            Err(_) => json!({"error": "the directory did not answer in time"}),
+        },
+    )
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {

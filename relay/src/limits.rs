@@ -119,6 +119,13 @@ pub const RECONCILE_BATCH: usize = 500;
 /// for about a second, not a whole interval.
 pub const RESYNC_FIRST_RETRY: Duration = Duration::from_secs(1);
 
+/// Entries per page of the whole directory on `GET /admin/tunnels?all=1`, by default
+/// and at most: a page is one `SCAN` step and one `MGET`, kept short so an operator's
+/// walk never holds up Redis.
+pub const ADMIN_DIRECTORY_PAGE: usize = 1_000;
+/// See [`ADMIN_DIRECTORY_PAGE`].
+pub const ADMIN_DIRECTORY_PAGE_MAX: usize = 10_000;
+
 /// How long a startup clean-up of this machine's stale directory entries may delay
 /// binding: best effort, the relay boots without it.
 pub const STARTUP_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);

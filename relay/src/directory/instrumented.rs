@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Directory, DirectoryError, Owner};
+use super::{Directory, DirectoryError, DirectoryPage, Owner};
 use crate::host_id::HostId;
 
 /// Wraps a directory and records `relay_directory_ops_total{op,outcome}` and
@@ -60,6 +60,10 @@ impl Directory for Instrumented {
 
     async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError> {
         measured("lookup_many", self.inner.lookup_many(hosts)).await
+    }
+
+    async fn list(&self, cursor: u64, count: usize) -> Result<DirectoryPage, DirectoryError> {
+        measured("list", self.inner.list(cursor, count)).await
     }
 
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {

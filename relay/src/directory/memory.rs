@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Directory, DirectoryError, Owner};
+use super::{Directory, DirectoryError, DirectoryPage, Owner};
 use crate::host_id::HostId;
 
 /// An in-memory directory with the same semantics as the shared one: TTL per entry,
@@ -132,6 +132,30 @@ impl Directory for MemoryDirectory {
             .iter()
             .map(|host| state.live_owner(host, now).cloned())
             .collect())
+    }
+
+    /// The cursor is an offset in hostId order.
+    async fn list(&self, cursor: u64, count: usize) -> Result<DirectoryPage, DirectoryError> {
+        let now = Instant::now();
+        let state = self.state();
+        let mut live: Vec<(&HostId, &Owner)> = state
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.expires_at > now)
+            .map(|(host, entry)| (host, &entry.owner))
+            .collect();
+        live.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let start = usize::try_from(cursor)
+            .unwrap_or(usize::MAX)
+            .min(live.len());
+        let end = start.saturating_add(count.max(1)).min(live.len());
+        Ok(DirectoryPage {
+            entries: live[start..end]
+                .iter()
+                .map(|(host, owner)| ((*host).clone(), (*owner).clone()))
+                .collect(),
+            next: if end < live.len() { end as u64 } else { 0 },
+        })
     }
 
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
@@ -267,6 +291,33 @@ mod tests {
             dir.lookup_many(&hosts).await.unwrap(),
             vec![Some(b), None, None, Some(a)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_walks_every_live_entry_in_pages_and_skips_expired_ones() {
+        let dir = MemoryDirectory::new(Duration::from_secs(10));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        dir.register(&host("old"), &a).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for i in 0..5 {
+            dir.register(&host(&format!("h{i}")), if i % 2 == 0 { &a } else { &b })
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = dir.list(cursor, 2).await.unwrap();
+            assert!(page.entries.len() <= 2);
+            seen.extend(page.entries);
+            cursor = page.next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let hosts: Vec<&str> = seen.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(hosts, ["h0", "h1", "h2", "h3", "h4"]);
+        assert_eq!(seen[1].1, b);
     }
 
     #[tokio::test]

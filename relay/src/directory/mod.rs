@@ -95,6 +95,15 @@ impl FromStr for Owner {
     }
 }
 
+/// One page of [`Directory::list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectoryPage {
+    /// Hosts and their owners.
+    pub entries: Vec<(HostId, Owner)>,
+    /// Where the next page starts; 0 when this was the last.
+    pub next: u64,
+}
+
 /// A directory operation failed. The relay's infrastructure (not a host or client) is at
 /// fault; callers log it and carry on with what they hold locally.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +147,12 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// relay asks which of its hosts have registered elsewhere). Callers bound the batch
     /// ([`crate::limits::LOOKUP_BATCH`]). A corrupt entry reads as no owner (logged).
     async fn lookup_many(&self, hosts: &[HostId]) -> Result<Vec<Option<Owner>>, DirectoryError>;
+
+    /// One page of the whole directory (every owner), for operators: about `count` live
+    /// entries from `cursor` (0 starts a walk), and the cursor of the next page (0: the
+    /// walk is done). As with Redis `SCAN`, an entry may show on two pages of one walk,
+    /// and entries that come or go during it may or may not show.
+    async fn list(&self, cursor: u64, count: usize) -> Result<DirectoryPage, DirectoryError>;
 
     /// Refreshes the TTL of `host` only if `owner` still owns it; never recreates an entry
     /// that was removed. Returns whether the entry was refreshed.

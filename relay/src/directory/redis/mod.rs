@@ -94,7 +94,7 @@ use async_trait::async_trait;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use super::{Directory, DirectoryError, Owner};
+use super::{Directory, DirectoryError, DirectoryPage, Owner};
 use crate::host_id::HostId;
 
 #[cfg(test)]
@@ -405,6 +405,44 @@ impl Directory for RedisDirectory {
             .collect())
     }
 
+    /// One `SCAN` step over the host keys (`MATCH <prefix>host:*`), then one `MGET`.
+    async fn list(&self, cursor: u64, count: usize) -> Result<DirectoryPage, DirectoryError> {
+        let pattern = format!("{}host:*", glob_escape(&self.prefix));
+        let (next, keys): (u64, Vec<String>) = self
+            .query(
+                "list",
+                ::redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        if keys.is_empty() {
+            return Ok(DirectoryPage {
+                entries: Vec::new(),
+                next,
+            });
+        }
+        let values: Vec<Option<Vec<u8>>> =
+            self.query("list", ::redis::cmd("MGET").arg(&keys)).await?;
+        let host_prefix = format!("{}host:", self.prefix);
+        let mut entries = Vec::with_capacity(keys.len());
+        for (key, value) in keys.iter().zip(values) {
+            // Gone since the SCAN (expired, removed): skipped.
+            let Some(value) = value else { continue };
+            let host = key
+                .strip_prefix(&host_prefix)
+                .and_then(|id| HostId::parse(id).ok());
+            match (host, decode_owner(key, value)) {
+                (Some(host), Ok(owner)) => entries.push((host, owner)),
+                _ => warn!(%key, "ignored a corrupt directory entry"),
+            }
+        }
+        Ok(DirectoryPage { entries, next })
+    }
+
     async fn heartbeat(&self, host: &HostId, owner: &Owner) -> Result<bool, DirectoryError> {
         let mut script = self.scripts.heartbeat.prepare_invoke();
         script
@@ -524,6 +562,19 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// An owner read from `key`.
+/// `s` with the glob characters of a Redis `MATCH` pattern escaped, so that a key prefix
+/// matches only itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn decode_owner(key: &str, value: Vec<u8>) -> Result<Owner, DirectoryError> {
     let text =
         String::from_utf8(value).map_err(|err| DirectoryError::Corrupt(format!("{key}: {err}")))?;

@@ -219,6 +219,41 @@ async fn lookup_many_answers_each_host_in_order_and_reads_a_corrupt_entry_as_non
 }
 
 #[tokio::test]
+async fn list_walks_every_host_of_its_prefix_only_whatever_glob_characters_it_holds() {
+    let redis = TestRedis::spawn().await;
+    let mut raw = redis.raw().await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let ttl = Duration::from_secs(60);
+    let dir = RedisDirectory::new(&url, "t*[1]:", ttl).unwrap();
+    let other = RedisDirectory::new(&url, "t1:", ttl).unwrap();
+    let (a, b) = (owner("ams:a"), owner("fra:b"));
+    let mut expected = Vec::new();
+    for i in 0..25 {
+        let (h, o) = (host(&format!("h{i:02}")), if i % 3 == 0 { &b } else { &a });
+        dir.register(&h, o).await.unwrap();
+        expected.push((h, o.clone()));
+    }
+    // Would match an unescaped `t*[1]:host:*`.
+    other.register(&host("intruder"), &a).await.unwrap();
+    set(&mut raw, "t*[1]:host:corrupt", "not an owner").await;
+
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = dir.list(cursor, 4).await.unwrap();
+        seen.extend(page.entries);
+        cursor = page.next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    expected.sort();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
 async fn unregister_is_compare_and_delete() {
     let redis = TestRedis::spawn().await;
     let mut raw = redis.raw().await;
