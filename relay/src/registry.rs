@@ -91,4 +91,14 @@ impl Registry {
     pub fn handles(&self) -> Vec<TunnelHandle> {
         self.tunnels().values().cloned().collect()
     }
+
+    /// The handles for which `keep` holds: only those are cloned. `keep` runs under the
+    /// registry's lock, so it must be quick and must not block.
+    pub fn handles_where(&self, keep: impl Fn(&TunnelHandle) -> bool) -> Vec<TunnelHandle> {
+        self.tunnels()
+            .values()
+            .filter(|handle| keep(handle))
+            .cloned()
+            .collect()
+    }
 }

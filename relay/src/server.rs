@@ -566,12 +566,9 @@ async fn reconcile_loop(relay: Relay) {
         if full {
             advertise(&relay, &owner, interval).await;
         }
-        let handles: Vec<TunnelHandle> = relay
+        let handles = relay
             .registry()
-            .handles()
-            .into_iter()
-            .filter(|handle| full || !handle.is_synced())
-            .collect();
+            .handles_where(|handle| full || !handle.is_synced());
         let written = reassert(&relay, &owner, &handles).await;
         if written > 0 {
             telemetry::reconciled(written);
