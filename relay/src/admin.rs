@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::time::timeout;
 
 use crate::limits::{ADMIN_DIRECTORY_PAGE, ADMIN_DIRECTORY_PAGE_MAX, DIRECTORY_TIMEOUT};
-use crate::server::Relay;
+use crate::state::Relay;
 
 /// The query of `GET /admin/tunnels`.
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,8 @@ use tracing::error;
 use crate::auth::{ANY_HOST, Role, Signer};
 use crate::config::{EXIT_CONFIG, KeySource, MIN_SECRET_BYTES, Secret, ServeArgs};
 use crate::host_id::HostId;
-use crate::{agent, server, telemetry};
+use crate::state::Relay;
+use crate::{agent, ownership, server, telemetry};
 
 /// WebSocket tunnel relay: reach hosts behind NAT over one outbound tunnel.
 #[derive(Debug, Parser)]
@@ -135,7 +136,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async move {
-        let relay = match server::Relay::new(config) {
+        let relay = match Relay::new(config) {
             Ok(relay) => relay,
             Err(err) => {
                 eprintln!("relay: {err}");
@@ -150,7 +151,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         // Before binding: nothing may be routed here for tunnels a previous process with
         // this identity held (a SIGKILL leaves them behind).
-        relay.clear_stale_entries().await;
+        ownership::clear_stale_entries(&relay).await;
         let listen = relay.config().listen;
         let listener = match server::bind(listen) {
             Ok(listener) => listener,

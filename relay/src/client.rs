@@ -19,18 +19,16 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Role, bearer_token};
 use crate::error::ClientError;
+use crate::headers;
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
 use crate::protocol::{Frame, Headers, close_code};
-use crate::routing::{self, Forward, Hop};
-use crate::server::{Relay, Route};
+use crate::routing::{self, Forward, Hop, Route};
+use crate::state::Relay;
 use crate::telemetry;
 use crate::tunnel::{
     Channel, ExchangeError, ExchangeFailure, HttpRequest, HttpResponse, TunnelHandle,
 };
-
-/// Path segment under a host that the relay answers itself.
-pub const WHOOWNS: &str = "/_whoowns";
 
 /// `ANY /hosts/{hostId}/{*path}`.
 pub(crate) async fn host_request(
@@ -73,7 +71,7 @@ async fn serve(
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
 
     let hop = Hop::of(request.headers());
-    let route_found = match relay.route(&host, hop.is_hopped()).await {
+    let route_found = match routing::route(&relay, &host, hop.is_hopped()).await {
         Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
         other => other?,
     };
@@ -180,7 +178,7 @@ async fn exchange(
     let request = HttpRequest {
         method: parts.method.as_str().to_owned(),
         path,
-        headers: forward_headers(&parts.headers, client_ip(peer)),
+        headers: Headers::from_map(&headers::to_host(&parts.headers, client_ip(peer))),
         body,
     };
     let response = match tunnel
@@ -209,7 +207,7 @@ async fn redeliver(
     hop: Hop,
 ) -> Result<Response, ClientError> {
     telemetry::redelivered();
-    match relay.route(host, hop.is_hopped()).await {
+    match routing::route(relay, host, hop.is_hopped()).await {
         Ok(Route::Local(tunnel)) => {
             let permit = tunnel.reserve()?;
             let response = tunnel
@@ -238,7 +236,7 @@ fn open_channel(
     let queue = relay.config().limits.channel_queue;
     let tracker = relay.tracker().clone();
     let span = debug_span!("channel", host = %tunnel.host(), %path);
-    crate::host::configure(upgrade, &relay.config().limits)
+    crate::websocket::configure(upgrade, &relay.config().limits)
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
@@ -384,81 +382,6 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and must
-/// not be forwarded.
-pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// The request headers the host gets: hop-by-hop headers, the client's credentials,
-/// `Host` and the relays' own hop marker removed, framing left to the host's HTTP client,
-/// `X-Forwarded-*` added. The peer's address is always appended to `X-Forwarded-For`,
-/// also when the peer is another relay: a client can send a hop marker too, so trusting
-/// it to skip the append would let a client forge the whole chain.
-fn forward_headers(headers: &HeaderMap, peer: IpAddr) -> Headers {
-    let listed_in_connection: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .collect();
-    let mut out = Vec::with_capacity(headers.keys_len() + 3);
-    for name in headers.keys() {
-        if is_hop_by_hop(name)
-            || name == header::AUTHORIZATION
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == "x-forwarded-for"
-            || name == routing::HOP_HEADER
-            || listed_in_connection.iter().any(|n| n == name.as_str())
-        {
-            continue;
-        }
-        let values: Vec<&str> = headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if values.is_empty() {
-            continue;
-        }
-        let separator = if name == header::COOKIE { "; " } else { ", " };
-        out.push((name.as_str().to_owned(), values.join(separator)));
-    }
-    let prior: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded_for = if prior.is_empty() {
-        peer.to_string()
-    } else {
-        format!("{}, {peer}", prior.join(", "))
-    };
-    out.push(("x-forwarded-for".into(), forwarded_for));
-    if !headers.contains_key("x-forwarded-proto") {
-        out.push(("x-forwarded-proto".into(), "http".into()));
-    }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok())
-    {
-        out.push(("x-forwarded-host".into(), host.to_owned()));
-    }
-    Headers(out)
-}
-
 /// The client's response from the host's answer.
 fn into_client_response(response: HttpResponse) -> Result<Response, ClientError> {
     let status = StatusCode::from_u16(response.status)
@@ -481,11 +404,12 @@ fn into_client_response(response: HttpResponse) -> Result<Response, ClientError>
             telemetry::message_ignored("bad_header");
             continue;
         };
-        if is_hop_by_hop(&name) || name == header::CONTENT_LENGTH {
+        if name == header::CONTENT_LENGTH {
             continue;
         }
         headers.append(name, value);
     }
+    headers::from_host(headers);
     Ok(out)
 }
 
@@ -513,34 +437,6 @@ mod tests {
             Some("tokens=1&flag".into())
         );
         assert_eq!(strip_token(None), None);
-    }
-
-    #[test]
-    fn forwarded_headers_drop_credentials_and_hop_by_hop() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
-        headers.insert(header::HOST, "relay.example".parse().unwrap());
-        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
-        headers.insert("x-private", "1".parse().unwrap());
-        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        headers.append(header::ACCEPT, "a".parse().unwrap());
-        headers.append(header::ACCEPT, "b".parse().unwrap());
-        headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
-        headers.insert(routing::HOP_HEADER, "ams:a".parse().unwrap());
-        let out = forward_headers(
-            &headers,
-            client_ip("[::ffff:192.0.2.7]:5000".parse().unwrap()),
-        );
-        let get = |n: &str| out.0.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
-        assert_eq!(get("authorization"), None);
-        assert_eq!(get("host"), None);
-        assert_eq!(get("x-private"), None);
-        assert_eq!(get("transfer-encoding"), None);
-        assert_eq!(get("accept"), Some("a, b"));
-        assert_eq!(get("x-forwarded-for"), Some("10.0.0.1, 192.0.2.7"));
-        assert_eq!(get("x-forwarded-proto"), Some("http"));
-        assert_eq!(get("x-forwarded-host"), Some("relay.example"));
-        assert_eq!(get(routing::HOP_HEADER), None);
     }
 
     #[test]

@@ -32,13 +32,10 @@ use tracing::{info, warn};
 
 use crate::host_id::HostId;
 use crate::limits::{DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT, DRAIN_MOVED_POLL, LOOKUP_BATCH};
-use crate::protocol::close_code;
-use crate::server::Relay;
+use crate::protocol::{DRAIN_REASON, close_code};
+use crate::state::Relay;
 use crate::telemetry;
 use crate::tunnel::TunnelHandle;
-
-/// The reason sent in every `drain` message.
-pub const DRAIN_REASON: &str = "relay shutting down";
 
 /// What one drain did, for the log and the benchmarks.
 #[derive(Debug, Clone, Default)]

@@ -23,25 +23,13 @@ use crate::auth::{AuthError, Role, bearer_token};
 use crate::config::RoutingMode;
 use crate::error::ClientError;
 use crate::host_id::HostId;
-use crate::limits::{CLOSE_TIMEOUT, Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
+use crate::limits::{CLOSE_TIMEOUT, MAX_CLOSE_REASON};
 use crate::listener::PeerAddr;
+use crate::ownership;
 use crate::protocol::close_code;
-use crate::server::Relay;
+use crate::state::Relay;
 use crate::telemetry;
 use crate::tunnel::TunnelHandle;
-
-/// Applies the relay's socket limits and buffer sizes to a WebSocket upgrade.
-///
-/// The write buffer is left unbounded on purpose: the session writes one batch at a time
-/// from a bounded queue, so that queue is the bound, and a cap here would only turn one
-/// large message into an error.
-pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocketUpgrade {
-    upgrade
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-}
 
 /// Why a tunnel registration was refused. The agent is at fault; it gets close 1008.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +61,7 @@ pub(crate) async fn accept(
         telemetry::admission_rejected("rate");
         return too_many_registrations(wait);
     }
-    let upgrade = configure(upgrade, &relay.config().limits);
+    let upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
     let tracker = relay.tracker().clone();
     match authorize(&relay, &headers, query.as_deref()) {
         Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
@@ -191,7 +179,7 @@ async fn serve_tunnel(
             let relay = relay.clone();
             let handle = handle.clone();
             async move {
-                let synced = relay.publish(handle.host()).await;
+                let synced = ownership::publish(&relay, handle.host()).await;
                 handle.set_synced(synced);
                 // A first ping now (v1 allows one at any time) tells the agent the tunnel
                 // is registered and routable: an agent moving off a draining relay waits
@@ -206,7 +194,7 @@ async fn serve_tunnel(
             let handle = handle.clone();
             move || {
                 if !handle.has_moved() {
-                    relay.heartbeat(handle.host());
+                    ownership::heartbeat(&relay, handle.host());
                 }
             }
         };
@@ -219,14 +207,9 @@ async fn serve_tunnel(
         // compare-and-delete would find another owner): a drain of thousands of tunnels
         // spares Redis that many scripts.
         if relay.registry().remove(&host, handle.id()) && !handle.has_moved() {
-            relay.unpublish(&host).await;
+            ownership::unpublish(&relay, &host).await;
         }
     }
     .instrument(span)
     .await;
-}
-
-/// Logs (rate limited) and counts a directory failure; the tunnel keeps serving locally.
-pub(crate) fn directory_failed(op: &'static str, host: &HostId, err: &dyn std::fmt::Display) {
-    telemetry::directory_error(op, host, err);
 }

@@ -12,7 +12,11 @@
 //! - [`host_id`]: validated hostIds.
 //! - [`auth`]: JWT claims, verification and minting.
 //! - [`admin`]: `GET /admin/tunnels`, for operators.
-//! - [`server`]: shared state ([`server::Relay`]), the router and the serve loop.
+//! - [`state`]: the shared state of one relay process ([`state::Relay`]).
+//! - [`router`]: the HTTP routes.
+//! - [`server`]: binding and the serve loop (then the drain).
+//! - [`ownership`]: this machine's directory entries: publish, heartbeat, unpublish,
+//!   and the reconciler that heals them.
 //! - [`drain`]: the graceful drain sequence, in one place.
 //! - [`listener`]: the listening socket, which a drain closes without dropping
 //!   connections already accepted.
@@ -21,7 +25,11 @@
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
 //! - [`tunnel`]: the per-tunnel actor and its handle: a multiplexer of streams.
 //! - [`registry`]: the tunnels this process holds.
-//! - [`routing`]: reaching the machine that holds a host's tunnel (proxy, fly-replay).
+//! - [`routing`]: where a request goes, and reaching the machine that holds a host's
+//!   tunnel (proxy, fly-replay).
+//! - [`peers`]: pooled connections to peer relays.
+//! - [`headers`]: which headers cross which hop (client, host, peer, local service).
+//! - [`websocket`]: WebSocket plumbing shared by tunnels, channels and bridges.
 //! - [`directory`]: which machine owns each host (in memory by default).
 //! - [`error`]: errors answered to clients, by whose fault they are.
 //! - [`telemetry`]: logging, redaction and metrics.
@@ -39,14 +47,20 @@ pub mod config;
 pub mod directory;
 pub mod drain;
 pub mod error;
+pub mod headers;
 pub mod host;
 pub mod host_id;
 pub mod limits;
 pub mod listener;
+pub mod ownership;
+pub mod peers;
 pub mod protocol;
 pub mod registry;
+pub mod router;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+pub mod state;
 pub mod telemetry;
 pub mod tunnel;
+pub mod websocket;

@@ -39,6 +39,9 @@ pub mod close_code {
     }
 }
 
+/// The reason sent in every `drain` message.
+pub const DRAIN_REASON: &str = "relay shutting down";
+
 /// Identifies one stream (an HTTP exchange or a WebSocket channel) within a tunnel.
 ///
 /// On the wire a v1 `id` is a string; the relay issues decimal numbers, unique for the
@@ -81,6 +84,32 @@ pub enum Encoding {
 /// dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// v1 headers from an HTTP header map: the values of a repeated name are joined into
+    /// one (`, `, or `; ` for `cookie`, RFC 9110 §5.3 and RFC 6265 §5.4); values that are
+    /// not text are dropped, as a JSON string cannot carry them.
+    pub fn from_map(map: &http::HeaderMap) -> Headers {
+        let mut out = Vec::with_capacity(map.keys_len());
+        for name in map.keys() {
+            let values: Vec<&str> = map
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if values.is_empty() {
+                continue;
+            }
+            let separator = if name == http::header::COOKIE {
+                "; "
+            } else {
+                ", "
+            };
+            out.push((name.as_str().to_owned(), values.join(separator)));
+        }
+        Headers(out)
+    }
+}
 
 impl Serialize for Headers {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

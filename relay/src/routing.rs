@@ -25,9 +25,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig};
@@ -37,18 +34,18 @@ use tracing::{Instrument, debug, debug_span, warn};
 use crate::config::RoutingMode;
 use crate::directory::Owner;
 use crate::error::ClientError;
+use crate::headers;
 use crate::host_id::HostId;
 use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN};
-use crate::server::{Relay, Route};
+use crate::ownership;
+use crate::state::Relay;
 use crate::telemetry;
+use crate::tunnel::TunnelHandle;
 
-/// Marks a request forwarded by a peer relay; its value is the forwarding machine.
-pub const HOP_HEADER: &str = "x-relay-hop";
+pub use crate::headers::{HOP as HOP_HEADER, NOT_HERE as NOT_HERE_HEADER};
 
-/// On a 503 to a forwarded request: this machine does not hold the host, and nothing was
-/// sent to any host, so the forwarding relay may try the current owner instead. Never
-/// shown to clients.
-pub const NOT_HERE_HEADER: &str = "x-relay-not-here";
+/// Path segment under a host that the relay answers itself: which machine holds it.
+pub const WHOOWNS: &str = "/_whoowns";
 
 /// The answer to a forwarded request for a host this machine does not hold.
 fn not_here() -> Response {
@@ -101,28 +98,47 @@ impl Hop {
     }
 }
 
-/// Pooled HTTP connections to peer relays.
-#[derive(Debug, Clone)]
-pub struct Peers {
-    client: Client<HttpConnector, Body>,
+/// Where a client request for a host goes.
+#[derive(Debug)]
+pub enum Route {
+    /// This machine holds the tunnel.
+    Local(TunnelHandle),
+    /// Another machine does.
+    Remote(Owner),
 }
 
-impl Default for Peers {
-    fn default() -> Self {
-        Peers::new()
-    }
-}
-
-impl Peers {
-    /// A client with a short connect timeout (peers share a private network: a slow
-    /// connect means a dead peer) and Nagle off.
-    pub fn new() -> Peers {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(PEER_CONNECT_TIMEOUT));
-        Peers {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+/// Where a request for `host` goes: the local tunnel, or the machine that owns it.
+/// `hopped` says the request was already routed here by another machine (or replayed by
+/// Fly): then only a local tunnel will do, so a request can never loop.
+///
+/// # Errors
+/// [`ClientError::HostNotConnected`] when no machine holds a tunnel for `host`, when the
+/// directory names this machine but the tunnel is not here (a stale entry), or when the
+/// directory cannot be read.
+pub async fn route(relay: &Relay, host: &HostId, hopped: bool) -> Result<Route, ClientError> {
+    if let Some(tunnel) = relay.registry().get(host) {
+        // Draining: once the agent has registered its new tunnel elsewhere, new work goes
+        // there; the old tunnel here only finishes what it has.
+        if relay.is_draining()
+            && !hopped
+            && let Some(owner) = ownership::lookup(relay, host).await
+            && owner != relay.config().owner
+        {
+            return Ok(Route::Remote(owner));
         }
+        return Ok(Route::Local(tunnel));
+    }
+    if hopped {
+        debug!(%host, "routed here by a peer but not held here; not forwarding again");
+        return Err(ClientError::HostNotConnected);
+    }
+    match ownership::lookup(relay, host).await {
+        Some(owner) if owner == relay.config().owner => {
+            debug!(%host, "directory names this machine but the tunnel is gone (stale)");
+            Err(ClientError::HostNotConnected)
+        }
+        Some(owner) => Ok(Route::Remote(owner)),
+        None => Err(ClientError::HostNotConnected),
     }
 }
 
@@ -204,43 +220,16 @@ async fn address_of(relay: &Relay, owner: &Owner) -> Option<String> {
 
 /// After a failed connect: the owner once more, if it is still another machine.
 async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
-    match relay.route(host, false).await {
+    match route(relay, host, false).await {
         Ok(Route::Remote(owner)) => Some(owner),
         // Moved here meanwhile, or gone: the client retries and lands right.
         Ok(Route::Local(_)) | Err(_) => None,
     }
 }
 
-/// Headers for the hop: the client's, minus hop-by-hop ones and `Host`, plus the hop
-/// marker and the forwarding chain.
+/// Headers for the hop: see [`headers::to_peer`].
 fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len() + 3);
-    for (name, value) in headers {
-        if crate::client::is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name.as_str().starts_with("sec-websocket-")
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    if let Ok(me) = HeaderValue::from_str(&relay.config().owner.to_string()) {
-        out.insert(HOP_HEADER, me);
-    }
-    let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {client_ip}"),
-        None => client_ip.to_string(),
-    };
-    if let Ok(chain) = HeaderValue::from_str(&chain) {
-        out.insert("x-forwarded-for", chain);
-    }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = headers.get(header::HOST)
-    {
-        out.insert("x-forwarded-host", host.clone());
-    }
-    out
+    headers::to_peer(headers, client_ip, &relay.config().owner.to_string())
 }
 
 /// Forwards one HTTP request to the owner and streams its response back. A connect
@@ -292,15 +281,7 @@ async fn proxy_http(
                 }
                 telemetry::hop("proxy", "forwarded");
                 let (mut head, incoming) = response.into_parts();
-                let hop_by_hop: Vec<_> = head
-                    .headers
-                    .keys()
-                    .filter(|name| crate::client::is_hop_by_hop(name))
-                    .cloned()
-                    .collect();
-                for name in hop_by_hop {
-                    head.headers.remove(name);
-                }
+                headers::from_host(&mut head.headers);
                 return Ok(Response::from_parts(head, Body::new(incoming)));
             }
             Ok(Err(err)) if err.is_connect() => {
@@ -373,7 +354,7 @@ async fn bridge_websocket(
                 let tracker = relay.tracker().clone();
                 let shutdown = relay.shutdown_token().clone();
                 let span = debug_span!("bridge", %host, %owner);
-                return Ok(crate::host::configure(upgrade, limits)
+                return Ok(crate::websocket::configure(upgrade, limits)
                     .on_upgrade(move |socket| {
                         tracker.track_future(bridge(socket, peer, shutdown).instrument(span))
                     })
@@ -513,5 +494,5 @@ fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
 
 /// Whether `method` and `path` ask the relay itself who owns the host.
 pub(crate) fn is_whoowns(method: &Method, rest: &str) -> bool {
-    method == Method::GET && rest == crate::client::WHOOWNS
+    method == Method::GET && rest == WHOOWNS
 }

@@ -174,7 +174,7 @@ impl Session {
             // to reconnect at once (and elsewhere) even if the close frame is lost.
             if !shared.drain_sent.load(Ordering::Relaxed) {
                 let drain = RelayMessage::Drain {
-                    reason: Some(crate::drain::DRAIN_REASON),
+                    reason: Some(crate::protocol::DRAIN_REASON),
                 };
                 sink.send(Message::Text(drain.to_json().into())).await?;
             }

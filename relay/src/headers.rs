@@ -1,0 +1,294 @@
+//! Which headers cross which hop, in one place: client → relay → host (the tunnel),
+//! relay → peer relay, agent → local service, and the answers back.
+//!
+//! The rules (RFC 9110 §7.6.1, RFC 9113 §8.2.2):
+//! - hop-by-hop headers, and every header the `Connection` header lists, describe one
+//!   connection and never cross a hop; `TE` crosses only as `trailers` (gRPC needs it);
+//! - the WebSocket handshake headers (`Sec-WebSocket-Key`, `-Version`, `-Accept`,
+//!   `-Extensions`) belong to one hop's handshake, each hop makes its own; only the
+//!   subprotocol (`Sec-WebSocket-Protocol`) is end to end;
+//! - `Host` and `Content-Length` are recomputed by each hop's HTTP client;
+//! - the client's credentials (`Authorization`) are for the relay, never the host; a peer
+//!   relay gets them unchanged, since it authorizes the client again;
+//! - headers only relays may set ([`HOP`], [`NOT_HERE`]) are dropped where they would
+//!   reach a host or a client, so neither can forge them to another relay;
+//! - `X-Forwarded-For` gets the peer's address appended at every relay, also when the
+//!   peer is another relay: a client can send a hop marker too, so trusting it to skip
+//!   the append would let a client forge the whole chain. `X-Forwarded-Proto` and
+//!   `X-Forwarded-Host` are added when absent.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Marks a request forwarded by a peer relay; its value is the forwarding machine.
+pub const HOP: &str = "x-relay-hop";
+
+/// On a 503 to a forwarded request: this machine does not hold the host, and nothing was
+/// sent to any host, so the forwarding relay may try the current owner instead. Never
+/// shown to clients.
+pub const NOT_HERE: &str = "x-relay-not-here";
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and must
+/// not be forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Headers of one hop's WebSocket handshake.
+fn is_websocket_handshake(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "sec-websocket-key"
+            | "sec-websocket-version"
+            | "sec-websocket-accept"
+            | "sec-websocket-extensions"
+    )
+}
+
+/// Headers only relays may set.
+fn is_relay_only(name: &HeaderName) -> bool {
+    name == HOP || name == NOT_HERE
+}
+
+/// The names the `Connection` header lists: they are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// Copies `headers` without those `skip` names and those that never cross a hop; a `TE`
+/// that asks for trailers crosses as `te: trailers`.
+fn copy_end_to_end(headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    let listed = connection_listed(headers);
+    let mut out = HeaderMap::with_capacity(headers.len() + 3);
+    let mut trailers = false;
+    for (name, value) in headers {
+        if name == header::TE {
+            trailers |= value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || is_websocket_handshake(name)
+            || skip(name)
+            || listed.iter().any(|n| n == name.as_str())
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if trailers {
+        out.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    out
+}
+
+/// Appends `peer` to `X-Forwarded-For` and adds `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` when absent, from the request's `headers`.
+fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr) {
+    let prior: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let chain = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    if let Ok(chain) = HeaderValue::from_str(&chain) {
+        out.insert("x-forwarded-for", chain);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(header::HOST)
+    {
+        out.insert("x-forwarded-host", host.clone());
+    }
+}
+
+/// The request headers a host gets for a client request that reached this relay from
+/// `peer`: credentials, `Host`, `Content-Length`, relay-only headers and everything
+/// hop-by-hop removed, `X-Forwarded-*` added.
+pub fn to_host(headers: &HeaderMap, peer: IpAddr) -> HeaderMap {
+    let mut out = copy_end_to_end(headers, |name| {
+        name == header::AUTHORIZATION
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == "x-forwarded-for"
+            || is_relay_only(name)
+    });
+    add_forwarded(&mut out, headers, peer);
+    out
+}
+
+/// The request headers a peer relay gets for a client request forwarded by `me` (this
+/// machine): the client's, credentials included (the peer authorizes again), minus what
+/// never crosses a hop, plus the hop marker and the forwarding chain.
+pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str) -> HeaderMap {
+    let mut out = copy_end_to_end(headers, |name| {
+        name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == "x-forwarded-for"
+            || name == HOP
+    });
+    if let Ok(me) = HeaderValue::from_str(me) {
+        out.insert(HOP, me);
+    }
+    add_forwarded(&mut out, headers, peer);
+    out
+}
+
+/// Removes from a host's (or peer relay's) response what must not reach the client: the
+/// hop-by-hop headers, those its `Connection` header lists, and relay-only headers.
+pub fn from_host(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            is_hop_by_hop(name)
+                || is_websocket_handshake(name)
+                || is_relay_only(name)
+                || listed.iter().any(|n| n == name.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in drop {
+        headers.remove(name);
+    }
+}
+
+/// The request headers the agent sends its local service: the relay's, minus what never
+/// crosses a hop, `Host` (the agent's client sets the upstream's) and `Content-Length`
+/// (the agent's client frames the body).
+pub fn to_upstream(headers: &HeaderMap) -> HeaderMap {
+    copy_end_to_end(headers, |name| {
+        name == header::HOST || name == header::CONTENT_LENGTH
+    })
+}
+
+/// Removes from a local service's response what must not cross the tunnel.
+pub fn from_upstream(headers: &mut HeaderMap) {
+    from_host(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_ip() -> IpAddr {
+        "192.0.2.7".parse().unwrap()
+    }
+
+    #[test]
+    fn a_host_never_sees_credentials_hop_by_hop_or_relay_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        headers.insert(header::HOST, "relay.example".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::CONTENT_LENGTH, "3".parse().unwrap());
+        headers.append(header::ACCEPT, "a".parse().unwrap());
+        headers.append(header::ACCEPT, "b".parse().unwrap());
+        headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        headers.insert(HOP, "ams:a".parse().unwrap());
+        headers.insert(NOT_HERE, "1".parse().unwrap());
+        headers.insert("sec-websocket-key", "k".parse().unwrap());
+        headers.insert("sec-websocket-protocol", "chat".parse().unwrap());
+        let out = to_host(&headers, client_ip());
+        for gone in [
+            "authorization",
+            "host",
+            "connection",
+            "x-private",
+            "transfer-encoding",
+            "content-length",
+            HOP,
+            NOT_HERE,
+            "sec-websocket-key",
+            "te",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} crossed");
+        }
+        let accept: Vec<_> = out.get_all(header::ACCEPT).iter().collect();
+        assert_eq!(accept, ["a", "b"]);
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(out["x-forwarded-proto"], "http");
+        assert_eq!(out["x-forwarded-host"], "relay.example");
+        assert_eq!(out["sec-websocket-protocol"], "chat");
+    }
+
+    #[test]
+    fn te_crosses_only_as_trailers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, "gzip, trailers".parse().unwrap());
+        assert_eq!(to_host(&headers, client_ip())[header::TE], "trailers");
+        headers.insert(header::TE, "gzip".parse().unwrap());
+        assert!(!to_host(&headers, client_ip()).contains_key(header::TE));
+    }
+
+    #[test]
+    fn a_peer_gets_the_credentials_and_the_hop_marker() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer c".parse().unwrap());
+        headers.insert(HOP, "forged".parse().unwrap());
+        headers.insert(header::HOST, "relay.example".parse().unwrap());
+        let out = to_peer(&headers, client_ip(), "ams:m1");
+        assert_eq!(out[header::AUTHORIZATION], "Bearer c");
+        assert_eq!(out[HOP], "ams:m1");
+        assert_eq!(out["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(out["x-forwarded-host"], "relay.example");
+        assert!(!out.contains_key(header::HOST));
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_and_relay_only_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "x-conn".parse().unwrap());
+        headers.insert("x-conn", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(NOT_HERE, "1".parse().unwrap());
+        headers.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        headers.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        from_host(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "set-cookie"]);
+        assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn an_upstream_gets_no_host_or_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "client.example".parse().unwrap());
+        headers.insert(header::CONTENT_LENGTH, "3".parse().unwrap());
+        headers.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        let out = to_upstream(&headers);
+        let names: Vec<_> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-forwarded-for"]);
+    }
+}

@@ -1,0 +1,87 @@
+//! The relay's HTTP routes: health, readiness, metrics, admin, the host side (`/tunnel`)
+//! and the client side (`/hosts/{hostId}/...`). Separate from serving ([`crate::server`])
+//! so tests can drive it directly.
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http::StatusCode;
+use serde_json::json;
+use tracing::{Instrument, debug, debug_span};
+
+use crate::client;
+use crate::host;
+use crate::state::Relay;
+use crate::telemetry::{self, redact_uri};
+
+/// The relay's HTTP routes. Separate from serving so tests can drive it directly.
+pub fn app(relay: Relay) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/admin/tunnels", get(crate::admin::tunnels))
+        .route("/tunnel", get(host::accept))
+        .route("/hosts/{host}", any(client::host_request))
+        .route("/hosts/{host}/", any(client::host_request))
+        .route("/hosts/{host}/{*rest}", any(client::host_request))
+        .fallback(not_found)
+        .layer(middleware::from_fn(trace_request))
+        .with_state(relay)
+}
+
+async fn health(State(relay): State<Relay>) -> impl IntoResponse {
+    axum::Json(json!({
+        "ok": true,
+        "region": relay.config().owner.region,
+        "machine": relay.config().owner.machine_id,
+    }))
+}
+
+async fn ready(State(relay): State<Relay>) -> Response {
+    if relay.is_draining() || relay.shutdown_token().is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ok": false, "state": "draining"})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({"ok": true})).into_response()
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::metrics_handle().render(),
+    )
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"error": "not found"})),
+    )
+}
+
+/// A debug span and line per request, with the URI redacted. Off the hot path unless
+/// debug logging is on.
+async fn trace_request(request: Request, next: Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(request).await;
+    }
+    let span = debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %redact_uri(&request.uri().to_string()),
+    );
+    async move {
+        let started = tokio::time::Instant::now();
+        let response = next.run(request).await;
+        debug!(status = response.status().as_u16(), elapsed = ?started.elapsed(), "request finished");
+        response
+    }
+    .instrument(span)
+    .await
+}
