@@ -23,8 +23,8 @@ use http::Method;
 use relay_tests::agent::RECONNECTING_LINE;
 use relay_tests::{
     AgentBuilder, Claims, DEADLINE, StubRelay, StubReply, StubTunnel, TEST_SECRET, TestAgent,
-    TestRelay, TokenFile, Upstream, WsClient, WsEnd, msg_type, run_relay_cli, unused_port,
-    wait_until, within,
+    TestRelay, TokenFile, Upstream, WsClient, WsEnd, msg_type, rejection_status, run_relay_cli,
+    unused_port, wait_until, within,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -50,6 +50,7 @@ fn down_upstream() -> (u16, String) {
 fn agent_for_stub(stub: &StubRelay, host_id: &str) -> AgentBuilder {
     TestAgent::builder(host_id)
         .relay(&stub.url())
+        .v1()
         .token(&Claims::host(host_id).sign(TEST_SECRET))
         .to(&down_upstream().1)
 }
@@ -321,6 +322,7 @@ async fn v1_channel_messages_drive_local_websocket_with_base64_binary_and_close_
     let mut stub = StubRelay::accepting().await;
     let agent = TestAgent::builder("h1")
         .relay(&stub.url())
+        .v1()
         .token(&Claims::host("h1").sign(TEST_SECRET))
         .upstream(&upstream)
         .spawn();
@@ -421,21 +423,47 @@ async fn upstream_down_gives_502_and_tunnel_serves_again_when_upstream_returns()
 }
 
 #[tokio::test]
-async fn websocket_to_unreachable_upstream_closes_client_with_1011() {
+async fn websocket_to_unreachable_upstream_closes_client_with_1011_over_v1() {
     let relay = TestRelay::spawn().await;
     let agent = TestAgent::builder("web-1")
         .relay(&relay.ws_url(""))
         .token(&relay.host_token("web-1"))
         .to(&down_upstream().1)
+        .v1()
         .spawn();
     agent.wait_connected_to(&relay).await;
 
+    // v1 cannot refuse a channel: it is opened, then closed with 1011.
     let mut ws = WsClient::connect_ok(
         &relay.ws_url("/hosts/web-1/ws/echo"),
         Some(&relay.client_token(&["web-1"])),
     )
     .await;
     assert_eq!(ws.recv_close_code(DEADLINE).await, 1011);
+    assert_eq!(agent.registered_count(), 1, "the tunnel stays up");
+}
+
+#[tokio::test]
+async fn websocket_to_unreachable_upstream_is_refused_with_502_over_h2() {
+    let relay = TestRelay::spawn().await;
+    let agent = TestAgent::builder("web-1")
+        .relay(&relay.ws_url(""))
+        .token(&relay.host_token("web-1"))
+        .to(&down_upstream().1)
+        .protocol("h2")
+        .spawn();
+    agent.wait_connected_to(&relay).await;
+
+    // h2 opens the local WebSocket before answering: the client's handshake fails with
+    // the agent's 502 instead of opening a channel that closes at once.
+    let err = WsClient::connect(
+        &relay.ws_url("/hosts/web-1/ws/echo"),
+        Some(&relay.client_token(&["web-1"])),
+    )
+    .await
+    .err()
+    .expect("the upgrade is refused");
+    assert_eq!(rejection_status(&err), Some(502), "{err}");
     assert_eq!(agent.registered_count(), 1, "the tunnel stays up");
 }
 
@@ -578,6 +606,7 @@ async fn drain_keeps_old_tunnel_serving_in_flight_exchange_while_new_tunnel_open
     let mut stub = StubRelay::accepting().await;
     let agent = TestAgent::builder("h1")
         .relay(&stub.url())
+        .v1()
         .token(&Claims::host("h1").sign(TEST_SECRET))
         .upstream(&upstream)
         .backoff_base("5s")
@@ -747,6 +776,7 @@ async fn http_503_retry_after_0_moves_to_next_relay_at_once() {
     let _agent = TestAgent::builder("h1")
         .relay(&draining.url())
         .relay(&other.url())
+        .v1()
         .token(&Claims::host("h1").sign(TEST_SECRET))
         .to(&down_upstream().1)
         .backoff_base("2s")

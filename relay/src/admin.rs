@@ -77,7 +77,7 @@ pub(crate) async fn tunnels(
                 "hostId": t.host().as_str(),
                 "tunnel": t.id().to_string(),
                 "connectedSince": unix_seconds(t.connected_at()),
-                "protocol": "v1",
+                "protocol": t.protocol().as_str(),
                 "pendingExchanges": t.pending_exchanges(),
                 "openChannels": t.open_channels(),
                 "lastPong": t.last_pong().map(unix_seconds),

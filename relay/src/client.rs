@@ -1,8 +1,9 @@
 //! The client side: `/hosts/{hostId}/...` requests carried over the host's tunnel.
 //!
-//! A plain request becomes one v1 HTTP exchange; a WebSocket upgrade becomes a channel.
-//! Either way the client is authorized first (role `client`, host listed in the token)
-//! on the machine that serves the request.
+//! A plain request becomes one exchange on the tunnel; a WebSocket (an HTTP/1.1 upgrade,
+//! or an extended CONNECT over HTTP/2) becomes a channel. Either way the client is
+//! authorized first (role `client`, host listed in the token) on the machine that
+//! serves the request. Nothing here knows which protocol the tunnel speaks.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,8 +12,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt as _;
-use http::StatusCode;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
+use http::{Method, Uri};
 use serde_json::json;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
@@ -22,13 +23,11 @@ use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
-use crate::protocol::{Frame, Headers, close_code};
+use crate::protocol::{Frame, close_code};
 use crate::routing::{self, Forward, Hop, Route};
 use crate::state::Relay;
 use crate::telemetry;
-use crate::tunnel::{
-    Channel, ExchangeError, ExchangeFailure, HttpRequest, HttpResponse, TunnelHandle,
-};
+use crate::tunnel::{Channel, ChannelEvent, ChannelRequest, ExchangeFailure, Opened, TunnelHandle};
 
 /// `ANY /hosts/{hostId}/{*path}`.
 pub(crate) async fn host_request(
@@ -81,15 +80,13 @@ async fn serve(
             let (mut parts, body) = request.into_parts();
             let what = if routing::is_whoowns(&parts.method, rest) {
                 Forward::WhoOwns
-            } else if is_websocket_upgrade(&parts.headers) {
+            } else if is_websocket(&parts) {
                 let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
                     .await
                     .map_err(|_| ClientError::NotWebSocket)?;
                 Forward::WebSocket(upgrade)
             } else {
-                Forward::Http(
-                    read_body(&parts.headers, body, relay.config().limits.max_body_bytes).await?,
-                )
+                Forward::Http(body)
             };
             *route = match (&what, relay.config().routing) {
                 (Forward::WebSocket(_), _) => "bridge",
@@ -111,39 +108,23 @@ async fn serve(
 
     let path = if rest.is_empty() { "/" } else { rest }.to_owned();
     let query = strip_token(query);
-    if is_websocket_upgrade(request.headers()) {
-        let (mut parts, _body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if is_websocket(&parts) {
         let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
             .await
             .map_err(|_| ClientError::NotWebSocket)?;
-        return Ok(open_channel(relay, tunnel, upgrade, path, query));
+        let request = ChannelRequest {
+            path,
+            query,
+            headers: headers::to_host(&parts.headers, client_ip(peer)),
+        };
+        return open_channel(relay, tunnel, upgrade, request).await;
     }
-    exchange(relay, tunnel, peer, request, path, query, hop).await
-}
-
-/// Reads a request body whole, refusing it (413) past `limit` before reading further.
-pub(crate) async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<bytes::Bytes, ClientError> {
-    if let Some(length) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && length > limit as u64
-    {
-        return Err(ClientError::BodyTooLarge { limit });
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        if std::error::Error::source(&err)
-            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
-        {
-            ClientError::BodyTooLarge { limit }
-        } else {
-            ClientError::BodyUnreadable
-        }
-    })
+    let path_and_query = match &query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    exchange(relay, tunnel, peer, parts, body, path_and_query, hop).await
 }
 
 /// The client's address, with IPv4-mapped IPv6 (from the dual-stack socket) unmapped.
@@ -154,70 +135,68 @@ fn client_ip(peer: SocketAddr) -> IpAddr {
     }
 }
 
+/// The request the host gets: the client's method, the host-local path, the headers of
+/// [`headers::to_host`], and the body (streamed or not: the tunnel decides).
+fn host_request_of(
+    parts: &http::request::Parts,
+    body: Body,
+    path_and_query: &str,
+    peer: SocketAddr,
+) -> Result<Request, ClientError> {
+    let uri: Uri = path_and_query.parse().map_err(|_| ClientError::BadPath)?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers::to_host(&parts.headers, client_ip(peer));
+    Ok(request)
+}
+
 /// One HTTP exchange over the tunnel.
 async fn exchange(
     relay: Relay,
     tunnel: TunnelHandle,
     peer: SocketAddr,
-    request: Request,
-    path: String,
-    query: Option<String>,
+    parts: http::request::Parts,
+    body: Body,
+    path_and_query: String,
     hop: Hop,
 ) -> Result<Response, ClientError> {
-    let limits = &relay.config().limits;
+    let timeout = relay.config().limits.exchange_timeout;
     // Refuse before reading a byte of body if the tunnel is full.
     let permit = tunnel.reserve()?;
-    let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body, limits.max_body_bytes).await?;
-    let body = String::from_utf8(body.into()).map_err(|_| ClientError::BodyNotText)?;
-    telemetry::bytes("to_host", body.len());
-    let path = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    let request = HttpRequest {
-        method: parts.method.as_str().to_owned(),
-        path,
-        headers: Headers::from_map(&headers::to_host(&parts.headers, client_ip(peer))),
-        body,
-    };
-    let response = match tunnel
-        .try_exchange_reserved(permit, request, limits.exchange_timeout)
-        .await
-    {
-        Ok(response) => response,
-        Err(ExchangeFailure::Failed(err)) => return Err(err.into()),
+    let request = host_request_of(&parts, body, &path_and_query, peer)?;
+    match tunnel.exchange(permit, request, timeout).await {
+        Ok(response) => Ok(response),
+        Err(ExchangeFailure::Failed(err)) => Err(err.into()),
         Err(ExchangeFailure::NotDelivered(request)) => {
-            return redeliver(&relay, tunnel.host(), peer, &parts, request, hop).await;
+            redeliver(&relay, tunnel.host(), peer, &parts, *request, hop).await
         }
-    };
-    telemetry::bytes("from_host", response.body.len());
-    into_client_response(response)
+    }
 }
 
-/// Routes again, once, a request whose tunnel ended before writing it (replaced by a
-/// newer tunnel, closed by a drain, gone): the host never saw it, so any method may go to
-/// wherever the host is now.
+/// Routes again, once, a request whose tunnel ended (or stopped taking streams) before
+/// writing it: replaced by a newer tunnel, closed by a drain, gone. The host never saw
+/// it, so any method may go to wherever the host is now.
 async fn redeliver(
     relay: &Relay,
     host: &HostId,
     peer: SocketAddr,
     parts: &http::request::Parts,
-    request: HttpRequest,
+    request: Request,
     hop: Hop,
 ) -> Result<Response, ClientError> {
     telemetry::redelivered();
     match routing::route(relay, host, hop.is_hopped()).await {
         Ok(Route::Local(tunnel)) => {
             let permit = tunnel.reserve()?;
-            let response = tunnel
-                .exchange_reserved(permit, request, relay.config().limits.exchange_timeout)
-                .await?;
-            telemetry::bytes("from_host", response.body.len());
-            into_client_response(response)
+            let timeout = relay.config().limits.exchange_timeout;
+            tunnel
+                .exchange(permit, request, timeout)
+                .await
+                .map_err(|failure| failure.into_error().into())
         }
         Ok(Route::Remote(owner)) => {
-            let body = Forward::Http(bytes::Bytes::from(request.body));
+            let body = Forward::Http(request.into_body());
             routing::forward(relay, host, owner, client_ip(peer), parts, body).await
         }
         Err(ClientError::HostNotConnected) if hop.is_hopped() => Ok(hop.host_not_here()),
@@ -225,70 +204,65 @@ async fn redeliver(
     }
 }
 
-/// A WebSocket channel over the tunnel.
-fn open_channel(
+/// A WebSocket channel over the tunnel: opened at the host first, so the host's refusal
+/// (its local service's answer) or its choice of subprotocol reaches the client in the
+/// handshake; then the client's upgrade, and frames both ways.
+async fn open_channel(
     relay: Relay,
     tunnel: TunnelHandle,
     upgrade: WebSocketUpgrade,
-    path: String,
-    query: Option<String>,
-) -> Response {
-    let queue = relay.config().limits.channel_queue;
+    request: ChannelRequest,
+) -> Result<Response, ClientError> {
+    let span = debug_span!("channel", host = %tunnel.host(), path = %request.path);
+    let timeout = relay.config().limits.exchange_timeout;
+    let (channel, protocol) = match tunnel.open_channel(request, timeout).await? {
+        Opened::Channel { channel, protocol } => (channel, protocol),
+        Opened::Refused(response) => return Ok(response.map(Body::new)),
+    };
+    let mut upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
+    if let Some(protocol) = protocol.as_ref().and_then(|p| p.to_str().ok()) {
+        upgrade = upgrade.protocols([protocol.to_owned()]);
+    }
     let tracker = relay.tracker().clone();
-    let span = debug_span!("channel", host = %tunnel.host(), %path);
-    crate::websocket::configure(upgrade, &relay.config().limits)
+    Ok(upgrade
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
-                    match tunnel.open_channel(path, query, queue).await {
-                        Ok(channel) => {
-                            telemetry::channel_open(1.0);
-                            run_channel(socket, channel).await;
-                            telemetry::channel_open(-1.0);
-                        }
-                        Err(_) => close_client(socket, Some(close_code::GOING_AWAY)).await,
-                    }
+                    telemetry::channel_open(1.0);
+                    run_channel(socket, channel).await;
+                    telemetry::channel_open(-1.0);
                 }
                 .instrument(span),
             )
         })
-        .into_response()
+        .into_response())
 }
 
 /// Carries frames between the client socket and the channel until either side closes.
+/// Each side waits for the other to take a frame: a slow reader slows its writer.
 async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
     loop {
         tokio::select! {
-            // Host frames first: everything the host sent before its close is delivered
+            // Host events first: everything the host sent before its close is delivered
             // before the close.
             biased;
-            frame = channel.frames.recv() => match frame {
-                Some(frame) => {
+            event = channel.recv() => match event {
+                ChannelEvent::Frame(frame) => {
                     if socket.send(to_message(frame)).await.is_err() {
                         channel.close(None).await;
                         return;
                     }
                 }
-                // The channel is gone: closed by the host, overflowed, or the tunnel went.
-                None => {
-                    let code = channel.closed.try_recv().unwrap_or(Some(close_code::GOING_AWAY));
+                ChannelEvent::Closed(code) => {
                     close_client(socket, code).await;
+                    channel.close(code).await;
                     return;
                 }
             },
-            code = &mut channel.closed => {
-                while let Ok(frame) = channel.frames.try_recv() {
-                    if socket.send(to_message(frame)).await.is_err() {
-                        return;
-                    }
-                }
-                close_client(socket, code.unwrap_or(Some(close_code::GOING_AWAY))).await;
-                return;
-            }
             message = socket.recv() => {
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => Frame::Text(text.to_string()),
-                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes.to_vec()),
+                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(frame))) => {
                         channel.close(frame.map(|f| f.code)).await;
@@ -327,7 +301,7 @@ fn to_message(frame: Frame) -> Message {
     telemetry::bytes("from_host", frame_len(&frame));
     match frame {
         Frame::Text(text) => Message::Text(text.into()),
-        Frame::Binary(bytes) => Message::Binary(bytes.into()),
+        Frame::Binary(bytes) => Message::Binary(bytes),
     }
 }
 
@@ -375,42 +349,20 @@ fn strip_token(query: Option<&str>) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    headers
+/// Whether the request opens a WebSocket: an HTTP/1.1 upgrade, or an HTTP/2 extended
+/// CONNECT with `:protocol websocket` (RFC 8441).
+fn is_websocket(parts: &http::request::Parts) -> bool {
+    let upgrade = parts
+        .headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// The client's response from the host's answer.
-fn into_client_response(response: HttpResponse) -> Result<Response, ClientError> {
-    let status = StatusCode::from_u16(response.status)
-        .ok()
-        .filter(|s| (200..=599).contains(&s.as_u16()))
-        .ok_or_else(|| {
-            ExchangeError::InvalidResponse(format!(
-                "status {} is not a final HTTP status",
-                response.status
-            ))
-        })?;
-    let mut out = Response::new(Body::from(response.body));
-    *out.status_mut() = status;
-    let headers = out.headers_mut();
-    for (name, value) in response.headers.0 {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) else {
-            telemetry::message_ignored("bad_header");
-            continue;
-        };
-        if name == header::CONTENT_LENGTH {
-            continue;
-        }
-        headers.append(name, value);
-    }
-    headers::from_host(headers);
-    Ok(out)
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    upgrade
+        || (parts.method == Method::CONNECT
+            && parts
+                .extensions
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")))
 }
 
 #[cfg(test)]
@@ -437,15 +389,5 @@ mod tests {
             Some("tokens=1&flag".into())
         );
         assert_eq!(strip_token(None), None);
-    }
-
-    #[test]
-    fn host_response_with_informational_status_is_refused() {
-        let response = HttpResponse {
-            status: 101,
-            headers: Headers::default(),
-            body: Vec::new(),
-        };
-        assert!(into_client_response(response).is_err());
     }
 }

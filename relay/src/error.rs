@@ -22,25 +22,17 @@ pub enum ClientError {
     /// Client: a plain request where a WebSocket upgrade is required.
     #[error("this endpoint needs a WebSocket upgrade")]
     NotWebSocket,
-    /// Client: the request body is over the limit.
-    #[error("request body larger than {limit} bytes")]
-    BodyTooLarge {
-        /// The configured limit.
-        limit: usize,
-    },
-    /// Client: v1 tunnels carry text bodies only.
-    #[error("request body is not UTF-8 text; v1 tunnels carry text bodies only")]
-    BodyNotText,
-    /// Client: the body could not be read (the client went away mid-upload).
-    #[error("could not read the request body")]
-    BodyUnreadable,
+    /// Client: the path cannot be carried to the host.
+    #[error("invalid request path")]
+    BadPath,
     /// Nobody holds a tunnel for this host.
     #[error("host not connected")]
     HostNotConnected,
     /// The relay that holds the host's tunnel failed mid-request.
     #[error("the relay holding this host failed to answer")]
     PeerFailed,
-    /// The exchange with the host failed (overloaded, timeout, tunnel closed, bad answer).
+    /// The exchange with the host failed (overloaded, timeout, tunnel closed, bad answer,
+    /// or a request body the tunnel cannot carry).
     #[error("{0}")]
     Exchange(#[from] ExchangeError),
 }
@@ -49,11 +41,9 @@ impl ClientError {
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ClientError::InvalidHostId(_) | ClientError::BodyUnreadable => StatusCode::BAD_REQUEST,
+            ClientError::InvalidHostId(_) | ClientError::BadPath => StatusCode::BAD_REQUEST,
             ClientError::Auth(err) => err.status(),
             ClientError::NotWebSocket => StatusCode::UPGRADE_REQUIRED,
-            ClientError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ClientError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ClientError::HostNotConnected => StatusCode::SERVICE_UNAVAILABLE,
             ClientError::PeerFailed => StatusCode::BAD_GATEWAY,
             ClientError::Exchange(err) => match err {
@@ -62,6 +52,9 @@ impl ClientError {
                 ExchangeError::TunnelClosed | ExchangeError::InvalidResponse(_) => {
                     StatusCode::BAD_GATEWAY
                 }
+                ExchangeError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                ExchangeError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ExchangeError::BodyUnreadable => StatusCode::BAD_REQUEST,
             },
         }
     }

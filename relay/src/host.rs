@@ -23,13 +23,13 @@ use crate::auth::{AuthError, Role, bearer_token};
 use crate::config::RoutingMode;
 use crate::error::ClientError;
 use crate::host_id::HostId;
-use crate::limits::{CLOSE_TIMEOUT, MAX_CLOSE_REASON};
+use crate::limits::{self, CLOSE_TIMEOUT, MAX_CLOSE_REASON};
 use crate::listener::PeerAddr;
 use crate::ownership;
-use crate::protocol::close_code;
+use crate::protocol::{close_code, h2};
 use crate::state::Relay;
 use crate::telemetry;
-use crate::tunnel::TunnelHandle;
+use crate::tunnel::{Protocol, TunnelHandle};
 
 /// Why a tunnel registration was refused. The agent is at fault; it gets close 1008.
 #[derive(Debug, thiserror::Error)]
@@ -61,11 +61,25 @@ pub(crate) async fn accept(
         telemetry::admission_rejected("rate");
         return too_many_registrations(wait);
     }
-    let upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
+    let wants_h2 = offers_h2(&headers);
+    let mut upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
+    if wants_h2 {
+        // Binary messages carry HTTP/2 bytes in chunks of at most 64 KiB: a lower cap
+        // than v1's whole-body frames.
+        upgrade = upgrade
+            .protocols([h2::SUBPROTOCOL])
+            .max_message_size(limits::h2::MAX_TUNNEL_MESSAGE)
+            .max_frame_size(limits::h2::MAX_TUNNEL_MESSAGE);
+    }
     let tracker = relay.tracker().clone();
     match authorize(&relay, &headers, query.as_deref()) {
         Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
-            tracker.track_future(serve_tunnel(relay, socket, host, subject, peer))
+            let protocol = if socket.protocol().is_some_and(|p| p == h2::SUBPROTOCOL) {
+                Protocol::H2
+            } else {
+                Protocol::V1
+            };
+            tracker.track_future(serve_tunnel(relay, socket, protocol, host, subject, peer))
         }),
         Err(refusal) => {
             if let Refusal::Auth(err) = &refusal {
@@ -76,6 +90,16 @@ pub(crate) async fn accept(
         }
     }
     .into_response()
+}
+
+/// Whether the agent asks for protocol `h2` (the `relay-h2` WebSocket subprotocol).
+fn offers_h2(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == h2::SUBPROTOCOL)
 }
 
 /// A draining relay points new tunnels elsewhere: on Fly, `fly-replay: elsewhere=true`
@@ -158,19 +182,36 @@ async fn refuse(mut socket: WebSocket, refusal: Refusal) {
 async fn serve_tunnel(
     relay: Relay,
     socket: WebSocket,
+    protocol: Protocol,
     host: HostId,
     subject: String,
     peer: SocketAddr,
 ) {
     let limits = &relay.config().limits;
-    let (handle, session) = TunnelHandle::new(host.clone(), limits, relay.shutdown_token());
-    let span = info_span!("tunnel", host = %host, tunnel = %handle.id());
+    let opened = TunnelHandle::open(
+        host.clone(),
+        protocol,
+        socket,
+        limits,
+        relay.shutdown_token(),
+        relay.tracker(),
+    )
+    .await;
+    let (handle, session) = match opened {
+        Ok(opened) => opened,
+        Err(err) => {
+            info!(%host, %peer, error = %err, "tunnel refused");
+            return;
+        }
+    };
+    let span =
+        info_span!("tunnel", host = %host, tunnel = %handle.id(), protocol = protocol.as_str());
     async move {
         if let Some(old) = relay.registry().insert(handle.clone()) {
             info!(old = %old.id(), "replacing the previous tunnel for this host");
             old.close(close_code::REPLACED);
         }
-        telemetry::tunnel_registered();
+        telemetry::tunnel_registered(protocol.as_str());
         info!(%peer, sub = %subject, "tunnel registered");
         // Serve at once; the directory write runs beside the session, so a slow or hung
         // Redis delays nothing local (requests, pings). Unregistering waits for it, so the
@@ -198,9 +239,9 @@ async fn serve_tunnel(
                 }
             }
         };
-        let end = session.run(socket, on_pong).await;
+        let end = session.run(on_pong).await;
         info!(reason = end.label(), detail = ?end, "tunnel closed");
-        telemetry::tunnel_unregistered(end.label());
+        telemetry::tunnel_unregistered(protocol.as_str(), end.label());
 
         let _ = publish.await;
         // A host that moved elsewhere has no entry of ours left to remove (the

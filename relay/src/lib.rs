@@ -2,13 +2,15 @@
 //!
 //! A host agent behind NAT opens one outbound WebSocket, its *tunnel*, to the relay.
 //! Clients call `/hosts/<hostId>/...` over HTTP or WebSocket, and the relay carries each
-//! exchange over that host's tunnel using the v1 JSON protocol (`docs/protocol.md`).
+//! exchange over that host's tunnel, in the protocol the tunnel negotiated: v1 (JSON
+//! messages) or `h2` (HTTP/2 inside the tunnel); see `docs/protocol.md`.
 //!
 //! # Layout
 //! - [`cli`]: the `relay` command line (`serve`, `token`, `agent`); the binary only calls it.
 //! - [`config`]: flags and environment of `relay serve`, validated before binding.
 //! - [`limits`]: every timeout and limit, with its default and why.
-//! - [`protocol`]: the v1 wire messages and close codes.
+//! - [`protocol`]: what travels on a tunnel: close codes, and one codec per protocol
+//!   (v1 JSON messages; `h2`'s WebSocket byte stream), shared by relay and agent.
 //! - [`host_id`]: validated hostIds.
 //! - [`auth`]: JWT claims, verification and minting.
 //! - [`admin`]: `GET /admin/tunnels`, for operators.
@@ -23,11 +25,13 @@
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`host`]: the host side: `/tunnel` registrations.
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
-//! - [`tunnel`]: the per-tunnel actor and its handle: a multiplexer of streams.
+//! - [`tunnel`]: the per-tunnel actor and its handle, protocol-blind outside the module:
+//!   exchanges and channels over `http` types, v1 or `h2` inside.
 //! - [`registry`]: the tunnels this process holds.
 //! - [`routing`]: where a request goes, and reaching the machine that holds a host's
 //!   tunnel (proxy, fly-replay).
 //! - [`peers`]: pooled connections to peer relays.
+//! - [`body`]: wrappers around streamed bodies (guards, end signals, hand-offs).
 //! - [`headers`]: which headers cross which hop (client, host, peer, local service).
 //! - [`websocket`]: WebSocket plumbing shared by tunnels, channels and bridges.
 //! - [`directory`]: which machine owns each host (in memory by default).
@@ -41,6 +45,7 @@
 pub mod admin;
 pub mod agent;
 pub mod auth;
+pub mod body;
 pub mod cli;
 pub mod client;
 pub mod config;

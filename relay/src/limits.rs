@@ -101,6 +101,55 @@ impl Default for Limits {
     }
 }
 
+/// Flow control and buffers of `h2` tunnels (HTTP/2 inside the tunnel), on both sides:
+/// the relay is the HTTP/2 client, the agent the server, and each advertises these for
+/// what it receives.
+///
+/// Memory: what one side holds for a tunnel is bounded by the windows it advertises
+/// (data the peer may send before it is read) plus its send buffers. A client that stops
+/// reading a download stops the agent after [`h2::STREAM_WINDOW`] (and the relay's
+/// socket buffers); every stream of a tunnel together stops at
+/// [`h2::CONNECTION_WINDOW`]. Throughput of one stream is at most its window per round
+/// trip between relay and agent.
+pub mod h2 {
+    /// How much of one body the peer may send before it is read: 1 MiB. That is what a
+    /// slow client of a download (or a slow local service of an upload) can cost on each
+    /// side, and it lets one stream move 10 MB/s over a 100 ms relay–agent round trip
+    /// (hyper's own default is 2 MiB; HTTP/2's 64 KiB would cap it at 0.6 MB/s).
+    pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+    /// How much of all bodies of one tunnel together the peer may send before they are
+    /// read: 8 MiB, so a few slow streams never stall the others (each has its own
+    /// window inside it), while a tunnel of hundreds of stalled streams still costs at
+    /// most 8 MiB.
+    pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+    /// Largest HTTP/2 frame the peer may send: 64 KiB rather than HTTP/2's 16 KiB, so a
+    /// bulk transfer costs a quarter of the frames, while one frame still holds the
+    /// tunnel for well under a millisecond at the speeds it runs.
+    pub const MAX_FRAME: u32 = 64 * 1024;
+
+    /// Largest header block (request or response head, decoded) accepted: 64 KiB. hyper's
+    /// default (16 KiB) refuses some real applications' cookies; more is a memory lever
+    /// for a hostile peer.
+    pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+    /// Body bytes buffered per stream on the sending side before the peer's window lets
+    /// them out: 1 MiB (hyper's default), so a fast producer waits instead of queueing.
+    pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+    /// Streams the agent accepts at once: every exchange the relay may have in flight
+    /// plus every channel the agent accepts, so the agent's limit never refuses what the
+    /// relay's admitted.
+    pub const MAX_CONCURRENT_STREAMS: u32 =
+        (super::MAX_PENDING_EXCHANGES + super::agent::MAX_CHANNELS) as u32;
+
+    /// Largest WebSocket message on an `h2` tunnel. Both sides send at most 64 KiB per
+    /// message (`protocol::h2::MAX_MESSAGE`); 1 MiB leaves room for other agents'
+    /// batching while keeping a hostile peer far below the v1 frame limit.
+    pub const MAX_TUNNEL_MESSAGE: usize = 1024 * 1024;
+}
+
 /// Deadline of one directory operation on the request path, so a slow directory degrades
 /// to "serve what is local" instead of stalling registrations.
 pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -134,6 +183,12 @@ pub const STARTUP_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);
 /// connect that takes longer means the peer is gone, and the request is retried once
 /// after a fresh lookup.
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Largest request body a relay keeps while forwarding it to a peer relay, so that a hop
+/// that found the host gone (or its connection refused after the body was read) can be
+/// tried again on the new owner: 64 KiB covers the requests of ordinary API calls.
+/// Larger bodies stream, and are tried again only when the failed hop never read them.
+pub const PEER_REPLAY_BODY: usize = 64 * 1024;
 
 /// Extra time a forwarded exchange may take beyond the owner's own exchange timeout, so
 /// the owner's 504 (not ours) reaches the client.
@@ -342,6 +397,10 @@ pub mod agent {
     /// flapping fleet of draining relays could otherwise pile them up; past this the oldest
     /// is closed.
     pub const MAX_DRAINING_TUNNELS: usize = 4;
+
+    /// Largest body of a local service's refusal of a WebSocket upgrade (its 403 or 404
+    /// page) passed on to the client: an error page, not a download.
+    pub const UPSTREAM_WS_REFUSAL_BODY: usize = 64 * 1024;
 
     /// Idle pooled connections kept per upstream (the pool is for one local service).
     pub const UPSTREAM_POOL_IDLE: usize = 64;

@@ -17,6 +17,7 @@
 //! weakens authorization.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
@@ -31,12 +32,13 @@ use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
+use crate::body::Handoff;
 use crate::config::RoutingMode;
 use crate::directory::Owner;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
-use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN};
+use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN, PEER_REPLAY_BODY};
 use crate::ownership;
 use crate::state::Relay;
 use crate::telemetry;
@@ -148,8 +150,8 @@ pub(crate) enum Forward {
     WhoOwns,
     /// A WebSocket upgrade.
     WebSocket(WebSocketUpgrade),
-    /// One HTTP exchange with its (already size-checked) body.
-    Http(Bytes),
+    /// One HTTP exchange with its body, streamed.
+    Http(Body),
 }
 
 /// Serves a request for `host`, whose tunnel `owner` holds, from this machine.
@@ -232,18 +234,22 @@ fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderM
     headers::to_peer(headers, client_ip, &relay.config().owner.to_string())
 }
 
-/// Forwards one HTTP request to the owner and streams its response back. A connect
-/// failure (nothing sent yet) gets one retry after a fresh lookup; then 503.
+/// Forwards one HTTP request to the owner and streams its response back; the body
+/// streams too. A hop that failed before anything reached a host (a refused connection,
+/// or the owner answering that it does not hold the host) is tried once more after a
+/// fresh lookup, if the body can still be sent: it was never read (a refused connection
+/// reads nothing), or it is small enough ([`PEER_REPLAY_BODY`]) to have been kept.
 async fn proxy_http(
     relay: &Relay,
     host: &HostId,
     mut owner: Owner,
     client_ip: IpAddr,
     parts: &http::request::Parts,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ClientError> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let deadline = relay.config().limits.exchange_timeout + PEER_EXCHANGE_MARGIN;
+    let timeout_after_body = relay.config().limits.exchange_timeout + PEER_EXCHANGE_MARGIN;
+    let mut body = HopBody::of(body, &parts.headers).await?;
     for attempt in 0..2 {
         let Some(addr) = address_of(relay, &owner).await else {
             debug!(%owner, "owner has no advertised address");
@@ -255,7 +261,11 @@ async fn proxy_http(
             }
             break;
         };
-        let mut request = Request::new(Body::from(body.clone()));
+        let Some(this_try) = body.next_try() else {
+            break;
+        };
+        let (this_try, ended) = crate::body::watch_end(this_try);
+        let mut request = Request::new(this_try);
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = match format!("http://{addr}{path}").parse() {
             Ok(uri) => uri,
@@ -265,11 +275,21 @@ async fn proxy_http(
             }
         };
         *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers);
-        match timeout(deadline, relay.peers().client.request(request)).await {
-            Ok(Ok(response)) => {
+        // The deadline for the answer starts once the request body is sent whole.
+        let deadline = async {
+            let _ = ended.await;
+            tokio::time::sleep(timeout_after_body).await;
+        };
+        let result = tokio::select! {
+            result = relay.peers().client.request(request) => Some(result),
+            () = deadline => None,
+        };
+        match result {
+            Some(Ok(response)) => {
                 if response.headers().contains_key(NOT_HERE_HEADER) {
                     telemetry::hop("proxy", "not_here");
                     if attempt == 0
+                        && body.can_retry()
                         && let Some(next) = owner_again(relay, host).await
                         && next != owner
                     {
@@ -284,10 +304,11 @@ async fn proxy_http(
                 headers::from_host(&mut head.headers);
                 return Ok(Response::from_parts(head, Body::new(incoming)));
             }
-            Ok(Err(err)) if err.is_connect() => {
+            Some(Err(err)) if err.is_connect() => {
                 debug!(%owner, %addr, error = %err, attempt, "cannot connect to the owner");
                 telemetry::hop("proxy", "connect_failed");
                 if attempt == 0
+                    && body.can_retry()
                     && let Some(next) = owner_again(relay, host).await
                 {
                     owner = next;
@@ -295,18 +316,71 @@ async fn proxy_http(
                 }
                 break;
             }
-            Ok(Err(err)) => {
+            Some(Err(err)) => {
                 warn!(%owner, %addr, error = %err, "forwarding to the owner failed");
                 telemetry::hop("proxy", "failed");
                 return Err(ClientError::PeerFailed);
             }
-            Err(_) => {
+            None => {
                 telemetry::hop("proxy", "timeout");
                 return Err(ClientError::Exchange(crate::tunnel::ExchangeError::Timeout));
             }
         }
     }
     Err(ClientError::HostNotConnected)
+}
+
+/// A request body for up to two tries of a hop.
+enum HopBody {
+    /// Small and whole: kept, so every try sends it.
+    Kept(Bytes),
+    /// Streamed: handed to a try lazily, so a try that never read it gives it back.
+    Streamed(Arc<Mutex<Option<Body>>>),
+}
+
+impl HopBody {
+    /// Keeps a body that is empty or announced (`Content-Length`) at most
+    /// [`PEER_REPLAY_BODY`] bytes; streams any other. Only an announced length is waited
+    /// for: a body of unknown length may be a stream the client feeds as answers come.
+    async fn of(body: Body, headers: &HeaderMap) -> Result<HopBody, ClientError> {
+        let announced = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let small = http_body::Body::is_end_stream(&body)
+            || announced.is_some_and(|n| n <= PEER_REPLAY_BODY);
+        if !small {
+            return Ok(HopBody::Streamed(Arc::new(Mutex::new(Some(body)))));
+        }
+        let bytes = axum::body::to_bytes(body, PEER_REPLAY_BODY)
+            .await
+            .map_err(|_| ClientError::Exchange(crate::tunnel::ExchangeError::BodyUnreadable))?;
+        Ok(HopBody::Kept(bytes))
+    }
+
+    /// The body for the next try, if there is one to send.
+    fn next_try(&mut self) -> Option<Body> {
+        match self {
+            HopBody::Kept(bytes) => Some(Body::from(bytes.clone())),
+            HopBody::Streamed(slot) => {
+                let body = Handoff::reclaim(slot)?;
+                let (handoff, slot_again) = Handoff::new(body);
+                *slot = slot_again;
+                Some(Body::new(handoff))
+            }
+        }
+    }
+
+    /// Whether a failed try left the body in a state to be sent again.
+    fn can_retry(&self) -> bool {
+        match self {
+            HopBody::Kept(_) => true,
+            HopBody::Streamed(slot) => slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some(),
+        }
+    }
 }
 
 /// Bridges a client WebSocket to the owner: connect to the owner first (so its refusal,

@@ -95,15 +95,21 @@ pub fn channel_overflow() {
 }
 
 /// A tunnel registered.
-pub fn tunnel_registered() {
-    metrics::counter!("relay_tunnel_registrations_total").increment(1);
-    metrics::gauge!("relay_tunnels_connected").increment(1.0);
+pub fn tunnel_registered(protocol: &'static str) {
+    metrics::counter!("relay_tunnel_registrations_total", "protocol" => protocol).increment(1);
+    metrics::gauge!("relay_tunnels_connected", "protocol" => protocol).increment(1.0);
 }
 
-/// A tunnel ended, for `reason` (see [`crate::tunnel::SessionEnd::label`]).
-pub fn tunnel_unregistered(reason: &'static str) {
-    metrics::counter!("relay_tunnel_unregistrations_total", "reason" => reason).increment(1);
-    metrics::gauge!("relay_tunnels_connected").decrement(1.0);
+/// A tunnel speaking `protocol` ended, for `reason` (see
+/// [`crate::tunnel::SessionEnd::label`]).
+pub fn tunnel_unregistered(protocol: &'static str, reason: &'static str) {
+    metrics::counter!(
+        "relay_tunnel_unregistrations_total",
+        "protocol" => protocol,
+        "reason" => reason
+    )
+    .increment(1);
+    metrics::gauge!("relay_tunnels_connected", "protocol" => protocol).decrement(1.0);
 }
 
 /// A request was refused for lack of authorization.

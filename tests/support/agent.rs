@@ -108,6 +108,17 @@ impl AgentBuilder {
         self
     }
 
+    /// `--protocol v1`: for stub relays, which speak v1 only (with `auto`, the agent's
+    /// first attempt on a v1-only relay asks for `h2` and is dropped).
+    pub fn v1(self) -> Self {
+        self.arg("--protocol", "v1")
+    }
+
+    /// `--protocol <protocol>` (`auto`, `h2` or `v1`).
+    pub fn protocol(self, protocol: &str) -> Self {
+        self.arg("--protocol", protocol)
+    }
+
     /// An environment variable for the child.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.extra_env.push((key.to_owned(), value.to_owned()));

@@ -50,10 +50,17 @@ pub struct AgentArgs {
     )]
     pub token: Option<Secret>,
 
-    /// Base URL of the local service, e.g. `http://127.0.0.1:3000`. WebSocket channels go
-    /// to the same host:port over `ws://`.
+    /// Base URL of the local service, e.g. `http://127.0.0.1:3000`, or `h2c://host:port`
+    /// for a service that speaks HTTP/2 without TLS (gRPC). WebSocket channels go to the
+    /// same host:port over `ws://`.
     #[arg(long = "to", env = "RELAY_UPSTREAM")]
     pub upstream: String,
+
+    /// Tunnel protocol: `auto` (h2 when the relay offers it, else v1), `h2` (HTTP/2 in
+    /// the tunnel: streamed bodies, flow control; refuse a relay without it) or `v1`
+    /// (JSON messages, bodies whole).
+    #[arg(long, env = "RELAY_AGENT_PROTOCOL", value_enum, default_value_t = ProtocolChoice::Auto)]
+    pub protocol: ProtocolChoice,
 
     /// Serve the agent's status as JSON at GET /status on this address: `port` or
     /// `:port` (loopback), or `ip:port`.
@@ -105,6 +112,17 @@ pub struct AgentArgs {
     pub log_format: LogFormat,
 }
 
+/// Which tunnel protocol the agent asks for (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolChoice {
+    /// `h2` when the relay offers it, else v1.
+    Auto,
+    /// `h2` only: a relay that does not offer it is a failed attempt.
+    H2,
+    /// v1 only.
+    V1,
+}
+
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -116,6 +134,8 @@ pub struct AgentConfig {
     pub token: TokenSource,
     /// The local service.
     pub upstream: UpstreamUrl,
+    /// The tunnel protocol asked for.
+    pub protocol: ProtocolChoice,
     /// Where the status endpoint listens, if anywhere.
     pub status_addr: Option<SocketAddr>,
     /// The reconnect schedule.
@@ -222,6 +242,7 @@ impl AgentArgs {
             host_id,
             token,
             upstream,
+            protocol: self.protocol,
             status_addr,
             backoff,
             connect_timeout: positive("RELAY_AGENT_CONNECT_TIMEOUT", self.connect_timeout)?,
@@ -384,26 +405,30 @@ impl fmt::Display for RelayUrl {
 pub struct UpstreamUrl {
     authority: String,
     prefix: String,
+    /// `h2c://`: the service speaks HTTP/2 with prior knowledge.
+    h2c: bool,
 }
 
 // === impl UpstreamUrl ===
 
 impl UpstreamUrl {
-    /// Parses an `http://` base URL (a prefix path is kept; trailing slashes are not).
+    /// Parses an `http://` or `h2c://` base URL (a prefix path is kept; trailing slashes
+    /// are not).
     ///
     /// # Errors
-    /// When it is not `http://host[:port][/prefix]`.
+    /// When it is not `http://host[:port][/prefix]` or `h2c://host[:port][/prefix]`.
     pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
         let uri: http::Uri = s.trim().parse().map_err(|e| format!("{e}"))?;
-        match uri.scheme_str() {
-            Some(scheme) if scheme.eq_ignore_ascii_case("http") => {}
+        let h2c = match uri.scheme_str() {
+            Some(scheme) if scheme.eq_ignore_ascii_case("http") => false,
+            Some(scheme) if scheme.eq_ignore_ascii_case("h2c") => true,
             Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
                 return Err(
                     "https upstreams are not supported: the upstream is local, use http://".into(),
                 );
             }
-            _ => return Err("expected http://host:port".into()),
-        }
+            _ => return Err("expected http://host:port or h2c://host:port".into()),
+        };
         let authority = uri.authority().ok_or("no host")?;
         if authority.host().is_empty() || authority.as_str().contains('@') {
             return Err("expected http://host:port".into());
@@ -414,7 +439,18 @@ impl UpstreamUrl {
         Ok(UpstreamUrl {
             authority: authority.as_str().to_owned(),
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            h2c,
         })
+    }
+
+    /// Whether the service speaks HTTP/2 with prior knowledge (`h2c://`).
+    pub fn is_h2c(&self) -> bool {
+        self.h2c
+    }
+
+    /// `host:port` of the service.
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 
     /// The URL of a request for `path` (host-local path plus `?query`, as the relay sent it).
@@ -435,7 +471,8 @@ impl UpstreamUrl {
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        let scheme = if self.h2c { "h2c" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.prefix)
     }
 }
 

@@ -5,9 +5,11 @@
 //! - [`config`]: flags, environment and validation ([`AgentArgs`] → [`AgentConfig`]).
 //! - [`backoff`]: the pure reconnect policy (exponential, jittered, reset rules).
 //! - [`retry_after`]: `Retry-After` parsing (delay-seconds and HTTP-date).
-//! - [`tunnel`]: one tunnel connection: connect, register, serve v1, watchdogs.
-//! - [`upstream`]: the local service: pooled HTTP exchanges and WebSocket channels.
-//! - [`wire`]: the v1 messages from the agent's side.
+//! - [`tunnel`]: one tunnel connection: connect (negotiating the protocol), register,
+//!   watchdogs.
+//! - [`v1`]: serving a v1 tunnel (JSON messages, bodies whole).
+//! - [`h2`]: serving an `h2` tunnel (an HTTP/2 server in front of the local service).
+//! - [`upstream`]: the local service: pooled HTTP exchanges and WebSocket upgrades.
 //! - [`status`]: the operator status, its log lines and its HTTP endpoint.
 //!
 //! # The run loop
@@ -27,11 +29,12 @@
 
 pub mod backoff;
 pub mod config;
+pub mod h2;
 pub mod retry_after;
 pub mod status;
 pub mod tunnel;
 pub mod upstream;
-pub mod wire;
+pub mod v1;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -156,6 +159,8 @@ impl Supervisor {
             connect_timeout: config.connect_timeout,
             silence_timeout: config.silence_timeout,
             tasks,
+            protocol: config.protocol,
+            v1_only: std::sync::Mutex::default(),
         });
         // Unbounded but bounded by construction: each tunnel sends at most one
         // `Registered` and one `Drain` (both guarded in the session), and the agent holds
@@ -659,6 +664,8 @@ mod run_loop_tests {
             host_id: HostId::parse("demo").unwrap(),
             token,
             upstream: UpstreamUrl::parse(&upstream).unwrap(),
+            // These stub relays speak v1 only.
+            protocol: config::ProtocolChoice::V1,
             status_addr: None,
             backoff: Policy {
                 base,

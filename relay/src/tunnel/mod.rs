@@ -1,31 +1,37 @@
 //! Tunnels: one host's WebSocket to this relay, run by one actor task.
 //!
-//! A tunnel is a multiplexer of *streams*. Each stream is either an HTTP exchange (one
-//! request, one response) or a WebSocket channel (frames both ways until either side
-//! closes); both share one id space and one stream table, so the negotiated v2 (streamed
-//! bodies, binary framing, per-stream flow control) extends this module rather than
-//! replacing it.
+//! A tunnel carries *exchanges* (one HTTP request, one response) and *channels* (a client
+//! WebSocket carried to the host) over one of two protocols, which nothing outside this
+//! module needs to know about:
+//! - [`v1`]: the JSON protocol of existing agents; bodies are buffered whole;
+//! - [`h2`]: HTTP/2 inside the tunnel; the relay is an HTTP/2 client of the agent, and
+//!   bodies, channels, flow control and cancellation are hyper's.
 //!
-//! The socket is owned by the [`session`] task. Everything else reaches the tunnel through
-//! a cloneable [`TunnelHandle`], whose only ways in are a bounded command queue and a
-//! cancellation token. Dropping a handle does nothing to the tunnel: it lives as long as
-//! its socket, or until it is closed through a handle.
+//! Everything else reaches a tunnel through a cloneable [`TunnelHandle`], over `http`
+//! types: [`TunnelHandle::exchange`] takes an `http::Request` and gives an
+//! `http::Response`, [`TunnelHandle::open_channel`] gives a [`Channel`]. The handle
+//! carries the tunnel's metadata (id, host, directory sync, moved, last pong, counters)
+//! beside its connection ([`Link`], one variant per protocol). The socket itself is owned
+//! by the tunnel's [`Session`] task. Dropping a handle does nothing to the tunnel: it
+//! lives as long as its socket, or until it is closed through a handle.
 
-mod session;
-mod streams;
+pub mod h2;
+pub mod v1;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use axum::body::Body;
+use axum::extract::ws::WebSocket;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::host_id::HostId;
 use crate::limits::Limits;
-use crate::protocol::{Frame, Headers, StreamId, close_code};
-
-pub use session::{Session, SessionEnd};
+use crate::protocol::{Frame, close_code};
 
 /// Identifies one tunnel for the life of the process (a host that reconnects gets a new
 /// one), so that a tunnel that ends can tell whether it is still the registered one.
@@ -40,28 +46,23 @@ impl std::fmt::Display for TunnelId {
 
 static NEXT_TUNNEL_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A request for the host, as v1 carries it.
-#[derive(Debug)]
-pub struct HttpRequest {
-    /// HTTP method.
-    pub method: String,
-    /// Host-local path plus `?query`.
-    pub path: String,
-    /// Headers to forward.
-    pub headers: Headers,
-    /// Body text (v1 bodies are strings); empty for none.
-    pub body: String,
+/// The protocol a tunnel speaks, negotiated at registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// JSON messages, bodies whole (`docs/protocol.md`).
+    V1,
+    /// HTTP/2 inside the tunnel (subprotocol `relay-h2`).
+    H2,
 }
 
-/// The host's answer to an [`HttpRequest`].
-#[derive(Debug)]
-pub struct HttpResponse {
-    /// HTTP status as the host sent it (validated by the caller).
-    pub status: u16,
-    /// Response headers as the host sent them.
-    pub headers: Headers,
-    /// Response body.
-    pub body: Vec<u8>,
+impl Protocol {
+    /// `"v1"` or `"h2"`, as `/admin/tunnels` and the metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::V1 => "v1",
+            Protocol::H2 => "h2",
+        }
+    }
 }
 
 /// Why an exchange produced no response. Each variant says whose fault it is.
@@ -80,16 +81,29 @@ pub enum ExchangeError {
     /// The host answered with something the relay cannot use: 502.
     #[error("host sent an invalid response: {0}")]
     InvalidResponse(String),
+    /// Client: the request body is over the limit (v1 buffers it whole): 413.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Client: v1 tunnels carry text bodies only: 415.
+    #[error("request body is not UTF-8 text; v1 tunnels carry text bodies only")]
+    BodyNotText,
+    /// Client: the body could not be read (the client went away mid-upload): 400.
+    #[error("could not read the request body")]
+    BodyUnreadable,
 }
 
-/// How an exchange ended without a response, as the session reports it.
+/// How an exchange ended without a response, as the tunnel reports it.
 #[derive(Debug)]
 pub enum ExchangeFailure {
     /// The exchange failed; see [`ExchangeError`].
     Failed(ExchangeError),
-    /// The tunnel ended before the request was written to it (replaced, drained, gone):
-    /// the host never saw it, so it is handed back to be routed again.
-    NotDelivered(HttpRequest),
+    /// The tunnel ended (replaced, drained, gone) or stopped taking new streams before
+    /// the request was written to it: the host never saw it, so it is handed back, body
+    /// untouched, to be routed again.
+    NotDelivered(Box<Request<Body>>),
 }
 
 impl ExchangeFailure {
@@ -108,83 +122,59 @@ impl From<ExchangeError> for ExchangeFailure {
     }
 }
 
-/// Something a handle asks the session to do. Processed in order.
+/// A place for one exchange on a tunnel ([`TunnelHandle::reserve`]). The exchange holds
+/// it until it ends: with `h2`, until the last byte of the response body.
 #[derive(Debug)]
-pub(crate) enum Command {
-    /// Start an HTTP exchange.
-    Http {
-        id: StreamId,
-        request: HttpRequest,
-        respond: oneshot::Sender<Result<HttpResponse, ExchangeFailure>>,
-    },
-    /// The client of an exchange gave up (timeout or disconnect): forget the stream.
-    Abandon { id: StreamId },
-    /// Open a WebSocket channel.
-    OpenChannel {
-        id: StreamId,
-        path: String,
-        query: Option<String>,
-        to_client: ChannelSender,
-    },
-    /// A frame from the client of a channel.
-    ChannelFrame { id: StreamId, frame: Frame },
-    /// The client side of a channel closed (or must be closed with this code).
-    CloseChannel { id: StreamId, code: Option<u16> },
-    /// The relay closed a channel on its own (slow client): tell the host. The stream is
-    /// already gone from the table.
-    NotifyClosed { id: StreamId, code: u16 },
-    /// Tell the host to reconnect elsewhere (in-band v1 `drain`).
-    Drain { reason: String },
-    /// Send a ping now (besides the periodic ones).
-    Ping,
+pub struct Permit {
+    _held: OwnedSemaphorePermit,
 }
 
-/// The session's side of a channel: where host frames for the client go.
-#[derive(Debug)]
-pub(crate) struct ChannelSender {
-    frames: mpsc::Sender<Frame>,
-    closed: oneshot::Sender<Option<u16>>,
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The host sent a Close frame (with this code, if any).
+    HostClosed(Option<u16>),
+    /// The socket ended or failed without a Close frame.
+    HostGone(String),
+    /// Too many pings went unanswered.
+    PingTimeout,
+    /// The host sent a message over the frame limit.
+    TooBig,
+    /// Closed through a handle (replaced, drain, shutdown) with this code.
+    Closed(u16),
 }
 
-/// The client side of one WebSocket channel.
-#[derive(Debug)]
-pub struct Channel {
-    /// The stream id of this channel.
-    pub id: StreamId,
-    tunnel: TunnelHandle,
-    /// Frames from the host, in order. Ends (None) when the channel or tunnel ends.
-    pub frames: mpsc::Receiver<Frame>,
-    /// Resolves with the host's close code when the host closes the channel; errors when
-    /// the tunnel went away without a word.
-    pub closed: oneshot::Receiver<Option<u16>>,
-}
-
-impl Channel {
-    /// Sends a client frame to the host, waiting for room in the tunnel's queue.
-    ///
-    /// # Errors
-    /// [`ExchangeError::TunnelClosed`] when the tunnel is gone.
-    pub async fn send(&self, frame: Frame) -> Result<(), ExchangeError> {
-        self.tunnel
-            .send(Command::ChannelFrame { id: self.id, frame })
-            .await
+impl SessionEnd {
+    /// The code and reason of the relay's Close frame, when the relay is the one closing.
+    pub(crate) fn close_frame(&self) -> Option<(u16, &'static str)> {
+        match self {
+            SessionEnd::HostClosed(_) | SessionEnd::HostGone(_) => None,
+            SessionEnd::PingTimeout => Some((close_code::GOING_AWAY, "ping timeout")),
+            SessionEnd::TooBig => Some((close_code::TOO_BIG, "message over the frame limit")),
+            SessionEnd::Closed(code) => Some((*code, close_reason(*code))),
+        }
     }
 
-    /// Tells the host the client closed, with the client's code.
-    pub async fn close(&self, code: Option<u16>) {
-        let _ = self
-            .tunnel
-            .send(Command::CloseChannel { id: self.id, code })
-            .await;
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionEnd::HostClosed(_) => "host_closed",
+            SessionEnd::HostGone(_) => "host_gone",
+            SessionEnd::PingTimeout => "ping_timeout",
+            SessionEnd::TooBig => "frame_too_big",
+            SessionEnd::Closed(close_code::REPLACED) => "replaced",
+            SessionEnd::Closed(close_code::DRAINING) => "draining",
+            SessionEnd::Closed(_) => "closed",
+        }
     }
 }
 
-impl Drop for Channel {
-    fn drop(&mut self) {
-        self.tunnel
-            .inner
-            .open_channels
-            .fetch_sub(1, Ordering::Relaxed);
+/// The reason text of a Close the relay sends through a handle.
+pub(crate) fn close_reason(code: u16) -> &'static str {
+    match code {
+        close_code::REPLACED => "replaced by a newer tunnel for this host",
+        close_code::DRAINING => "relay draining, reconnect now",
+        _ => "closed by the relay",
     }
 }
 
@@ -195,11 +185,11 @@ pub struct TunnelHandle {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     id: TunnelId,
     host: HostId,
+    protocol: Protocol,
     connected_at: SystemTime,
-    tx: mpsc::Sender<Command>,
     /// Cancelling ends the session; `close_code` says with which code.
     cancel: CancellationToken,
     close_code: AtomicU16,
@@ -207,8 +197,9 @@ struct Inner {
     /// answered at once without touching the session.
     pending: Arc<Semaphore>,
     max_pending: usize,
-    next_stream: AtomicU64,
     open_channels: AtomicUsize,
+    /// Woken when the last channel closes (a draining `h2` tunnel waits for it).
+    channels_closed: Notify,
     /// Whether the directory is known to name this machine for the host. False while
     /// Redis is unreachable; the reconciler sets it once the entry is written.
     synced: AtomicBool,
@@ -216,35 +207,114 @@ struct Inner {
     moved: AtomicBool,
     /// When the last pong arrived, in milliseconds since the Unix epoch (0: none yet).
     last_pong_ms: AtomicU64,
+    /// The connection, per protocol.
+    link: Link,
 }
 
+/// A tunnel's connection, per protocol.
+#[derive(Debug)]
+pub(crate) enum Link {
+    V1(v1::Link),
+    H2(h2::Link),
+}
+
+/// The actor of one tunnel: run it until the tunnel ends ([`Session::run`]).
+#[derive(Debug)]
+pub enum Session {
+    /// A v1 tunnel and its socket.
+    V1(v1::Session, WebSocket),
+    /// An `h2` tunnel (hyper owns its socket).
+    H2(h2::Session),
+}
+
+impl Session {
+    /// Runs the tunnel until the host goes, a ping times out, or a handle closes it; then
+    /// fails what is in flight and closes the socket. `on_pong` is called for every pong
+    /// (directory heartbeat).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: close through the handle instead.
+    pub async fn run(self, on_pong: impl Fn() + Send) -> SessionEnd {
+        match self {
+            Session::V1(session, socket) => session.run(socket, on_pong).await,
+            Session::H2(session) => session.run(on_pong).await,
+        }
+    }
+}
+
+/// Why an `h2` tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP/2 handshake inside the tunnel failed: {0}")]
+pub struct OpenError(#[from] hyper::Error);
+
+// === impl TunnelHandle ===
+
 impl TunnelHandle {
-    /// A new tunnel for `host`: the handle, and the session that must be run with the
-    /// socket. `cancel` is the parent token (the relay's shutdown).
-    pub fn new(
+    fn with_link(
         host: HostId,
+        protocol: Protocol,
         limits: &Limits,
         cancel: &CancellationToken,
-    ) -> (TunnelHandle, Session) {
-        let (tx, rx) = mpsc::channel(limits.tunnel_queue);
-        let handle = TunnelHandle {
+        link: Link,
+    ) -> TunnelHandle {
+        TunnelHandle {
             inner: Arc::new(Inner {
                 id: TunnelId(NEXT_TUNNEL_ID.fetch_add(1, Ordering::Relaxed)),
                 host,
+                protocol,
                 connected_at: SystemTime::now(),
-                tx,
                 cancel: cancel.child_token(),
                 close_code: AtomicU16::new(close_code::DRAINING),
                 pending: Arc::new(Semaphore::new(limits.max_pending)),
                 max_pending: limits.max_pending,
-                next_stream: AtomicU64::new(1),
                 open_channels: AtomicUsize::new(0),
+                channels_closed: Notify::new(),
                 synced: AtomicBool::new(false),
                 moved: AtomicBool::new(false),
                 last_pong_ms: AtomicU64::new(0),
+                link,
             }),
-        };
-        let session = Session::new(handle.clone(), rx, limits.clone());
+        }
+    }
+
+    /// A new tunnel for `host` over `socket` speaking `protocol`: the handle, and the
+    /// session that must be run. `cancel` is the parent token (the relay's shutdown);
+    /// tasks the tunnel spawns (`h2` connection and streams) are tracked by `tracker`.
+    ///
+    /// # Errors
+    /// When the HTTP/2 handshake of an `h2` tunnel fails.
+    pub async fn open(
+        host: HostId,
+        protocol: Protocol,
+        socket: WebSocket,
+        limits: &Limits,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(TunnelHandle, Session), OpenError> {
+        match protocol {
+            Protocol::V1 => {
+                let (handle, session) = TunnelHandle::new_v1(host, limits, cancel);
+                Ok((handle, Session::V1(session, socket)))
+            }
+            Protocol::H2 => {
+                let (link, parts) = h2::handshake(socket, limits, tracker).await?;
+                let handle =
+                    TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
+                let session = h2::Session::new(handle.clone(), parts, limits.clone());
+                Ok((handle, Session::H2(session)))
+            }
+        }
+    }
+
+    /// A new v1 tunnel for `host`: the handle, and the session to run with the socket.
+    pub fn new_v1(
+        host: HostId,
+        limits: &Limits,
+        cancel: &CancellationToken,
+    ) -> (TunnelHandle, v1::Session) {
+        let (link, rx) = v1::Link::new(limits);
+        let handle = TunnelHandle::with_link(host, Protocol::V1, limits, cancel, Link::V1(link));
+        let session = v1::Session::new(handle.clone(), rx, limits.clone());
         (handle, session)
     }
 
@@ -256,6 +326,11 @@ impl TunnelHandle {
     /// The host this tunnel serves.
     pub fn host(&self) -> &HostId {
         &self.inner.host
+    }
+
+    /// The protocol this tunnel speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.inner.protocol
     }
 
     /// When the tunnel was registered.
@@ -299,7 +374,7 @@ impl TunnelHandle {
     pub fn last_pong(&self) -> Option<SystemTime> {
         match self.inner.last_pong_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+            ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
         }
     }
 
@@ -310,313 +385,252 @@ impl TunnelHandle {
         self.inner.last_pong_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Whether the session has ended or been told to.
+    /// Whether the tunnel has ended, been told to, or takes no new work.
     pub fn is_closed(&self) -> bool {
-        self.inner.cancel.is_cancelled() || self.inner.tx.is_closed()
+        self.inner.cancel.is_cancelled()
+            || match &self.inner.link {
+                Link::V1(link) => link.is_closed(),
+                Link::H2(link) => !link.is_accepting(),
+            }
     }
 
-    /// Ends the tunnel: the session sends a Close frame with `code`, fails every pending
-    /// exchange at once and closes every channel (1001).
+    /// Ends the tunnel with `code`. In flight: a v1 tunnel fails its exchanges at once
+    /// and closes its channels (1001); an `h2` tunnel closed with 4001 (drain) lets its
+    /// streams run on for a bounded time first. Either way no new work is taken.
     pub fn close(&self, code: u16) {
         self.inner.close_code.store(code, Ordering::Relaxed);
         self.inner.cancel.cancel();
     }
 
     /// How the session ends once closed through a handle.
-    fn closed_with(&self) -> SessionEnd {
+    pub(crate) fn closed_with(&self) -> SessionEnd {
         SessionEnd::Closed(self.inner.close_code.load(Ordering::Relaxed))
     }
 
-    /// Sends the in-band v1 `drain` message. Does not wait for room in the queue: a
-    /// tunnel too backed up to take it will be closed with 4001 anyway.
-    pub fn drain(&self, reason: &str) -> bool {
-        self.inner
-            .tx
-            .try_send(Command::Drain {
-                reason: reason.to_owned(),
-            })
-            .is_ok()
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.inner.cancel
     }
 
-    /// Sends a v1 `ping` now. Best effort: a full queue means the tunnel is busy, and the
+    pub(crate) fn link(&self) -> &Link {
+        &self.inner.link
+    }
+
+    /// Sends the in-band `drain` message. Does not wait for room: a tunnel too backed
+    /// up to take it will be closed with 4001 anyway.
+    pub fn drain(&self, reason: &str) -> bool {
+        match &self.inner.link {
+            Link::V1(link) => link.drain(reason),
+            Link::H2(link) => link.drain(reason),
+        }
+    }
+
+    /// Sends a `ping` now. Best effort: a full queue means the tunnel is busy, and the
     /// periodic ping follows anyway.
     pub fn ping_now(&self) {
-        let _ = self.inner.tx.try_send(Command::Ping);
-    }
-
-    /// Carries one HTTP exchange to the host and waits for its answer, at most
-    /// `timeout` in all (queueing included).
-    ///
-    /// # Errors
-    /// See [`ExchangeError`].
-    ///
-    /// # Cancel safety
-    /// Dropping the future abandons the exchange: the session forgets the stream and a
-    /// late answer from the host is counted as an unknown id.
-    pub async fn exchange(
-        &self,
-        request: HttpRequest,
-        timeout: std::time::Duration,
-    ) -> Result<HttpResponse, ExchangeError> {
-        let permit = self.reserve()?;
-        self.exchange_reserved(permit, request, timeout).await
+        match &self.inner.link {
+            Link::V1(link) => link.ping_now(),
+            Link::H2(link) => link.ping_now(),
+        }
     }
 
     /// Reserves a place for one exchange, failing at once when the tunnel is full.
     ///
     /// # Errors
     /// [`ExchangeError::Overloaded`] when `max_pending` exchanges are in flight.
-    pub fn reserve(&self) -> Result<OwnedSemaphorePermit, ExchangeError> {
+    pub fn reserve(&self) -> Result<Permit, ExchangeError> {
         self.inner
             .pending
             .clone()
             .try_acquire_owned()
+            .map(|held| Permit { _held: held })
             .map_err(|_| ExchangeError::Overloaded)
     }
 
-    /// [`TunnelHandle::exchange`] with a place already reserved.
-    ///
-    /// # Errors
-    /// See [`ExchangeError`].
-    pub async fn exchange_reserved(
-        &self,
-        permit: OwnedSemaphorePermit,
-        request: HttpRequest,
-        timeout: std::time::Duration,
-    ) -> Result<HttpResponse, ExchangeError> {
-        self.try_exchange_reserved(permit, request, timeout)
-            .await
-            .map_err(ExchangeFailure::into_error)
-    }
-
-    /// [`TunnelHandle::exchange_reserved`], but a request the tunnel never wrote (it ended
-    /// first) comes back as [`ExchangeFailure::NotDelivered`], for the caller to route
-    /// again: the host cannot have acted on it.
+    /// Carries one HTTP exchange to the host: `request` has the host-local path as its
+    /// URI (`/path?query`) and the headers the host gets. Waits at most `timeout` for the
+    /// response head (v1: for the whole response). A request the tunnel never wrote (it
+    /// ended or stopped taking streams first) comes back as
+    /// [`ExchangeFailure::NotDelivered`], for the caller to route again.
     ///
     /// # Errors
     /// See [`ExchangeFailure`].
-    pub async fn try_exchange_reserved(
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the exchange: v1 forgets the stream (a late answer is
+    /// counted as an unknown id); `h2` resets it, and the agent aborts the upstream call.
+    pub async fn exchange(
         &self,
-        _permit: OwnedSemaphorePermit,
-        request: HttpRequest,
-        timeout: std::time::Duration,
-    ) -> Result<HttpResponse, ExchangeFailure> {
-        let id = self.next_stream_id();
-        let (respond, response) = oneshot::channel();
-        let mut guard = AbandonOnDrop {
-            tunnel: self,
-            id,
-            armed: true,
-        };
-        let command = Command::Http {
-            id,
-            request,
-            respond,
-        };
-        let result = tokio::time::timeout(timeout, async {
-            if let Err(mpsc::error::SendError(command)) = self.inner.tx.send(command).await {
-                // The session is gone: the request never entered the tunnel.
-                return match command {
-                    Command::Http { request, .. } => Err(ExchangeFailure::NotDelivered(request)),
-                    _ => Err(ExchangeError::TunnelClosed.into()),
-                };
-            }
-            response
-                .await
-                .unwrap_or(Err(ExchangeError::TunnelClosed.into()))
-        })
-        .await
-        .unwrap_or(Err(ExchangeError::Timeout.into()));
-        // The session removes the stream itself when the host answers or the tunnel
-        // ends; only a timeout leaves it behind.
-        guard.armed = matches!(result, Err(ExchangeFailure::Failed(ExchangeError::Timeout)));
-        result
+        permit: Permit,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Body>, ExchangeFailure> {
+        match &self.inner.link {
+            Link::V1(link) => link.exchange(permit, request, timeout).await,
+            Link::H2(link) => link.exchange(permit, request, timeout).await,
+        }
     }
 
-    /// Opens a WebSocket channel to the host-local `path`.
+    /// Opens a WebSocket channel to the host-local path of `request`, carrying its
+    /// headers (the subprotocols the client offers among them). `h2` waits for the host's
+    /// answer: a refusal comes back as the host's HTTP response. v1 has no answer to wait
+    /// for: a channel the host cannot open is closed (1011) right after.
     ///
     /// # Errors
-    /// [`ExchangeError::TunnelClosed`] when the tunnel is gone.
+    /// [`ExchangeError::TunnelClosed`] when the tunnel is gone, [`ExchangeError::Timeout`]
+    /// when an `h2` host does not answer within `timeout`.
     pub async fn open_channel(
         &self,
-        path: String,
-        query: Option<String>,
-        queue: usize,
-    ) -> Result<Channel, ExchangeError> {
-        let id = self.next_stream_id();
-        let (frames_tx, frames) = mpsc::channel(queue);
-        let (closed_tx, closed) = oneshot::channel();
-        self.send(Command::OpenChannel {
-            id,
-            path,
-            query,
-            to_client: ChannelSender {
-                frames: frames_tx,
-                closed: closed_tx,
-            },
-        })
-        .await?;
-        self.inner.open_channels.fetch_add(1, Ordering::Relaxed);
-        Ok(Channel {
-            id,
-            tunnel: self.clone(),
-            frames,
-            closed,
-        })
-    }
-
-    fn next_stream_id(&self) -> StreamId {
-        StreamId(self.inner.next_stream.fetch_add(1, Ordering::Relaxed))
-    }
-
-    async fn send(&self, command: Command) -> Result<(), ExchangeError> {
-        self.inner
-            .tx
-            .send(command)
-            .await
-            .map_err(|_| ExchangeError::TunnelClosed)
-    }
-}
-
-/// Tells the session to forget an exchange whose client stopped waiting.
-struct AbandonOnDrop<'a> {
-    tunnel: &'a TunnelHandle,
-    id: StreamId,
-    armed: bool,
-}
-
-impl Drop for AbandonOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            // Best effort: if the queue is full, the session's periodic prune of streams
-            // whose client is gone catches it.
-            let _ = self
-                .tunnel
-                .inner
-                .tx
-                .try_send(Command::Abandon { id: self.id });
+        request: ChannelRequest,
+        timeout: Duration,
+    ) -> Result<Opened, ExchangeError> {
+        let opened = match &self.inner.link {
+            Link::V1(link) => link.open_channel(self, request).await?,
+            Link::H2(link) => link.open_channel(self, request, timeout).await?,
+        };
+        if let Opened::Channel { .. } = opened {
+            self.inner.open_channels.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(opened)
+    }
+
+    /// Resolves once no exchange is in flight and no channel is open. Only for a tunnel
+    /// that is closing: while it waits, permits released go to it, so no new exchange
+    /// can start.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub(crate) async fn idle(&self) {
+        let all = u32::try_from(self.inner.max_pending).unwrap_or(u32::MAX);
+        // Holding every permit means no exchange is in flight (and none can start).
+        let _all = self.inner.pending.acquire_many(all).await;
+        loop {
+            let closed = self.inner.channels_closed.notified();
+            if self.open_channels() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    fn channel_closed(&self) {
+        if self.inner.open_channels.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.inner.channels_closed.notify_waiters();
+        }
+    }
+}
+
+/// What a client asked of a channel.
+#[derive(Debug)]
+pub struct ChannelRequest {
+    /// Host-local path, without the query.
+    pub path: String,
+    /// Query string without the leading `?`, the relay's own `token` removed.
+    pub query: Option<String>,
+    /// The headers the host gets (see [`crate::headers::to_host`]).
+    pub headers: HeaderMap,
+}
+
+/// The host's answer to a channel request.
+#[derive(Debug)]
+pub enum Opened {
+    /// The channel is open.
+    Channel {
+        /// The channel.
+        channel: Channel,
+        /// The subprotocol the host chose, for the client's handshake.
+        protocol: Option<HeaderValue>,
+    },
+    /// The host refused the WebSocket (its local service answered this instead).
+    Refused(Response<Body>),
+}
+
+/// One event of a channel, from the host's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// A frame for the client.
+    Frame(Frame),
+    /// The host closed the channel (with this code); or, with 1001, the tunnel went.
+    Closed(Option<u16>),
+}
+
+/// The client side of one WebSocket channel.
+#[derive(Debug)]
+pub struct Channel {
+    tunnel: TunnelHandle,
+    inner: ChannelInner,
+}
+
+#[derive(Debug)]
+enum ChannelInner {
+    V1(v1::Channel),
+    /// Boxed: a WebSocket codec is much larger than a v1 channel's queues.
+    H2(Box<h2::Channel>),
+}
+
+impl Channel {
+    /// The next event from the host.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an event is only taken when it is returned.
+    pub async fn recv(&mut self) -> ChannelEvent {
+        match &mut self.inner {
+            ChannelInner::V1(channel) => channel.recv().await,
+            ChannelInner::H2(channel) => channel.recv().await,
+        }
+    }
+
+    /// Sends a client frame to the host, waiting for room (backpressure).
+    ///
+    /// # Errors
+    /// [`ExchangeError::TunnelClosed`] when the channel or tunnel is gone.
+    pub async fn send(&mut self, frame: Frame) -> Result<(), ExchangeError> {
+        match &mut self.inner {
+            ChannelInner::V1(channel) => channel.send(frame).await,
+            ChannelInner::H2(channel) => channel.send(frame).await,
+        }
+    }
+
+    /// Tells the host the client closed, with the client's code.
+    pub async fn close(&mut self, code: Option<u16>) {
+        match &mut self.inner {
+            ChannelInner::V1(channel) => channel.close(code).await,
+            ChannelInner::H2(channel) => channel.close(code).await,
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.tunnel.channel_closed();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use std::time::Duration;
-
-    use axum::extract::ws::Message;
-    use futures_util::{Sink, Stream};
-
     use super::*;
 
-    /// A socket whose host has gone: reads end at once, writes are accepted and dropped.
-    struct GoneSocket;
-
-    impl Stream for GoneSocket {
-        type Item = Result<Message, axum::Error>;
-        fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            Poll::Ready(None)
-        }
-    }
-
-    impl Sink<Message> for GoneSocket {
-        type Error = axum::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-        fn start_send(self: Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
-            Ok(())
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn tunnel() -> (TunnelHandle, Session) {
-        let host = HostId::parse("web-1").unwrap();
-        TunnelHandle::new(host, &Limits::default(), &CancellationToken::new())
-    }
-
-    fn request(path: &str) -> HttpRequest {
-        HttpRequest {
-            method: "POST".into(),
-            path: path.into(),
-            headers: Headers::default(),
-            body: "payload".into(),
-        }
-    }
-
     #[tokio::test]
-    async fn request_comes_back_undelivered_when_the_session_is_already_gone() {
-        let (handle, session) = tunnel();
-        drop(session);
-        let permit = handle.reserve().unwrap();
-        let failure = handle
-            .try_exchange_reserved(permit, request("/orders"), Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        let ExchangeFailure::NotDelivered(back) = failure else {
-            panic!("expected the request back, got {failure:?}");
-        };
-        assert_eq!(
-            (back.path.as_str(), back.body.as_str()),
-            ("/orders", "payload")
+    async fn idle_waits_for_exchanges_and_channels() {
+        let (handle, _session) = TunnelHandle::new_v1(
+            HostId::parse("web-1").unwrap(),
+            &Limits::default(),
+            &CancellationToken::new(),
         );
-        assert_eq!(handle.pending_exchanges(), 0, "the permit is released");
-    }
-
-    #[tokio::test]
-    async fn request_queued_when_the_tunnel_is_closed_comes_back_undelivered() {
-        let (handle, session) = tunnel();
-        let exchange = tokio::spawn({
+        let permit = handle.reserve().unwrap();
+        handle.inner.open_channels.fetch_add(1, Ordering::Relaxed);
+        let idle = tokio::spawn({
             let handle = handle.clone();
-            async move {
-                let permit = handle.reserve().unwrap();
-                handle
-                    .try_exchange_reserved(permit, request("/queued"), Duration::from_secs(5))
-                    .await
-            }
+            async move { handle.idle().await }
         });
-        // The session is not running yet: the request waits in the tunnel's queue.
-        let max = handle.inner.tx.max_capacity();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while handle.inner.tx.capacity() == max {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the request was never queued"
-            );
-            tokio::task::yield_now().await;
-        }
-        handle.close(close_code::REPLACED);
-        // The session sees the close or the end of the socket first (the order is not
-        // fixed); either way its writer takes nothing more from the queue.
-        let end = session.run(GoneSocket, || {}).await;
-        assert!(
-            matches!(
-                end,
-                SessionEnd::Closed(close_code::REPLACED) | SessionEnd::HostGone(_)
-            ),
-            "{end:?}"
-        );
-        match exchange.await.unwrap() {
-            Err(ExchangeFailure::NotDelivered(back)) => assert_eq!(back.path, "/queued"),
-            other => panic!("expected the request back, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn exchange_reserved_reports_an_undelivered_request_as_tunnel_closed() {
-        let (handle, session) = tunnel();
-        drop(session);
-        let permit = handle.reserve().unwrap();
-        let err = handle
-            .exchange_reserved(permit, request("/x"), Duration::from_secs(5))
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished());
+        drop(permit);
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished(), "a channel is still open");
+        handle.channel_closed();
+        tokio::time::timeout(Duration::from_secs(5), idle)
             .await
-            .unwrap_err();
-        assert_eq!(err, ExchangeError::TunnelClosed);
+            .expect("idle once nothing is in flight")
+            .unwrap();
     }
 }

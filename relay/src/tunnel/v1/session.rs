@@ -9,67 +9,21 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tracing::{debug, warn};
 
+use std::borrow::Cow;
+
 use super::streams::{Delivery, Stream, StreamTable};
-use super::{Command, ExchangeError, ExchangeFailure, HttpResponse, TunnelHandle};
+use super::{Command, Failure, HttpResponse};
 use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits, MAX_CLOSE_REASON};
-use crate::protocol::{
-    Encoding, Frame, HostMessage, Inbound, RelayMessage, StreamId, close_code, encode_base64,
-    parse_host_message,
-};
+use crate::protocol::v1::{Decoded, Headers, HostMessage, Payload, RelayMessage};
+use crate::protocol::{StreamId, close_code};
 use crate::telemetry;
+use crate::tunnel::{ExchangeError, SessionEnd, TunnelHandle};
 
 /// Commands written to the socket before one flush: batching small messages into one
 /// write matters under load, and the cap keeps one burst from delaying pings.
 const MAX_BATCH: usize = 64;
 
-/// Why a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEnd {
-    /// The host sent a Close frame (with this code, if any).
-    HostClosed(Option<u16>),
-    /// The socket ended or failed without a Close frame.
-    HostGone(String),
-    /// Too many pings went unanswered.
-    PingTimeout,
-    /// The host sent a message over the frame limit.
-    TooBig,
-    /// Closed through a handle (replaced, drain, shutdown) with this code.
-    Closed(u16),
-}
-
-impl SessionEnd {
-    /// The code the relay sends in its Close frame, when the relay is the one closing.
-    fn close_frame(&self) -> Option<(u16, &'static str)> {
-        match self {
-            SessionEnd::HostClosed(_) | SessionEnd::HostGone(_) => None,
-            SessionEnd::PingTimeout => Some((close_code::GOING_AWAY, "ping timeout")),
-            SessionEnd::TooBig => Some((close_code::TOO_BIG, "message over the frame limit")),
-            SessionEnd::Closed(code) => Some((
-                *code,
-                match *code {
-                    close_code::REPLACED => "replaced by a newer tunnel for this host",
-                    close_code::DRAINING => "relay draining, reconnect now",
-                    _ => "closed by the relay",
-                },
-            )),
-        }
-    }
-
-    /// A short label for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            SessionEnd::HostClosed(_) => "host_closed",
-            SessionEnd::HostGone(_) => "host_gone",
-            SessionEnd::PingTimeout => "ping_timeout",
-            SessionEnd::TooBig => "frame_too_big",
-            SessionEnd::Closed(close_code::REPLACED) => "replaced",
-            SessionEnd::Closed(close_code::DRAINING) => "draining",
-            SessionEnd::Closed(_) => "closed",
-        }
-    }
-}
-
-/// The actor of one tunnel. Built by [`TunnelHandle::new`]; run it with the socket.
+/// The actor of one v1 tunnel. Built by [`TunnelHandle::new_v1`]; run it with the socket.
 #[derive(Debug)]
 pub struct Session {
     handle: TunnelHandle,
@@ -97,7 +51,7 @@ impl Shared {
 }
 
 impl Session {
-    pub(super) fn new(
+    pub(crate) fn new(
         handle: TunnelHandle,
         rx: mpsc::Receiver<Command>,
         limits: Limits,
@@ -125,7 +79,7 @@ impl Session {
             unanswered_pings: AtomicU32::new(0),
             drain_sent: AtomicBool::new(false),
         };
-        let cancel = self.handle.inner.cancel.clone();
+        let cancel = self.handle.cancel_token().clone();
         let end = tokio::select! {
             end = write_loop(&mut sink, &mut self.rx, &shared, &self.limits, &self.handle) => end,
             end = read_loop(&mut stream, &self.handle, &shared, &on_pong) => end,
@@ -134,14 +88,14 @@ impl Session {
         // No handle can queue more work from here. Requests queued but never written go
         // back to their handlers, to be routed again (to a newer tunnel, another relay);
         // the rest of what was queued is dropped.
-        self.handle.inner.cancel.cancel();
+        self.handle.cancel_token().cancel();
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
             if let Command::Http {
                 request, respond, ..
             } = command
             {
-                let _ = respond.send(Err(ExchangeFailure::NotDelivered(request)));
+                let _ = respond.send(Err(Failure::NotDelivered(Box::new(request))));
             }
         }
 
@@ -174,7 +128,7 @@ impl Session {
             // to reconnect at once (and elsewhere) even if the close frame is lost.
             if !shared.drain_sent.load(Ordering::Relaxed) {
                 let drain = RelayMessage::Drain {
-                    reason: Some(crate::protocol::DRAIN_REASON),
+                    reason: Some(Cow::Borrowed(crate::protocol::DRAIN_REASON)),
                 };
                 sink.send(Message::Text(drain.to_json().into())).await?;
             }
@@ -213,7 +167,7 @@ async fn write_loop<S>(
 where
     S: Sink<Message, Error = axum::Error> + Unpin,
 {
-    let cancel = &handle.inner.cancel;
+    let cancel = handle.cancel_token();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     let mut ping = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
@@ -274,12 +228,13 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
                 // The client gave up while the command waited in the queue.
                 return None;
             }
+            let parts = &request.parts;
             let text = RelayMessage::Http {
-                id,
-                method: &request.method,
-                path: &request.path,
-                headers: &request.headers,
-                body: (!request.body.is_empty()).then_some(request.body.as_str()),
+                id: Cow::Owned(id.to_string()),
+                method: Cow::Borrowed(parts.method.as_str()),
+                path: Cow::Borrowed(parts.uri.path_and_query().map_or("/", |p| p.as_str())),
+                headers: Cow::Owned(Headers::from_map(&parts.headers)),
+                body: Payload::Text(Cow::Borrowed(&request.body)),
             }
             .to_json();
             shared.streams().insert(id, Stream::Exchange(respond));
@@ -298,9 +253,9 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
             shared.streams().insert(id, Stream::Channel(to_client));
             Some(
                 RelayMessage::WsOpen {
-                    id,
-                    path: &path,
-                    query: query.as_deref(),
+                    id: Cow::Owned(id.to_string()),
+                    path: Cow::Owned(path),
+                    query: query.map(Cow::Owned),
                 }
                 .to_json(),
             )
@@ -310,31 +265,27 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
                 // The host closed it first; the client is being told.
                 return None;
             }
-            Some(match frame {
-                Frame::Text(text) => RelayMessage::WsFrame {
-                    id,
-                    data: &text,
-                    encoding: None,
+            Some(
+                RelayMessage::WsFrame {
+                    id: Cow::Owned(id.to_string()),
+                    data: Payload::from(&frame),
                 }
                 .to_json(),
-                Frame::Binary(bytes) => RelayMessage::WsFrame {
-                    id,
-                    data: &encode_base64(&bytes),
-                    encoding: Some(Encoding::Base64),
-                }
-                .to_json(),
-            })
+            )
         }
         Command::CloseChannel { id, code } => {
             // Only tell the host if the channel was still open on its side.
-            shared
-                .streams()
-                .forget_channel(id)
-                .then(|| RelayMessage::WsClose { id, code }.to_json())
+            shared.streams().forget_channel(id).then(|| {
+                RelayMessage::WsClose {
+                    id: Cow::Owned(id.to_string()),
+                    code,
+                }
+                .to_json()
+            })
         }
         Command::NotifyClosed { id, code } => Some(
             RelayMessage::WsClose {
-                id,
+                id: Cow::Owned(id.to_string()),
                 code: Some(code),
             }
             .to_json(),
@@ -347,7 +298,7 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
             shared.drain_sent.store(true, Ordering::Relaxed);
             Some(
                 RelayMessage::Drain {
-                    reason: Some(&reason),
+                    reason: Some(Cow::Owned(reason)),
                 }
                 .to_json(),
             )
@@ -392,13 +343,13 @@ where
 /// Handles one text frame from the host. Nothing here can end the tunnel: bad input is
 /// counted and dropped.
 fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn()) {
-    let message = match parse_host_message(text) {
-        Inbound::Message(message) => message,
-        Inbound::UnknownType => {
+    let message = match HostMessage::parse(text) {
+        Decoded::Message(message) => message,
+        Decoded::UnknownType(_) => {
             telemetry::message_ignored("unknown_type");
             return;
         }
-        Inbound::Malformed { reason, id } => {
+        Decoded::Malformed { reason, id } => {
             telemetry::message_ignored("malformed");
             debug!(%reason, "ignored a malformed message from the host");
             // A broken answer still fails its exchange now rather than at the timeout.
@@ -427,8 +378,8 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
                     id,
                     Ok(HttpResponse {
                         status,
-                        headers,
-                        body,
+                        headers: headers.into_owned(),
+                        body: body.into_bytes(),
                     }),
                 )
             });
@@ -439,13 +390,13 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
         HostMessage::WsFrame { id, data } => {
             let delivery = match StreamId::parse(&id) {
                 Some(id) => {
-                    let delivery = shared.streams().deliver(id, data);
+                    let delivery = shared.streams().deliver(id, data.into());
                     if delivery == Delivery::Overflowed {
                         warn!(stream = %id, "client channel fell behind; closed it with 1013");
                         telemetry::channel_overflow();
                         // Tell the host; if the queue is full it learns from the next
                         // frames being ignored instead.
-                        let _ = handle.inner.tx.try_send(Command::NotifyClosed {
+                        let _ = commands(handle).try_send(Command::NotifyClosed {
                             id,
                             code: close_code::TRY_AGAIN_LATER,
                         });
@@ -465,6 +416,14 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
                 telemetry::message_ignored("unknown_id");
             }
         }
+    }
+}
+
+/// The command queue of a v1 tunnel.
+fn commands(handle: &TunnelHandle) -> &mpsc::Sender<Command> {
+    match handle.link() {
+        crate::tunnel::Link::V1(link) => &link.tx,
+        crate::tunnel::Link::H2(_) => unreachable!("a v1 session runs a v1 tunnel"),
     }
 }
 

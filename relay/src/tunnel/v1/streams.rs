@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChannelSender, ExchangeError, ExchangeFailure, HttpResponse};
+use super::{ChannelSender, Failure, HttpResponse};
 use crate::protocol::{Frame, StreamId, close_code};
+use crate::tunnel::ExchangeError;
 
-pub(super) type Responder = oneshot::Sender<Result<HttpResponse, ExchangeFailure>>;
+pub(super) type Responder = oneshot::Sender<Result<HttpResponse, Failure>>;
 
 /// One stream in flight.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ impl StreamTable {
         match self.streams.remove(&id) {
             Some(Stream::Exchange(respond)) => {
                 // The client may have just given up; nothing to do then.
-                let _ = respond.send(result.map_err(ExchangeFailure::Failed));
+                let _ = respond.send(result.map_err(Failure::Failed));
                 true
             }
             Some(other) => {

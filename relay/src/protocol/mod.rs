@@ -1,0 +1,84 @@
+//! What travels on a tunnel (see `docs/protocol.md`): the close codes and identifiers
+//! both protocols share, and one codec per protocol, used by the relay and the agent
+//! alike.
+//!
+//! - [`v1`]: the JSON protocol existing host agents speak (text frames only).
+//! - [`h2`]: HTTP/2 inside the tunnel, negotiated with the `relay-h2` subprotocol.
+
+pub mod h2;
+pub mod v1;
+
+use std::fmt;
+
+/// WebSocket close codes the relay sends. Each one is documented in `docs/protocol.md`.
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Tunnel: ping timeout (missed pongs). Client channel: its tunnel went away.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Missing or invalid hostId or token, or the token does not allow this host.
+    pub const POLICY: u16 = 1008;
+    /// A message larger than the configured frame limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The relay could not complete registration, or failed internally.
+    pub const INTERNAL: u16 = 1011;
+    /// Client channel: the client read too slowly and its buffer overflowed.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Tunnel: the relay is draining for a deploy; reconnect at once.
+    pub const DRAINING: u16 = 4001;
+    /// Tunnel: a newer tunnel registered the same hostId and replaced this one.
+    pub const REPLACED: u16 = 4002;
+
+    /// Whether `code` may be put in a Close frame on the wire (RFC 6455 §7.4).
+    /// 1005, 1006 and 1015 are reserved for reporting and must never be sent.
+    pub fn is_sendable(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
+}
+
+/// The reason sent in every `drain` message.
+pub const DRAIN_REASON: &str = "relay shutting down";
+
+/// Identifies one stream (an HTTP exchange or a WebSocket channel) within a tunnel.
+///
+/// On the wire a v1 `id` is a string; the relay issues decimal numbers, unique for the
+/// life of the tunnel, and treats any id it did not issue as unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+impl StreamId {
+    /// Parses an id received from a host; `None` for anything the relay cannot have issued.
+    pub fn parse(s: &str) -> Option<StreamId> {
+        s.parse().ok().map(StreamId)
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One WebSocket data frame carried over a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(bytes::Bytes),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wire_legal_close_codes_are_sendable() {
+        for code in [1000, 1001, 1008, 1011, 3000, 4001, 4999] {
+            assert!(close_code::is_sendable(code), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {
+            assert!(!close_code::is_sendable(code), "{code}");
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! An `h2` tunnel, the relay's side: an HTTP/2 client of the agent, over the tunnel's
+//! WebSocket ([`crate::protocol::h2`]).
+//!
+//! Each exchange is one HTTP/2 stream and each channel one extended CONNECT stream
+//! (RFC 8441); bodies stream both ways under HTTP/2 flow control, and dropping an
+//! exchange resets its stream, which the agent turns into an aborted upstream call. The
+//! windows are named limits ([`crate::limits::h2`]).
+//!
+//! The [`Session`] task owns what is not hyper's: liveness (v1's JSON `ping`/`pong` on
+//! text messages, so the directory heartbeat works as with v1), the `drain` message, and
+//! closing. It also polls hyper's dispatch future, which hands new requests to the
+//! HTTP/2 connection; the connection itself (reads, writes, streams) runs in tasks hyper
+//! spawns on the relay's tracker.
+//!
+//! A tunnel stops taking new streams when it is closed through a handle or when the
+//! agent says `GOAWAY` (it moved to another tunnel): requests hyper had not yet written
+//! come back untouched ([`ExchangeFailure::NotDelivered`]) and are routed again.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::WebSocket;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::client::conn::http2::{Connection, SendRequest};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::{
+    ChannelEvent, ChannelInner, ChannelRequest, ExchangeError, ExchangeFailure, Opened, Permit,
+    SessionEnd, TunnelHandle,
+};
+use crate::body::{Guarded, watch_end};
+use crate::headers;
+use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
+use crate::protocol::h2::{AUTHORITY, Control, Ended, Executor, WsIo};
+use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
+use crate::protocol::{DRAIN_REASON, Frame, close_code};
+use crate::telemetry;
+
+type Io = TokioIo<WsIo<WebSocket>>;
+
+/// The handle's side of an `h2` tunnel.
+#[derive(Debug)]
+pub(crate) struct Link {
+    send: SendRequest<Body>,
+    control: Arc<Control>,
+    /// False once the tunnel takes no new streams (closed, or `GOAWAY` from the agent).
+    accepting: AtomicBool,
+    /// Pings sent since the last pong.
+    unanswered_pings: AtomicU32,
+    /// Whether the agent has been sent `drain`: a 4001 close is always preceded by one.
+    drain_sent: AtomicBool,
+    /// Largest WebSocket message on a channel.
+    max_channel_message: usize,
+}
+
+/// What the session needs besides the handle.
+pub(crate) struct Parts {
+    conn: Connection<Io, Body, Executor>,
+    inbox: mpsc::Receiver<String>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts").finish_non_exhaustive()
+    }
+}
+
+/// Starts HTTP/2 over `socket` (the client preface and settings).
+pub(crate) async fn handshake(
+    socket: WebSocket,
+    limits: &Limits,
+    tracker: &TaskTracker,
+) -> Result<(Link, Parts), hyper::Error> {
+    let (io, control, inbox) = WsIo::new(socket, || {
+        telemetry::message_ignored("control_overflow");
+    });
+    let (send, conn) = hyper::client::conn::http2::Builder::new(Executor(tracker.clone()))
+        .initial_stream_window_size(limits::h2::STREAM_WINDOW)
+        .initial_connection_window_size(limits::h2::CONNECTION_WINDOW)
+        .max_frame_size(limits::h2::MAX_FRAME)
+        .max_header_list_size(limits::h2::MAX_HEADER_LIST)
+        .max_send_buf_size(limits::h2::MAX_SEND_BUFFER)
+        .handshake(TokioIo::new(io))
+        .await?;
+    let link = Link {
+        send,
+        control,
+        accepting: AtomicBool::new(true),
+        unanswered_pings: AtomicU32::new(0),
+        drain_sent: AtomicBool::new(false),
+        max_channel_message: limits.max_frame_bytes,
+    };
+    Ok((link, Parts { conn, inbox }))
+}
+
+/// The URI of a request inside the tunnel: HTTP/2 needs a scheme and an authority.
+fn tunnel_uri(path_and_query: &str) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme("http")
+        .authority(AUTHORITY)
+        .path_and_query(path_and_query)
+        .build()
+}
+
+impl Link {
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed) && self.control.ended().is_none()
+    }
+
+    fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+
+    pub(crate) fn drain(&self, reason: &str) -> bool {
+        let drain = RelayMessage::Drain {
+            reason: Some(Cow::Borrowed(reason)),
+        };
+        let sent = self.control.send_text(drain.to_json());
+        if sent {
+            self.drain_sent.store(true, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    pub(crate) fn ping_now(&self) {
+        if self.control.send_text(RelayMessage::Ping.to_json()) {
+            self.unanswered_pings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// See [`TunnelHandle::exchange`]: `timeout` bounds the wait for the response head;
+    /// the body then streams for as long as it takes, holding `permit`.
+    pub(crate) async fn exchange(
+        &self,
+        permit: Permit,
+        mut request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Body>, ExchangeFailure> {
+        if !self.is_accepting() {
+            return Err(ExchangeFailure::NotDelivered(Box::new(request)));
+        }
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        match tunnel_uri(&path) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(_) => {
+                return Err(ExchangeError::InvalidResponse("unusable request path".into()).into());
+            }
+        }
+        *request.version_mut() = Version::HTTP_2;
+        // The deadline for the answer starts once the request body is sent whole: an
+        // upload takes as long as it takes.
+        let (parts, body) = request.into_parts();
+        let (body, ended) = watch_end(body);
+        let request = Request::from_parts(parts, body);
+        let deadline = async {
+            let _ = ended.await;
+            tokio::time::sleep(timeout).await;
+        };
+        let mut send = self.send.clone();
+        let sent = tokio::select! {
+            sent = send.try_send_request(request) => sent,
+            () = deadline => return Err(ExchangeError::Timeout.into()),
+        };
+        let response = match sent {
+            Ok(response) => response,
+            Err(mut err) => {
+                return Err(match err.take_message() {
+                    // hyper had not written it: the connection was closing or gone.
+                    Some(request) => ExchangeFailure::NotDelivered(Box::new(request)),
+                    None => exchange_error(&err.into_error()).into(),
+                });
+            }
+        };
+        let (mut head, body) = response.into_parts();
+        headers::from_host(&mut head.headers);
+        let body = Body::new(Guarded::new(body, permit));
+        Ok(Response::from_parts(head, body))
+    }
+
+    /// See [`TunnelHandle::open_channel`]: an extended CONNECT (RFC 8441) to the agent,
+    /// which opens the local WebSocket before answering.
+    pub(crate) async fn open_channel(
+        &self,
+        tunnel: &TunnelHandle,
+        request: ChannelRequest,
+        timeout: Duration,
+    ) -> Result<Opened, ExchangeError> {
+        if !self.is_accepting() {
+            return Err(ExchangeError::TunnelClosed);
+        }
+        let path = match &request.query {
+            Some(query) => format!("{}?{query}", request.path),
+            None => request.path.clone(),
+        };
+        let uri = tunnel_uri(&path)
+            .map_err(|_| ExchangeError::InvalidResponse("unusable channel path".into()))?;
+        let mut connect = Request::new(Body::empty());
+        *connect.method_mut() = Method::CONNECT;
+        *connect.uri_mut() = uri;
+        *connect.version_mut() = Version::HTTP_2;
+        *connect.headers_mut() = request.headers;
+        connect.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut send = self.send.clone();
+        let mut response = match tokio::time::timeout(timeout, send.send_request(connect)).await {
+            Err(_) => return Err(ExchangeError::Timeout),
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => return Err(exchange_error(&err)),
+        };
+        if response.status() != StatusCode::OK {
+            // The local service refused the WebSocket: the client gets its answer.
+            let (mut head, body) = response.into_parts();
+            headers::from_host(&mut head.headers);
+            return Ok(Opened::Refused(Response::from_parts(head, Body::new(body))));
+        }
+        let protocol = response
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .cloned();
+        let upgraded = hyper::upgrade::on(&mut response)
+            .await
+            .map_err(|_| ExchangeError::TunnelClosed)?;
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(self.max_channel_message);
+        config.max_frame_size = Some(self.max_channel_message);
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(config))
+                .await;
+        Ok(Opened::Channel {
+            channel: super::Channel {
+                tunnel: tunnel.clone(),
+                inner: ChannelInner::H2(Box::new(Channel::new(socket))),
+            },
+            protocol,
+        })
+    }
+}
+
+/// What a failed HTTP/2 request means for the client.
+fn exchange_error(err: &hyper::Error) -> ExchangeError {
+    if err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
+        ExchangeError::TunnelClosed
+    } else {
+        ExchangeError::InvalidResponse(format!("HTTP/2 stream failed: {err}"))
+    }
+}
+
+/// The actor of one `h2` tunnel. Built by [`TunnelHandle::open`].
+pub struct Session {
+    handle: TunnelHandle,
+    parts: Parts,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tunnel", &self.handle.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(handle: TunnelHandle, parts: Parts, limits: Limits) -> Session {
+        Session {
+            handle,
+            parts,
+            limits,
+        }
+    }
+
+    /// See [`super::Session::run`].
+    pub(crate) async fn run(self, on_pong: impl Fn() + Send) -> SessionEnd {
+        let Session {
+            handle,
+            parts: Parts { conn, mut inbox },
+            limits,
+        } = self;
+        let handle = &handle;
+        let link = match handle.link() {
+            super::Link::H2(link) => link,
+            super::Link::V1(_) => unreachable!("an h2 session runs an h2 tunnel"),
+        };
+        let cancel = handle.cancel_token().clone();
+        let interval = limits.ping_interval;
+        let mut ping = interval_at(Instant::now() + interval, interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tokio::pin!(conn);
+        let mut dispatching = true;
+        let end = loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break close_through_handle(handle, link).await,
+                () = link.control.wait_ended() => break ended_by_peer(link),
+                text = inbox.recv() => match text {
+                    Some(text) => on_text(&text, handle, link, &on_pong),
+                    // The socket is gone; its end is reported above.
+                    None => {
+                        link.control.wait_ended().await;
+                        break ended_by_peer(link);
+                    }
+                },
+                _ = ping.tick() => {
+                    if link.unanswered_pings.fetch_add(1, Ordering::Relaxed)
+                        >= limits.max_missed_pongs
+                    {
+                        break close_now(link, SessionEnd::PingTimeout).await;
+                    }
+                    link.control.send_text(RelayMessage::Ping.to_json());
+                }
+                result = &mut conn, if dispatching => {
+                    // hyper hands no more requests to HTTP/2: the agent said GOAWAY (it
+                    // moved to a newer tunnel) or the connection failed. Streams in flight
+                    // go on; new requests are routed elsewhere.
+                    dispatching = false;
+                    link.stop_accepting();
+                    match result {
+                        Ok(()) => debug!("the agent stopped taking new streams (GOAWAY)"),
+                        Err(err) => debug!(error = %err, "HTTP/2 connection failed"),
+                    }
+                }
+            }
+        };
+        link.stop_accepting();
+        end
+    }
+}
+
+/// Closed through a handle: no new streams; for a drain (4001) the agent is told (if it
+/// was not yet) and the streams in flight run on for at most [`DRAIN_CLOSE_WAIT`]; then
+/// the Close frame.
+async fn close_through_handle(handle: &TunnelHandle, link: &Link) -> SessionEnd {
+    link.stop_accepting();
+    let end = handle.closed_with();
+    if end == SessionEnd::Closed(close_code::DRAINING) {
+        // The contract: an agent always reads `drain` before a 4001 close.
+        if !link.drain_sent.load(Ordering::Relaxed) {
+            link.drain(DRAIN_REASON);
+        }
+        if timeout(DRAIN_CLOSE_WAIT, handle.idle()).await.is_err() {
+            debug!(
+                exchanges = handle.pending_exchanges(),
+                channels = handle.open_channels(),
+                "drain close wait over; cutting the streams still open"
+            );
+        }
+    }
+    close_now(link, end).await
+}
+
+/// Sends the Close frame for `end` and waits (bounded) for the handshake to finish.
+async fn close_now(link: &Link, end: SessionEnd) -> SessionEnd {
+    link.stop_accepting();
+    if let Some((code, reason)) = end.close_frame() {
+        link.control.close(code, reason);
+    }
+    let _ = timeout(
+        crate::protocol::h2::CLOSE_WAIT + CLOSE_TIMEOUT,
+        link.control.wait_ended(),
+    )
+    .await;
+    end
+}
+
+/// How the session ends when the WebSocket ended without a handle asking.
+fn ended_by_peer(link: &Link) -> SessionEnd {
+    match link.control.ended() {
+        Some(Ended::PeerClosed(frame)) => SessionEnd::HostClosed(frame.map(|(code, _)| code)),
+        Some(Ended::TooBig) => SessionEnd::TooBig,
+        Some(Ended::Gone(why)) => SessionEnd::HostGone(why),
+        // HTTP/2 ended the connection itself: the agent said GOAWAY (it moved, or shuts
+        // down) and no stream was left, or the agent broke the protocol.
+        Some(Ended::Closed(frame)) => SessionEnd::HostClosed(frame.map(|(code, _)| code)),
+        None => SessionEnd::HostGone("tunnel WebSocket closed".into()),
+    }
+}
+
+/// Handles one control message from the agent. Nothing here can end the tunnel: bad
+/// input is counted and dropped.
+fn on_text(text: &str, handle: &TunnelHandle, link: &Link, on_pong: &impl Fn()) {
+    match HostMessage::parse(text) {
+        Decoded::Message(HostMessage::Pong) => {
+            link.unanswered_pings.store(0, Ordering::Relaxed);
+            handle.record_pong();
+            on_pong();
+        }
+        // Exchanges and channels travel as HTTP/2 on an h2 tunnel.
+        Decoded::Message(_) => telemetry::message_ignored("v1_on_h2"),
+        Decoded::UnknownType(_) => telemetry::message_ignored("unknown_type"),
+        Decoded::Malformed { reason, .. } => {
+            telemetry::message_ignored("malformed");
+            debug!(%reason, "ignored a malformed control message from the agent");
+        }
+    }
+}
+
+/// The client side of one `h2` channel: a WebSocket over the extended CONNECT stream.
+pub(crate) struct Channel {
+    socket: WebSocketStream<TokioIo<Upgraded>>,
+    /// The host sent its Close (or the stream ended): only our answer is left to send.
+    peer_closed: bool,
+    /// The handshake is done on our side: nothing more to say.
+    done: bool,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("peer_closed", &self.peer_closed)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    fn new(socket: WebSocketStream<TokioIo<Upgraded>>) -> Channel {
+        Channel {
+            socket,
+            peer_closed: false,
+            done: false,
+        }
+    }
+
+    /// See [`super::Channel::recv`].
+    pub(crate) async fn recv(&mut self) -> ChannelEvent {
+        if self.peer_closed {
+            return ChannelEvent::Closed(Some(close_code::GOING_AWAY));
+        }
+        loop {
+            match self.socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return ChannelEvent::Frame(Frame::Text(text.as_str().to_owned()));
+                }
+                Some(Ok(Message::Binary(data))) => return ChannelEvent::Frame(Frame::Binary(data)),
+                Some(Ok(Message::Close(frame))) => {
+                    // Our answer is queued; [`Channel::close`] sends it.
+                    self.peer_closed = true;
+                    return ChannelEvent::Closed(frame.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                // The stream was reset or the tunnel went.
+                Some(Err(_)) | None => {
+                    self.peer_closed = true;
+                    self.done = true;
+                    return ChannelEvent::Closed(Some(close_code::GOING_AWAY));
+                }
+            }
+        }
+    }
+
+    /// See [`super::Channel::send`].
+    pub(crate) async fn send(&mut self, frame: Frame) -> Result<(), ExchangeError> {
+        let message = match frame {
+            Frame::Text(text) => Message::Text(text.into()),
+            Frame::Binary(data) => Message::Binary(data),
+        };
+        self.socket
+            .send(message)
+            .await
+            .map_err(|_| ExchangeError::TunnelClosed)
+    }
+
+    /// See [`super::Channel::close`]: finishes the close handshake with the host (sends
+    /// the client's code, or answers the host's Close), then ends the stream cleanly, so
+    /// the last frames are not lost to a reset. Bounded by [`CLOSE_TIMEOUT`].
+    pub(crate) async fn close(&mut self, code: Option<u16>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            if !self.peer_closed {
+                let frame = code
+                    .filter(|c| close_code::is_sendable(*c))
+                    .map(|code| CloseFrame {
+                        code: code.into(),
+                        reason: "".into(),
+                    });
+                if self.socket.send(Message::Close(frame)).await.is_err() {
+                    return;
+                }
+                // The host's answer.
+                while let Some(Ok(message)) = self.socket.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+            // Our Close (or our answer to the host's) leaves now; then our half of the
+            // stream ends, and we wait for the host's (the agent ends it once its local
+            // socket closes): a stream dropped half open is reset, and a reset discards
+            // what was not yet written.
+            let _ = self.socket.flush().await;
+            let io = self.socket.get_mut();
+            if io.shutdown().await.is_ok() {
+                let mut rest = [0u8; 1024];
+                while matches!(io.read(&mut rest).await, Ok(n) if n > 0) {}
+            }
+        })
+        .await;
+    }
+}
