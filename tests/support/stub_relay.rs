@@ -72,6 +72,9 @@ pub struct Attempt {
     pub uri: String,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The `Sec-WebSocket-Protocol` the agent asked for, if any (the stub never grants
+    /// one: it speaks v1).
+    pub subprotocol: Option<String>,
 }
 
 // === impl Attempt ===
@@ -223,6 +226,11 @@ async fn accept_loop(
                     authorization: request
                         .headers()
                         .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                    subprotocol: request
+                        .headers()
+                        .get("sec-websocket-protocol")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned),
                 };

@@ -8,8 +8,14 @@
 //!   header (default 200) and a response header `x-upstream: echo`.
 //! - `GET /slow?ms=N`: sleeps N ms, then answers `slow done`.
 //! - `GET /ws/echo`: WebSocket echo of text and binary frames; the text
-//!   message `close:<code>` makes it close with that code. Close codes it
-//!   receives from peers are recorded ([`Upstream::ws_close_codes`]).
+//!   message `close:<code>` makes it close with that code, the text message
+//!   `protocol?` is answered with the subprotocol it chose (`chat.v2` or
+//!   `chat.v1`, the first of these the client offered; `none` otherwise).
+//!   Close codes it receives from peers are recorded
+//!   ([`Upstream::ws_close_codes`]).
+//! - `GET /ws/flood?n=N&size=S`: sends N binary messages of S bytes (byte `i`
+//!   of message `k` is `(k + i) % 251`), then the text `done`, as fast as the
+//!   peer takes them; [`Upstream::flood_sent`] counts the messages sent so far.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +45,8 @@ struct UpstreamState {
     /// Close codes received from WebSocket peers (1005 = no code). A std
     /// mutex: held only for a push or a copy, never across an await.
     ws_close_codes: Mutex<Vec<u16>>,
+    /// Messages `/ws/flood` has handed to its socket so far.
+    flood_sent: AtomicUsize,
 }
 
 /// The running upstream server; aborted on drop.
@@ -59,6 +67,7 @@ impl Upstream {
             .route("/echo/{*rest}", any(echo))
             .route("/slow", get(slow))
             .route("/ws/echo", get(ws_echo))
+            .route("/ws/flood", get(ws_flood))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -83,6 +92,12 @@ impl Upstream {
     /// WebSocket connections accepted so far.
     pub fn ws_connections(&self) -> usize {
         self.state.ws_connections.load(Ordering::SeqCst)
+    }
+
+    /// Messages `/ws/flood` has sent so far (a send counts once the socket took
+    /// it, so a peer that does not read holds this back).
+    pub fn flood_sent(&self) -> usize {
+        self.state.flood_sent.load(Ordering::SeqCst)
     }
 
     /// Close codes received from WebSocket peers so far.
@@ -154,14 +169,50 @@ async fn slow(
 
 /// `GET /ws/echo`.
 async fn ws_echo(State(state): State<Arc<UpstreamState>>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(move |socket| run_ws_echo(socket, state))
+    upgrade
+        .protocols(["chat.v2", "chat.v1"])
+        .on_upgrade(move |socket| run_ws_echo(socket, state))
+}
+
+#[derive(Deserialize)]
+struct FloodParams {
+    n: usize,
+    size: usize,
+}
+
+/// `GET /ws/flood?n=N&size=S`.
+async fn ws_flood(
+    State(state): State<Arc<UpstreamState>>,
+    Query(params): Query<FloodParams>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade.on_upgrade(move |mut socket| async move {
+        for k in 0..params.n {
+            let data: Vec<u8> = (0..params.size).map(|i| ((k + i) % 251) as u8).collect();
+            if socket.send(Message::Binary(data.into())).await.is_err() {
+                return;
+            }
+            state.flood_sent.fetch_add(1, Ordering::SeqCst);
+        }
+        let _ = socket.send(Message::Text("done".into())).await;
+        // Wait for the peer's close.
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
 }
 
 /// Echoes until the peer closes or asks for a close with `close:<code>`.
 async fn run_ws_echo(mut socket: WebSocket, state: Arc<UpstreamState>) {
     state.ws_connections.fetch_add(1, Ordering::SeqCst);
+    let chosen = socket
+        .protocol()
+        .and_then(|p| p.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
     while let Some(Ok(msg)) = socket.recv().await {
         let reply = match msg {
+            Message::Text(text) if text.as_str() == "protocol?" => {
+                Message::Text(chosen.clone().into())
+            }
             Message::Text(text) => match text.as_str().strip_prefix("close:") {
                 Some(code) => {
                     let code = code.parse::<u16>().expect("close:<u16>");

@@ -51,6 +51,22 @@ impl WsClient {
     ///
     /// If `url` is malformed or the handshake takes longer than [`DEADLINE`].
     pub async fn connect(url: &str, bearer: Option<&str>) -> Result<Self, tungstenite::Error> {
+        Self::connect_with_protocols(url, bearer, &[])
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Like [`connect`](Self::connect), offering the subprotocols `protocols`
+    /// (none when empty); also returns the one the server chose.
+    ///
+    /// # Errors
+    ///
+    /// The handshake's error, as for [`connect`](Self::connect).
+    pub async fn connect_with_protocols(
+        url: &str,
+        bearer: Option<&str>,
+        protocols: &[&str],
+    ) -> Result<(Self, Option<String>), tungstenite::Error> {
         let mut request = url
             .into_client_request()
             .unwrap_or_else(|err| panic!("bad WebSocket url {url:?}: {err}"));
@@ -59,12 +75,24 @@ impl WsClient {
                 .expect("token is a valid header value");
             request.headers_mut().insert("authorization", value);
         }
+        if !protocols.is_empty() {
+            let value = HeaderValue::from_str(&protocols.join(", "))
+                .expect("subprotocols are a valid header value");
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", value);
+        }
         let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
-        let (stream, _response) = match tokio::time::timeout(DEADLINE, connect).await {
+        let (stream, response) = match tokio::time::timeout(DEADLINE, connect).await {
             Ok(result) => result?,
             Err(_) => panic!("WebSocket handshake with {url} took longer than {DEADLINE:?}"),
         };
-        Ok(Self { stream })
+        let chosen = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((Self { stream }, chosen))
     }
 
     /// Like [`connect`](Self::connect) but panics when the upgrade fails.

@@ -272,7 +272,10 @@ impl Supervisor {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Registered { generation } => {
+            Event::Registered {
+                generation,
+                protocol,
+            } => {
                 let Some(current) = self.current.as_mut().filter(|c| c.generation == generation)
                 else {
                     return;
@@ -286,7 +289,7 @@ impl Supervisor {
                     }
                     newer
                 });
-                self.status().connected(&relay);
+                self.status().connected(&relay, protocol.as_str());
             }
             Event::Drain { generation, reason } => {
                 let Some(current) = self.current.take_if(|c| c.generation == generation) else {

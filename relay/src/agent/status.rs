@@ -56,6 +56,8 @@ pub struct StatusReport {
     pub last_success_at: Option<String>,
     /// When the current tunnel registered (while connected).
     pub connected_since: Option<String>,
+    /// The protocol the current tunnel speaks (`"v1"` or `"h2"`, while connected).
+    pub protocol: Option<&'static str>,
     /// Old tunnels still finishing their work after a drain.
     pub draining_tunnels: usize,
 }
@@ -71,6 +73,7 @@ struct Inner {
     last_connected_at: Option<SystemTime>,
     last_success_at: Option<SystemTime>,
     connected_since: Option<SystemTime>,
+    protocol: Option<&'static str>,
     draining_tunnels: usize,
 }
 
@@ -94,6 +97,7 @@ impl StatusHandle {
             last_connected_at: None,
             last_success_at: None,
             connected_since: None,
+            protocol: None,
             draining_tunnels: 0,
         })))
     }
@@ -112,17 +116,18 @@ impl StatusHandle {
         info!(state = "connecting", relay = %s.relay, consecutive_failures = s.consecutive_failures, "connecting");
     }
 
-    /// The current tunnel, to `relay`, is registered.
-    pub fn connected(&self, relay: &str) {
+    /// The current tunnel, to `relay`, is registered and speaks `protocol`.
+    pub fn connected(&self, relay: &str, protocol: &'static str) {
         let now = SystemTime::now();
         let mut s = self.lock();
         s.state = State::Connected;
+        s.protocol = Some(protocol);
         s.relay = relay.to_owned();
         s.next_attempt = None;
         s.connected_since = Some(now);
         s.last_connected_at = Some(now);
         s.last_success_at = Some(now);
-        info!(state = "connected", relay = %s.relay, consecutive_failures = s.consecutive_failures, "tunnel registered");
+        info!(state = "connected", relay = %s.relay, protocol, consecutive_failures = s.consecutive_failures, "tunnel registered");
     }
 
     /// The next attempt, to `relay`, starts in `delay`; `error` says why the last one
@@ -206,6 +211,7 @@ impl StatusHandle {
             last_connected_at: s.last_connected_at.map(rfc3339),
             last_success_at: s.last_success_at.map(rfc3339),
             connected_since: s.connected_since.map(rfc3339),
+            protocol: s.protocol.filter(|_| s.state == State::Connected),
             draining_tunnels: s.draining_tunnels,
         }
     }
@@ -281,7 +287,7 @@ mod tests {
         status.backing_off("ws://a", Duration::ZERO, 3, None);
         assert!(status.report().last_error.is_some());
 
-        status.connected("ws://a");
+        status.connected("ws://a", "h2");
         let report = status.report();
         assert_eq!(report.state, State::Connected);
         assert_eq!(report.next_attempt_in_ms, None);

@@ -84,6 +84,8 @@ pub enum Event {
     Registered {
         /// Which tunnel.
         generation: u64,
+        /// What it speaks.
+        protocol: Protocol,
     },
     /// The relay sent `drain`: the agent opens a new tunnel while this one finishes.
     Drain {
@@ -222,7 +224,7 @@ pub async fn run(
         Err(err) => return TunnelEnd::NotOpened(err),
     };
     debug!(relay = %relay, generation, protocol = protocol.as_str(), "tunnel open");
-    let watchdogs = Watchdogs::new(&shared, generation, relay.clone(), events, newest);
+    let watchdogs = Watchdogs::new(&shared, generation, protocol, relay.clone(), events, newest);
     match protocol {
         Protocol::V1 => super::v1::serve(shared, relay, watchdogs, socket, cancel).await,
         Protocol::H2 => super::h2::serve(shared, relay, watchdogs, socket, cancel).await,
@@ -338,6 +340,7 @@ impl Drop for InFlight {
 pub(super) struct Watchdogs {
     shared: Arc<Shared>,
     generation: u64,
+    protocol: Protocol,
     relay: RelayUrl,
     events: mpsc::UnboundedSender<Event>,
     newest: watch::Receiver<u64>,
@@ -372,6 +375,7 @@ impl Watchdogs {
     pub(super) fn new(
         shared: &Arc<Shared>,
         generation: u64,
+        protocol: Protocol,
         relay: RelayUrl,
         events: mpsc::UnboundedSender<Event>,
         newest: watch::Receiver<u64>,
@@ -379,6 +383,7 @@ impl Watchdogs {
         Watchdogs {
             shared: shared.clone(),
             generation,
+            protocol,
             relay,
             events,
             newest,
@@ -421,6 +426,7 @@ impl Watchdogs {
             self.registered_at = Some(Instant::now());
             let _ = self.events.send(Event::Registered {
                 generation: self.generation,
+                protocol: self.protocol,
             });
         }
     }

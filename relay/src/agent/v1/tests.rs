@@ -46,7 +46,14 @@ async fn spawn_session(silence: Duration, upstream: &str) -> Harness {
     let (newest, newest_rx) = watch::channel(0);
     let cancel = CancellationToken::new();
     let relay_url = RelayUrl::parse("ws://test").unwrap();
-    let watchdogs = Watchdogs::new(&shared, 1, relay_url.clone(), events_tx, newest_rx);
+    let watchdogs = Watchdogs::new(
+        &shared,
+        1,
+        crate::tunnel::Protocol::V1,
+        relay_url.clone(),
+        events_tx,
+        newest_rx,
+    );
     let session = Session::new(shared, relay_url, watchdogs);
     let task = tokio::spawn(session.serve(agent_side, cancel.clone()));
     Harness {
@@ -88,7 +95,10 @@ async fn registers_after_the_grace_and_answers_pings() {
     tokio::time::sleep(REGISTRATION_GRACE).await;
     assert_eq!(
         h.events.recv().await,
-        Some(Event::Registered { generation: 1 })
+        Some(Event::Registered {
+            generation: 1,
+            protocol: crate::tunnel::Protocol::V1
+        })
     );
     send(&mut h.relay, json!({"type":"ping"})).await;
     assert_eq!(next_json(&mut h.relay).await, json!({"type":"pong"}));
@@ -266,7 +276,10 @@ async fn a_drained_tunnel_closes_once_idle_and_replaced() {
     send(&mut h.relay, json!({"type":"drain","reason":"deploy"})).await;
     assert_eq!(
         h.events.recv().await,
-        Some(Event::Registered { generation: 1 })
+        Some(Event::Registered {
+            generation: 1,
+            protocol: crate::tunnel::Protocol::V1
+        })
     );
     assert_eq!(
         h.events.recv().await,
