@@ -626,7 +626,20 @@ async fn drain_ends_once_every_host_registered_elsewhere_and_its_old_tunnel_is_i
 }
 
 #[tokio::test]
-async fn in_flight_request_finishes_on_old_tunnel_while_agent_moves_and_relay_exits_once_it_left() {
+async fn in_flight_request_finishes_on_old_h2_tunnel_while_agent_moves_and_relay_exits_once_it_left()
+ {
+    in_flight_request_finishes_while_agent_moves("h2").await;
+}
+
+#[tokio::test]
+async fn in_flight_request_finishes_on_old_v1_tunnel_while_agent_moves_and_relay_exits_once_it_left()
+ {
+    in_flight_request_finishes_while_agent_moves("v1").await;
+}
+
+/// A slow request is in flight on a `protocol` tunnel when its relay drains: it
+/// completes on the old tunnel while the agent moves to the other relay.
+async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
     let redis = TestRedis::spawn().await;
     let spawn = |machine| proxy_relay(&redis, machine, "6s", "10s");
     let mut a = spawn("relay-a").await;
@@ -635,6 +648,7 @@ async fn in_flight_request_finishes_on_old_tunnel_while_agent_moves_and_relay_ex
     let agent = TestAgent::for_relay(&a, "web-1", &upstream)
         .relay(&b.ws_url(""))
         .drain_spread("50ms")
+        .protocol(protocol)
         .spawn();
     agent.wait_connected_to(&a).await;
     redis.wait_host_owner("web-1", &a).await;

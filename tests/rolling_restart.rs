@@ -503,7 +503,17 @@ async fn ws_load(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_restart_of_three_relays_behind_a_front_door_fails_no_request() {
+async fn rolling_restart_of_three_relays_behind_a_front_door_fails_no_request_with_h2_agents() {
+    rolling_restart_fails_no_request("h2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_relays_behind_a_front_door_fails_no_request_with_v1_agents() {
+    rolling_restart_fails_no_request("v1").await;
+}
+
+/// The rolling restart, with every agent speaking `protocol`.
+async fn rolling_restart_fails_no_request(protocol: &str) {
     let redis = TestRedis::spawn().await;
     let mut relays = Vec::new();
     for i in 0..RELAYS {
@@ -524,6 +534,7 @@ async fn rolling_restart_of_three_relays_behind_a_front_door_fails_no_request() 
                 .backoff_base("200ms")
                 .backoff_cap("1s")
                 .drain_spread("100ms")
+                .protocol(protocol)
                 .spawn()
         })
         .collect();
