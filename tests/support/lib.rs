@@ -11,6 +11,9 @@
 //! - [`relay_process`]: [`TestRelay`] (spawn the `relay` binary, parse its
 //!   address from the `listening` log line, capture every output line, scrape
 //!   metrics, kill on drop) and [`run_relay_cli`] for one-shot CLI runs.
+//! - [`cargo_build`]: brings the `relay` binary up to date before a test
+//!   process first runs it ([`relay_binary`], [`release_relay_binary`]), so no
+//!   test ever runs a stale binary.
 //! - [`tokens`]: HS256 JWT [`Claims`] and minting, including expired,
 //!   wrong-secret, wrong-role and other-host tokens.
 //! - [`client`]: a small HTTP client ([`HttpClient`]) for talking to the relay.
@@ -35,6 +38,7 @@
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
+pub mod cargo_build;
 pub mod client;
 pub mod front_door;
 pub mod host;
@@ -58,7 +62,9 @@ pub use client::{HttpClient, HttpResponse};
 pub use front_door::FrontDoor;
 pub use host::{RawHost, TestHost, msg_id, msg_type};
 pub use metrics::counter_value;
-pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_relay_cli};
+pub use relay_process::{
+    CliOutput, RelayBuilder, TestRelay, relay_binary, relay_build, run_relay_cli,
+};
 pub use release_binary::release_relay_binary;
 pub use stack::Stack;
 pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
