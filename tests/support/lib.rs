@@ -35,6 +35,8 @@
 //!   the relay in agent tests: refuses upgrades with any status and headers
 //!   or hands accepted tunnels to the test, and records every attempt.
 //! - [`tls`]: [`TestCa`], a private CA and a certificate for 127.0.0.1.
+//! - [`memory`]: [`rss_kib`], [`peak_rss_kib`] and [`RssSampler`], a
+//!   process's resident memory from `/proc`, sampled over a test's window.
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
@@ -42,6 +44,7 @@ pub mod cargo_build;
 pub mod client;
 pub mod front_door;
 pub mod host;
+pub mod memory;
 pub mod metrics;
 pub mod redis;
 pub mod relay_process;
@@ -61,6 +64,7 @@ pub use agent::{AgentBuilder, TestAgent, TokenFile};
 pub use client::{HttpClient, HttpResponse};
 pub use front_door::FrontDoor;
 pub use host::{RawHost, TestHost, msg_id, msg_type};
+pub use memory::{RssSampler, peak_rss_kib, rss_kib};
 pub use metrics::counter_value;
 pub use relay_process::{
     CliOutput, RelayBuilder, TestRelay, relay_binary, relay_build, run_relay_cli,
