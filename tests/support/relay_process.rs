@@ -750,35 +750,59 @@ mod tests {
 
     use super::*;
 
-    /// The newest modification time of `path` and, for a directory,
-    /// everything below it.
-    fn newest_mtime(path: &Path) -> SystemTime {
-        let meta =
-            std::fs::metadata(path).unwrap_or_else(|err| panic!("stat {}: {err}", path.display()));
-        let mut newest = meta.modified().expect("mtime is supported");
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(path).expect("read_dir") {
-                newest = newest.max(newest_mtime(&entry.expect("dir entry").path()));
-            }
-        }
-        newest
+    fn mtime(path: &Path) -> SystemTime {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .unwrap_or_else(|err| panic!("mtime of {}: {err}", path.display()))
     }
 
-    /// The guarantee itself: whatever was edited before this test process
-    /// started, the binary it runs was built after it. Before `relay_binary`
-    /// built anything, editing `relay/src` and running `cargo test` alone made
-    /// this fail.
+    /// The inputs listed in a Makefile-style dep-info file (`target: a b\ c`).
+    fn dep_info_inputs(text: &str) -> Vec<PathBuf> {
+        let (_, inputs) = text
+            .split_once(": ")
+            .expect("dep-info starts with `target: `");
+        let mut paths = Vec::new();
+        let mut current = String::new();
+        for token in inputs.lines().next().unwrap_or("").split(' ') {
+            // `\ ` escapes a space inside a path.
+            if let Some(part) = token.strip_suffix('\\') {
+                current.push_str(part);
+                current.push(' ');
+            } else {
+                current.push_str(token);
+                if !current.is_empty() {
+                    paths.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+        }
+        paths
+    }
+
+    /// The guarantee itself: the binary a test runs is at least as new as
+    /// every source file it was compiled from (cargo's dep-info next to it
+    /// lists them: the relay library's and the binary's). Before
+    /// `relay_binary` built anything, editing a relay source and running
+    /// `cargo test` alone made this fail.
     #[test]
-    fn relay_binary_is_at_least_as_new_as_every_input_of_the_relay_crate() {
+    fn relay_binary_is_at_least_as_new_as_every_source_it_was_built_from() {
         let binary = relay_binary();
-        let built = newest_mtime(&binary);
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for input in ["relay/src", "relay/Cargo.toml", "Cargo.toml", "Cargo.lock"] {
-            let input = workspace.join(input);
-            let edited = newest_mtime(&input);
+        let built = mtime(&binary);
+        let dep_info = binary.with_extension("d");
+        let text = std::fs::read_to_string(&dep_info)
+            .unwrap_or_else(|err| panic!("read {}: {err}", dep_info.display()));
+        let inputs = dep_info_inputs(&text);
+        for expected in ["relay/src/lib.rs", "relay/src/bin/relay.rs"] {
+            assert!(
+                inputs.iter().any(|input| input.ends_with(expected)),
+                "{} does not list {expected}: {inputs:?}",
+                dep_info.display()
+            );
+        }
+        for input in &inputs {
+            let edited = mtime(input);
             assert!(
                 built >= edited,
-                "{} ({built:?}) is older than {} ({edited:?})",
+                "{} ({built:?}) is older than its source {} ({edited:?})",
                 binary.display(),
                 input.display()
             );
@@ -787,6 +811,19 @@ mod tests {
         let first = relay_build() as *const RelayBuild;
         assert!(std::ptr::eq(first, relay_build()));
         assert_eq!(relay_binary(), binary);
+    }
+
+    #[test]
+    fn dep_info_paths_may_contain_escaped_spaces() {
+        let inputs = dep_info_inputs("/t/relay: /w/a.rs /w/my\\ dir/b.rs /w/c.lua\n\n/w/a.rs:\n");
+        assert_eq!(
+            inputs,
+            [
+                PathBuf::from("/w/a.rs"),
+                PathBuf::from("/w/my dir/b.rs"),
+                PathBuf::from("/w/c.lua")
+            ]
+        );
     }
 
     #[test]
