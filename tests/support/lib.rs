@@ -42,6 +42,9 @@
 //! - [`stream_client`]: [`download`] and [`upload`], HTTP/1.1 or h2c
 //!   clients that stream bodies (hash as they go, throttle reads, abort
 //!   after `k` bytes, time every chunk).
+//! - [`grpc`]: [`GrpcServer`] and [`GrpcClient`], a unary and a
+//!   server-streaming gRPC method over h2c with a JSON codec (no protoc);
+//!   the client takes a path prefix and a bearer token, as through the relay.
 //! - [`memory`]: [`rss_kib`], [`peak_rss_kib`] and [`RssSampler`], a
 //!   process's resident memory from `/proc`, sampled over a test's window.
 //! - [`wait`]: [`wait_until`] and friends.
@@ -51,6 +54,7 @@ pub mod bulk;
 pub mod cargo_build;
 pub mod client;
 pub mod front_door;
+pub mod grpc;
 pub mod host;
 pub mod memory;
 pub mod metrics;
@@ -73,6 +77,7 @@ pub use agent::{AgentBuilder, TestAgent, TokenFile};
 pub use bulk::{BulkUpstream, DownloadOutcome, Pattern, expected_sha256};
 pub use client::{HttpClient, HttpResponse};
 pub use front_door::FrontDoor;
+pub use grpc::{GrpcClient, GrpcServer};
 pub use host::{RawHost, TestHost, msg_id, msg_type};
 pub use memory::{RssSampler, peak_rss_kib, rss_kib};
 pub use metrics::counter_value;
