@@ -25,10 +25,12 @@ WORKDIR /app
 COPY Cargo.toml Cargo.lock ./
 COPY relay/Cargo.toml relay/Cargo.toml
 COPY tests/Cargo.toml tests/Cargo.toml
-RUN mkdir -p relay/src/bin tests/support \
+COPY tests/pattern/Cargo.toml tests/pattern/Cargo.toml
+RUN mkdir -p relay/src/bin tests/support tests/pattern/src \
     && printf 'fn main() {}\n' > relay/src/bin/relay.rs \
     && printf '' > relay/src/lib.rs \
-    && printf '' > tests/support/lib.rs
+    && printf '' > tests/support/lib.rs \
+    && printf '' > tests/pattern/src/lib.rs
 RUN cargo build --release --locked -p relay --bin relay
 
 # Then the relay's own code. COPY keeps the files' modification times, which can be

@@ -11,6 +11,9 @@
 //! - [`relay_process`]: [`TestRelay`] (spawn the `relay` binary, parse its
 //!   address from the `listening` log line, capture every output line, scrape
 //!   metrics, kill on drop) and [`run_relay_cli`] for one-shot CLI runs.
+//! - [`cargo_build`]: brings the `relay` binary up to date before a test
+//!   process first runs it ([`relay_binary`], [`release_relay_binary`]), so no
+//!   test ever runs a stale binary.
 //! - [`tokens`]: HS256 JWT [`Claims`] and minting, including expired,
 //!   wrong-secret, wrong-role and other-host tokens.
 //! - [`client`]: a small HTTP client ([`HttpClient`]) for talking to the relay.
@@ -32,17 +35,34 @@
 //!   the relay in agent tests: refuses upgrades with any status and headers
 //!   or hands accepted tunnels to the test, and records every attempt.
 //! - [`tls`]: [`TestCa`], a private CA and a certificate for 127.0.0.1.
+//! - [`bulk`]: [`BulkUpstream`], an HTTP/1.1 + h2c upstream for large
+//!   bodies: deterministic downloads (`/bytes`, from [`Pattern`], checked
+//!   with [`expected_sha256`]) that record whether the peer aborted them,
+//!   hashed uploads, timed server-sent events and trailers.
+//! - [`stream_client`]: [`download`] and [`upload`], HTTP/1.1 or h2c
+//!   clients that stream bodies (hash as they go, throttle reads, abort
+//!   after `k` bytes, time every chunk).
+//! - [`grpc`]: [`GrpcServer`] and [`GrpcClient`], a unary and a
+//!   server-streaming gRPC method over h2c with a JSON codec (no protoc);
+//!   the client takes a path prefix and a bearer token, as through the relay.
+//! - [`memory`]: [`rss_kib`], [`peak_rss_kib`] and [`RssSampler`], a
+//!   process's resident memory from `/proc`, sampled over a test's window.
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
+pub mod bulk;
+pub mod cargo_build;
 pub mod client;
 pub mod front_door;
+pub mod grpc;
 pub mod host;
+pub mod memory;
 pub mod metrics;
 pub mod redis;
 pub mod relay_process;
 pub mod release_binary;
 pub mod stack;
+pub mod stream_client;
 pub mod stub_relay;
 pub mod tls;
 pub mod tokens;
@@ -54,13 +74,19 @@ use std::time::Duration;
 
 pub use self::redis::{TestRedis, addr_key, host_key, owned_key, unused_port};
 pub use agent::{AgentBuilder, TestAgent, TokenFile};
+pub use bulk::{BulkUpstream, DownloadOutcome, Pattern, expected_sha256};
 pub use client::{HttpClient, HttpResponse};
 pub use front_door::FrontDoor;
+pub use grpc::{GrpcClient, GrpcServer};
 pub use host::{RawHost, TestHost, msg_id, msg_type};
+pub use memory::{RssSampler, peak_rss_kib, rss_kib};
 pub use metrics::counter_value;
-pub use relay_process::{CliOutput, RelayBuilder, TestRelay, relay_binary, run_relay_cli};
+pub use relay_process::{
+    CliOutput, RelayBuilder, TestRelay, relay_binary, relay_build, run_relay_cli,
+};
 pub use release_binary::release_relay_binary;
 pub use stack::Stack;
+pub use stream_client::{DownloadOptions, Protocol, UploadOptions, download, upload};
 pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
 pub use tls::TestCa;
 pub use tokens::{Claims, claims_of, mint, unix_now};

@@ -10,17 +10,21 @@
 //!
 //! [`run_relay_cli`] runs one-shot commands (`relay token ..`, invalid
 //! configs) to completion.
+//!
+//! Both run [`relay_binary`], which cargo brings up to date once per test
+//! process, so a test never runs a binary older than the relay's sources.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use crate::cargo_build::{BuildProfile, RelayBuild, build_relay};
 use crate::client::{HttpClient, HttpResponse};
 use crate::metrics::counter_value;
 use crate::tokens::Claims;
@@ -33,27 +37,49 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
 /// How many trailing output lines to print when a test fails.
 const LOG_TAIL_ON_PANIC: usize = 300;
 
-/// The path of the `relay` binary next to the running test executable.
+/// The `relay` binary, brought up to date by cargo before its first use in
+/// this process (see [`cargo_build`](crate::cargo_build)): `cargo test` alone
+/// does not rebuild it, and an end-to-end test must never run a stale one.
 ///
-/// Test executables live in `<target>/debug/deps/`; the binary is
-/// `<target>/debug/relay`.
+/// The first call runs `cargo build -p relay --bin relay` with the running
+/// test executable's profile and target directory and blocks until it ends
+/// (a fraction of a second when nothing changed, as after `scripts/test.sh`,
+/// which builds it with the same command first); later calls return the
+/// cached path. A failed build is cached too, so every test of the process
+/// fails at once with the same message instead of rebuilding in turn.
 ///
 /// # Panics
 ///
-/// If the binary does not exist, with instructions to build it.
+/// If the build fails, with cargo's diagnostics.
 pub fn relay_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test executable lives in <target>/<profile>/deps");
-    let path = profile_dir.join(format!("relay{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "relay binary not found at {}: build it with `cargo build -p relay` (scripts/test.sh does this)",
-        path.display()
-    );
-    path
+    relay_build().path.clone()
+}
+
+/// The build behind [`relay_binary`]: its path, whether cargo found it up to
+/// date, and how long asking took.
+///
+/// # Panics
+///
+/// As [`relay_binary`].
+pub fn relay_build() -> &'static RelayBuild {
+    static BUILT: OnceLock<Result<RelayBuild, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let build = build_relay(BuildProfile::SameAsCurrentExe);
+        if let Ok(build) = &build {
+            // Captured with the first test's output: says why it was slow if it was.
+            eprintln!(
+                "relay binary {}: cargo build took {:?} (up to date: {})",
+                build.path.display(),
+                build.took,
+                build.fresh
+            );
+        }
+        build
+    });
+    match built {
+        Ok(build) => build,
+        Err(err) => panic!("{err}"),
+    }
 }
 
 /// A `relay` command with a clean environment: inherited `RELAY_*` and `FLY_*`
@@ -713,6 +739,103 @@ impl Drop for TestRelay {
                 eprintln!("{line}");
             }
             eprintln!("---- end of relay output ----");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn mtime(path: &Path) -> SystemTime {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .unwrap_or_else(|err| panic!("mtime of {}: {err}", path.display()))
+    }
+
+    /// The inputs listed in a Makefile-style dep-info file (`target: a b\ c`).
+    fn dep_info_inputs(text: &str) -> Vec<PathBuf> {
+        let (_, inputs) = text
+            .split_once(": ")
+            .expect("dep-info starts with `target: `");
+        let mut paths = Vec::new();
+        let mut current = String::new();
+        for token in inputs.lines().next().unwrap_or("").split(' ') {
+            // `\ ` escapes a space inside a path.
+            if let Some(part) = token.strip_suffix('\\') {
+                current.push_str(part);
+                current.push(' ');
+            } else {
+                current.push_str(token);
+                if !current.is_empty() {
+                    paths.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+        }
+        paths
+    }
+
+    /// The guarantee itself: the binary a test runs is at least as new as
+    /// every source file it was compiled from (cargo's dep-info next to it
+    /// lists them: the relay library's and the binary's). Before
+    /// `relay_binary` built anything, editing a relay source and running
+    /// `cargo test` alone made this fail.
+    #[test]
+    fn relay_binary_is_at_least_as_new_as_every_source_it_was_built_from() {
+        let binary = relay_binary();
+        let built = mtime(&binary);
+        let dep_info = binary.with_extension("d");
+        let text = std::fs::read_to_string(&dep_info)
+            .unwrap_or_else(|err| panic!("read {}: {err}", dep_info.display()));
+        let inputs = dep_info_inputs(&text);
+        for expected in ["relay/src/lib.rs", "relay/src/bin/relay.rs"] {
+            assert!(
+                inputs.iter().any(|input| input.ends_with(expected)),
+                "{} does not list {expected}: {inputs:?}",
+                dep_info.display()
+            );
+        }
+        for input in &inputs {
+            let edited = mtime(input);
+            assert!(
+                built >= edited,
+                "{} ({built:?}) is older than its source {} ({edited:?})",
+                binary.display(),
+                input.display()
+            );
+        }
+        // Once per process: the second call neither builds nor asks cargo.
+        let first = relay_build() as *const RelayBuild;
+        assert!(std::ptr::eq(first, relay_build()));
+        assert_eq!(relay_binary(), binary);
+    }
+
+    #[test]
+    fn dep_info_paths_may_contain_escaped_spaces() {
+        let inputs = dep_info_inputs("/t/relay: /w/a.rs /w/my\\ dir/b.rs /w/c.lua\n\n/w/a.rs:\n");
+        assert_eq!(
+            inputs,
+            [
+                PathBuf::from("/w/a.rs"),
+                PathBuf::from("/w/my dir/b.rs"),
+                PathBuf::from("/w/c.lua")
+            ]
+        );
+    }
+
+    #[test]
+    fn relay_binary_is_the_relay_cli() {
+        let output = std::process::Command::new(relay_binary())
+            .arg("--help")
+            .output()
+            .expect("run relay --help");
+        assert!(output.status.success(), "relay --help: {output:?}");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for subcommand in ["serve", "agent", "token"] {
+            assert!(help.contains(subcommand), "no `{subcommand}` in:\n{help}");
         }
     }
 }

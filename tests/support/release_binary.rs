@@ -1,17 +1,24 @@
 //! Where the benchmarks find the optimized `relay` binary.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 
-/// The release relay binary: `RELAY_BIN`, or `relay` in the `release` directory of the
-/// target directory the running executable lives in (`<target>/<profile>/deps/<bench>-*`
-/// → `<target>/release/relay`, which also follows `CARGO_TARGET_DIR`). Benchmarks always
-/// measure the optimized build, whatever profile they were built with.
+use crate::cargo_build::{BuildProfile, RelayBuild, build_relay};
+
+/// The release relay binary: `RELAY_BIN`, or the `relay` that
+/// `cargo build --release -p relay --bin relay` leaves in the target directory the running
+/// executable lives in (which also follows `CARGO_TARGET_DIR`). Benchmarks always measure
+/// the optimized build, whatever profile they were built with.
+///
+/// Cargo is asked once per process, as for [`relay_binary`](crate::relay_binary), so a
+/// benchmark never measures a stale binary; after `script` (which runs that same command
+/// first) it only checks fingerprints.
 ///
 /// # Errors
-/// When the binary is missing, naming the command that builds it and `script`, the
-/// script that builds it and runs the benchmark.
+/// When `RELAY_BIN` is not a file, or the build fails (with cargo's output, and `script`,
+/// the script that builds the binary and runs the benchmark).
 pub fn release_relay_binary(script: &str) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("RELAY_BIN") {
         let path = PathBuf::from(path);
@@ -20,21 +27,11 @@ pub fn release_relay_binary(script: &str) -> Result<PathBuf> {
         }
         bail!("RELAY_BIN={} is not a file", path.display());
     }
-    let exe = std::env::current_exe().context("the bench executable has no path")?;
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected bench executable location {}", exe.display()))?;
-    let path = target_dir
-        .join("release")
-        .join(format!("relay{}", std::env::consts::EXE_SUFFIX));
-    if !path.is_file() {
-        bail!(
-            "release relay binary not found at {}: run `cargo build --release -p relay` \
-             first, or {script}",
-            path.display()
-        );
+    static BUILT: OnceLock<Result<RelayBuild, String>> = OnceLock::new();
+    match BUILT.get_or_init(|| build_relay(BuildProfile::Release)) {
+        Ok(build) => Ok(build.path.clone()),
+        Err(err) => Err(anyhow!(
+            "{err}\n(benchmarks are meant to run through {script})"
+        )),
     }
-    Ok(path)
 }
