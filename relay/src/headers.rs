@@ -3,7 +3,8 @@
 //!
 //! The rules (RFC 9110 §7.6.1, RFC 9113 §8.2.2):
 //! - hop-by-hop headers, and every header the `Connection` header lists, describe one
-//!   connection and never cross a hop; `TE` crosses only as `trailers` (gRPC needs it);
+//!   connection and never cross a hop; `TE` crosses only as `trailers` (gRPC needs it),
+//!   and `Trailer` always crosses (it announces trailers end to end);
 //! - the WebSocket handshake headers (`Sec-WebSocket-Key`, `-Version`, `-Accept`,
 //!   `-Extensions`) belong to one hop's handshake, each hop makes its own; only the
 //!   subprotocol (`Sec-WebSocket-Protocol`) is end to end;
@@ -29,8 +30,10 @@ pub const HOP: &str = "x-relay-hop";
 /// shown to clients.
 pub const NOT_HERE: &str = "x-relay-not-here";
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and must
-/// not be forwarded.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), or that
+/// only a proxy consumes (`Proxy-Authenticate`, `Proxy-Authorization`), and must not be
+/// forwarded. `Trailer` is end to end (it announces the trailers that follow; an
+/// HTTP/1.1 hop needs it to send them).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -40,7 +43,6 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authorization"
             | "proxy-connection"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
     )

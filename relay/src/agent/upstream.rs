@@ -138,6 +138,11 @@ impl Upstream {
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = headers::to_upstream(&parts.headers);
+        // The tunnel carries trailers whatever the client speaks (the relay drops them
+        // for an HTTP/1.1 client that did not ask), so ask the service for them: an
+        // HTTP/1.1 service sends trailers only to a client that says it takes them.
+        out.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
         let (body, ended) = crate::body::watch_end(body);
         *out.body_mut() = body;
         let deadline = async {
