@@ -567,3 +567,45 @@ async fn an_agent_sending_past_the_window_gets_its_stream_reset_and_costs_the_re
     stalled_client.abort();
     assert_relay_still_serves(&relay, &upstream).await;
 }
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_the_relay_and_not_passed_on_over_either_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    let v1 = TestAgent::for_relay(&relay, "exp-v1", &upstream)
+        .v1()
+        .spawn();
+    let h2 = TestAgent::for_relay(&relay, "exp-h2", &upstream)
+        .protocol("h2")
+        .spawn();
+    v1.wait_connected_to(&relay).await;
+    h2.wait_connected_to(&relay).await;
+    for host in ["exp-v1", "exp-h2"] {
+        let mut socket = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+        let head = format!(
+            "POST /hosts/{host}/echo HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {}\r\n\
+             content-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+            relay.client_token(&[host])
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // The body is held back until the relay says to go on.
+        let mut interim = vec![0u8; 25];
+        within("100 Continue", DEADLINE, socket.read_exact(&mut interim))
+            .await
+            .unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n", "{host}");
+        socket.write_all(b"hello").await.unwrap();
+        let mut response = Vec::new();
+        within("the response", DEADLINE, socket.read_to_end(&mut response))
+            .await
+            .unwrap();
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 200"), "{host}: {response}");
+        let json: Value =
+            serde_json::from_str(response.split("\r\n\r\n").nth(1).expect("a body").trim())
+                .unwrap_or_else(|e| panic!("{host}: {e}: {response}"));
+        assert_eq!(json["body"], "hello", "{host}");
+        assert!(json["headers"].get("expect").is_none(), "{host}: {json}");
+    }
+}

@@ -9,6 +9,8 @@
 //!   `-Extensions`) belong to one hop's handshake, each hop makes its own; only the
 //!   subprotocol (`Sec-WebSocket-Protocol`) is end to end;
 //! - `Host` and `Content-Length` are recomputed by each hop's HTTP client;
+//! - `Expect: 100-continue` is answered by each hop itself (the relay's server sends
+//!   `100 Continue` when it first reads the body), so it does not cross;
 //! - the client's credentials (`Authorization`) are for the relay, never the host; a peer
 //!   relay gets them unchanged, since it authorizes the client again;
 //! - headers only relays may set ([`HOP`], [`NOT_HERE`]) are dropped where they would
@@ -139,6 +141,7 @@ pub fn to_host(headers: &HeaderMap, peer: IpAddr) -> HeaderMap {
         name == header::AUTHORIZATION
             || name == header::HOST
             || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
             || name == "x-forwarded-for"
             || is_relay_only(name)
     });
@@ -153,6 +156,7 @@ pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str) -> HeaderMap {
     let mut out = copy_end_to_end(headers, |name| {
         name == header::HOST
             || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
             || name == "x-forwarded-for"
             || name == HOP
     });
@@ -220,6 +224,7 @@ mod tests {
         headers.insert(NOT_HERE, "1".parse().unwrap());
         headers.insert("sec-websocket-key", "k".parse().unwrap());
         headers.insert("sec-websocket-protocol", "chat".parse().unwrap());
+        headers.insert(header::EXPECT, "100-continue".parse().unwrap());
         let out = to_host(&headers, client_ip());
         for gone in [
             "authorization",
@@ -232,6 +237,7 @@ mod tests {
             NOT_HERE,
             "sec-websocket-key",
             "te",
+            "expect",
         ] {
             assert!(!out.contains_key(gone), "{gone} crossed");
         }
