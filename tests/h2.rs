@@ -609,3 +609,30 @@ async fn expect_100_continue_is_answered_by_the_relay_and_not_passed_on_over_eit
         assert!(json["headers"].get("expect").is_none(), "{host}: {json}");
     }
 }
+
+#[tokio::test]
+async fn a_message_over_the_h2_tunnel_limit_closes_that_tunnel_with_1009() {
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    let mut ws = hostile_agent(&relay, "bloater").await;
+    relay.wait_host_connected("bloater").await;
+    // 2 MiB in one message: h2 tunnels take at most 1 MiB per message.
+    let _ = ws
+        .send(Message::Binary(vec![0u8; 2 * 1024 * 1024].into()))
+        .await;
+    let code = within("the relay's Close", DEADLINE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("no Close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(1009));
+    relay.wait_host_disconnected("bloater").await;
+    let closed = relay.wait_for_log("tunnel closed", DEADLINE).await;
+    assert!(closed.contains("frame_too_big"), "{closed}");
+    assert_relay_still_serves(&relay, &upstream).await;
+}

@@ -477,6 +477,15 @@ where
                     ));
                     return Poll::Ready(Ok(()));
                 }
+                Poll::Ready(Some(Err(err))) if is_capacity_error(&err) => {
+                    // The peer broke the message size limit: say so (1009) and end.
+                    this.control.finish(Ended::TooBig);
+                    this.start_close(
+                        crate::protocol::close_code::TOO_BIG,
+                        "message over the size limit",
+                    );
+                    return this.poll_closing(cx).map(Ok);
+                }
                 Poll::Ready(Some(Err(err))) => {
                     // EOF for HTTP/2 (its streams fail), with the cause kept.
                     let _ = this.fail(&err);
