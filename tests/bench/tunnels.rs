@@ -575,7 +575,12 @@ async fn bench(binary: &Path, settings: &Settings) -> Result<()> {
     let mut report = Report::default();
 
     if settings.part("loadgen") {
+        let watch = MachineWatch::start(&subjects);
         loadgen_part(settings, &scratch.0, &subjects, &mut report, tck).await?;
+        println!(
+            "during the load-generator part: {}",
+            watch.summary(&subjects)
+        );
     }
     if settings.part("small") {
         let watch = MachineWatch::start(&subjects);
