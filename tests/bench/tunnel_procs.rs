@@ -135,18 +135,6 @@ impl Logged {
     }
 }
 
-/// Removes every environment variable that configures the relay or the agent, so that
-/// the developer's shell does not change what is measured.
-fn clear_relay_env(cmd: &mut Command) {
-    for (key, _) in std::env::vars_os() {
-        let name = key.to_string_lossy();
-        if name.starts_with("RELAY_") || name.starts_with("FLY_") {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.env_remove("TOKIO_WORKER_THREADS");
-}
-
 /// A free port on 127.0.0.1 for a program that cannot be told to pick one and report it
 /// (rathole). Another process could take it before the program binds it; on a bench
 /// machine that is unlikely, and the program then fails to start, loudly.
@@ -258,7 +246,7 @@ impl RelayTunnel {
     ) -> Result<RelayTunnel> {
         let relay = RelayChild::start(binary).await?;
         let mut cmd = Command::new(binary);
-        clear_relay_env(&mut cmd);
+        relay_child::clear_relay_env(&mut cmd);
         cmd.args(["agent", "--relay"])
             .arg(format!("ws://{}", relay.addr))
             .args(["--host-id", host_id, "--to"])
