@@ -1,8 +1,9 @@
 //! Tunnel comparison: the same upstream and the same load generator, straight (`direct`),
-//! through rathole, through the release relay with a real `relay agent` (`v1`), and the
-//! same with `relay agent --protocol h2` (`h2`, skipped when this relay build has no such
-//! flag). The paths are measured interleaved (A B C D, A B C D, … one set after another)
-//! and reported as medians with their min–max over the sets.
+//! through rathole, through the release relay with a real `relay agent` (`v1`; with
+//! `--protocol v1` when the agent has that flag, whose default picks h2 when the relay
+//! offers it), and the same with `relay agent --protocol h2` (`h2`, skipped when this
+//! relay build has no such flag). The paths are measured interleaved (A B C D, A B C D,
+//! … one set after another) and reported as medians with their min–max over the sets.
 //!
 //! Run with `scripts/bench.sh tunnels`, which installs wrk and rathole when missing and
 //! builds the release relay. Figures only: it fails when something does not work, never
@@ -265,11 +266,15 @@ async fn start_subjects(
                 }
             }
             _ => {
-                let protocol = (name == "h2").then_some("h2");
-                if protocol.is_some() && !tunnel_procs::agent_has_protocol_flag(binary).await? {
+                // An agent with `--protocol` picks h2 by itself when the relay offers it
+                // (`auto`), so v1 must then be asked for by name; an agent without the
+                // flag speaks only v1, and h2 cannot be measured.
+                let has_flag = tunnel_procs::agent_has_protocol_flag(binary).await?;
+                if name == "h2" && !has_flag {
                     println!("h2: this relay build has no --protocol flag; skipped");
                     continue;
                 }
+                let protocol = has_flag.then_some(name);
                 let host_id = format!("bench-{name}");
                 let started =
                     RelayTunnel::start(binary, upstream.addr, &host_id, protocol, &client_token)
