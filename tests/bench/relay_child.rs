@@ -237,7 +237,8 @@ pub async fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<(
     Ok((status, body))
 }
 
-/// The value of the `relay_tunnels_connected` gauge (0 before any tunnel registered).
+/// The value of the `relay_tunnels_connected` gauge (0 before any tunnel registered),
+/// summed over its labels: relays that speak h2 label it by protocol.
 ///
 /// # Errors
 /// When `/metrics` cannot be fetched.
@@ -247,11 +248,13 @@ pub async fn tunnels_connected(addr: SocketAddr) -> Result<u64> {
         bail!("GET /metrics answered {status}");
     }
     let text = String::from_utf8_lossy(&body);
-    Ok(text
+    let total: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("relay_tunnels_connected "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64))
+        .filter_map(|l| l.strip_prefix("relay_tunnels_connected"))
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum();
+    Ok(total as u64)
 }
 
 /// Waits until the relay reports at least `n` tunnels, at most `deadline`.
