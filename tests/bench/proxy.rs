@@ -20,6 +20,7 @@
 //!
 //! Quick smoke run: `BENCH_SECS=3 BENCH_TUNNELS=200 scripts/bench.sh`.
 
+mod idle;
 mod load;
 mod relay_child;
 mod upstream;
@@ -34,7 +35,7 @@ use anyhow::{Context, Result, bail};
 use load::{Shape, Stats, Target};
 use relay_child::{Proc, RelayChild};
 use upstream::{BODY, Upstream};
-use v1_host::{ForwardingHost, IdleTunnels};
+use v1_host::ForwardingHost;
 
 /// Target: through-tunnel throughput at least this share of direct.
 const TARGET_RATIO: f64 = 0.40;
@@ -42,9 +43,6 @@ const TARGET_RATIO: f64 = 0.40;
 const TARGET_ADDED_P50: Duration = Duration::from_micros(200);
 /// Target: relay memory per idle tunnel at most this.
 const TARGET_KIB_PER_TUNNEL: f64 = 32.0;
-
-/// Concurrent tunnel handshakes while opening idle tunnels.
-const HANDSHAKE_CONCURRENCY: usize = 128;
 
 struct Settings {
     measure: Duration,
@@ -119,7 +117,7 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
     let binary = relay_tests::release_relay_binary("scripts/bench.sh")?;
-    let (soft, hard) = raise_nofile()?;
+    let (soft, hard) = idle::raise_nofile()?;
     let needed = settings.tunnels.iter().copied().max().unwrap_or(0) as u64 + 512;
     if settings.rss && soft < needed {
         bail!(
@@ -142,13 +140,6 @@ fn run() -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard).
-fn raise_nofile() -> Result<(u64, u64)> {
-    let soft = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
-    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
-    Ok((soft, hard))
 }
 
 fn us(d: Duration) -> f64 {
@@ -293,50 +284,9 @@ async fn proxy_bench(binary: &Path, settings: &Settings) -> Result<()> {
 }
 
 async fn rss_bench(binary: &Path, settings: &Settings) -> Result<()> {
-    let host_token = relay_child::token("host");
-    let client_token = relay_child::token("client");
     let mut rows = Vec::new();
     for &n in &settings.tunnels {
-        let relay = RelayChild::start(binary).await?;
-        let pid = relay.pid();
-        // Baseline: the relay has served HTTP once (so the server's lazily built parts
-        // exist) and has no tunnel.
-        relay_child::tunnels_connected(relay.addr).await?;
-        relay_child::get(relay.addr, "/health", None).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let baseline = relay_child::memory(pid)?;
-
-        eprintln!("rss: relay pid {pid}: opening {n} idle tunnels ...");
-        let started = tokio::time::Instant::now();
-        let ids: Vec<String> = (0..n).map(|i| format!("idle-{i:05}")).collect();
-        let last = ids.last().cloned();
-        let tunnels = IdleTunnels::open(relay.addr, ids, &host_token, HANDSHAKE_CONCURRENCY)
-            .await
-            .with_context(|| format!("opening {n} idle tunnels"))?;
-        relay_child::wait_tunnels(relay.addr, n as u64, Duration::from_secs(120)).await?;
-        let open_time = started.elapsed();
-        if let Some(last) = last {
-            let path = format!("/hosts/{last}/probe");
-            let (status, body) = relay_child::get(relay.addr, &path, Some(&client_token)).await?;
-            if status != 200 || body.as_ref() != b"idle" {
-                bail!(
-                    "request to the last idle host answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
-            }
-        }
-        tokio::time::sleep(settings.settle).await;
-        let loaded = relay_child::memory(pid)?;
-        eprintln!(
-            "rss: {} tunnels registered in {:.2} s; VmRSS {} -> {} KiB",
-            tunnels.len(),
-            open_time.as_secs_f64(),
-            baseline.rss_kib,
-            loaded.rss_kib
-        );
-        drop(tunnels);
-        relay.stop().await;
-        rows.push((n, baseline, loaded, open_time));
+        rows.push(idle::measure_v1(binary, n, settings.settle).await?);
     }
 
     println!(
@@ -348,16 +298,17 @@ async fn rss_bench(binary: &Path, settings: &Settings) -> Result<()> {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut worst: f64 = 0.0;
-    for (n, base, loaded, open_time) in &rows {
-        let delta = loaded.rss_kib.saturating_sub(base.rss_kib);
-        let per = delta as f64 / *n as f64;
-        let per_anon = loaded.anon_kib.saturating_sub(base.anon_kib) as f64 / *n as f64;
+    for row in &rows {
+        let delta = row.loaded.rss_kib.saturating_sub(row.baseline.rss_kib);
+        let per = row.kib_per_tunnel();
         worst = worst.max(per);
         println!(
-            "| {n} | {} | {} | {delta} | {per:.1} | {per_anon:.1} | {:.2} |",
-            base.rss_kib,
-            loaded.rss_kib,
-            open_time.as_secs_f64()
+            "| {} | {} | {} | {delta} | {per:.1} | {:.1} | {:.2} |",
+            row.tunnels,
+            row.baseline.rss_kib,
+            row.loaded.rss_kib,
+            row.anon_kib_per_tunnel(),
+            row.open_time.as_secs_f64()
         );
     }
     if !rows.is_empty() {

@@ -80,16 +80,7 @@ impl RelayChild {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-        // The developer's shell must not change what the bench measures.
-        for (key, _) in std::env::vars_os() {
-            let name = key.to_string_lossy();
-            if name.starts_with("RELAY_") || name.starts_with("FLY_") {
-                cmd.env_remove(&key);
-            }
-        }
-        // The relay's runtime sizes itself from TOKIO_WORKER_THREADS; only the bench's
-        // own knob may set it, so that the bench process's runtime is not changed too.
-        cmd.env_remove("TOKIO_WORKER_THREADS");
+        clear_relay_env(&mut cmd);
         if let Ok(workers) = std::env::var("BENCH_RELAY_WORKERS") {
             cmd.env("TOKIO_WORKER_THREADS", workers);
         }
@@ -143,6 +134,20 @@ impl RelayChild {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
     }
+}
+
+/// Removes from a relay or agent child's environment whatever configures it, so that
+/// the developer's shell does not change what the bench measures: `RELAY_*`, `FLY_*`,
+/// and `TOKIO_WORKER_THREADS` (the runtime sizes itself from it; only the bench's own
+/// knobs may set it, so that the bench process's runtime is not changed too).
+pub fn clear_relay_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("RELAY_") || name.starts_with("FLY_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env_remove("TOKIO_WORKER_THREADS");
 }
 
 fn parse_addr(line: &str) -> Option<SocketAddr> {
@@ -232,7 +237,8 @@ pub async fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<(
     Ok((status, body))
 }
 
-/// The value of the `relay_tunnels_connected` gauge (0 before any tunnel registered).
+/// The value of the `relay_tunnels_connected` gauge (0 before any tunnel registered),
+/// summed over its labels: relays that speak h2 label it by protocol.
 ///
 /// # Errors
 /// When `/metrics` cannot be fetched.
@@ -242,11 +248,13 @@ pub async fn tunnels_connected(addr: SocketAddr) -> Result<u64> {
         bail!("GET /metrics answered {status}");
     }
     let text = String::from_utf8_lossy(&body);
-    Ok(text
+    let total: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("relay_tunnels_connected "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64))
+        .filter_map(|l| l.strip_prefix("relay_tunnels_connected"))
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum();
+    Ok(total as u64)
 }
 
 /// Waits until the relay reports at least `n` tunnels, at most `deadline`.
