@@ -144,6 +144,15 @@ pub mod h2 {
     pub const MAX_CONCURRENT_STREAMS: u32 =
         (super::MAX_PENDING_EXCHANGES + super::agent::MAX_CHANNELS) as u32;
 
+    /// Streams the relay may reset before the agent has picked them up, before the agent
+    /// ends the tunnel (`ENHANCE_YOUR_CALM`). The relay resets a stream for every client
+    /// that goes away before its answer, so a burst of clients leaving at once (a load
+    /// balancer closing connections, a benchmark ending) resets hundreds together; h2's
+    /// default of 20, a guard against rapid-reset attacks by untrusted clients, would end
+    /// the whole tunnel. The relay never has more than [`super::MAX_PENDING_EXCHANGES`]
+    /// exchanges in flight on a tunnel, so that bounds it too.
+    pub const MAX_PENDING_ACCEPT_RESETS: usize = super::MAX_PENDING_EXCHANGES;
+
     /// Largest WebSocket message on an `h2` tunnel. Both sides send at most 64 KiB per
     /// message (`protocol::h2::MAX_MESSAGE`); 1 MiB leaves room for other agents'
     /// batching while keeping a hostile peer far below the v1 frame limit.

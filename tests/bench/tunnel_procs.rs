@@ -257,6 +257,9 @@ impl RelayTunnel {
         cmd.env("RELAY_TOKEN", relay_child::token("host"))
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1");
+        if let Ok(workers) = std::env::var("BENCH_AGENT_WORKERS") {
+            cmd.env("TOKIO_WORKER_THREADS", workers);
+        }
         let label = format!("agent {}", protocol.unwrap_or("v1"));
         let agent = Logged::spawn(cmd, &label)?;
         relay_child::wait_tunnels(relay.addr, 1, READY_DEADLINE)

@@ -26,11 +26,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::time::sleep;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::config::RelayUrl;
-use super::tunnel::{Alarm, EndCause, Shared, Socket, TunnelEnd, Watchdogs};
+use super::tunnel::{Alarm, EndCause, Shared, TunnelEnd, Watchdogs};
 use super::upstream::Upgrade;
 use crate::headers;
 use crate::limits::agent::CLOSE_GRACE;
@@ -40,13 +41,20 @@ use crate::protocol::h2::{Ended, Executor, WsIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 
 /// Serves an open `h2` tunnel until it ends.
-pub(super) async fn serve(
+pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     relay: RelayUrl,
     mut watchdogs: Watchdogs,
-    socket: Socket,
+    socket: S,
     cancel: CancellationToken,
-) -> TunnelEnd {
+) -> TunnelEnd
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tungstenite::Error>
+        + Unpin
+        + Send
+        + 'static,
+{
     let (io, control, mut inbox) = WsIo::new(socket, || {
         debug!("control messages from the relay arrive faster than they are read; dropped one");
     });
@@ -60,6 +68,7 @@ pub(super) async fn serve(
     let conn = hyper::server::conn::http2::Builder::new(Executor(shared.tasks.clone()))
         .enable_connect_protocol()
         .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(limits::MAX_PENDING_ACCEPT_RESETS)
         .initial_stream_window_size(limits::STREAM_WINDOW)
         .initial_connection_window_size(limits::CONNECTION_WINDOW)
         .max_frame_size(limits::MAX_FRAME)
@@ -203,4 +212,92 @@ async fn open_channel(shared: &Shared, mut request: Request<Incoming>) -> Respon
             .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::{mpsc, watch};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::agent::config::{ProtocolChoice, TokenSource, UpstreamUrl};
+    use crate::agent::status::StatusHandle;
+    use crate::agent::upstream::Upstream;
+    use crate::host_id::HostId;
+    use crate::tunnel::Protocol;
+
+    /// An agent's h2 session over an in-memory WebSocket whose other end is a plain h2
+    /// client (the relay's side), and the session's task.
+    async fn session() -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<TunnelEnd>,
+        CancellationToken,
+    ) {
+        let (a, b) = tokio::io::duplex(1024 * 1024);
+        let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let relay_side = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        // A port nothing listens on: every exchange is answered 502 by the agent.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let shared = Arc::new(Shared {
+            host_id: HostId::parse("demo").unwrap(),
+            token: TokenSource::Inline("t".parse().unwrap()),
+            upstream: Arc::new(Upstream::new(UpstreamUrl::parse(&upstream).unwrap())),
+            status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
+            connect_timeout: Duration::from_secs(1),
+            silence_timeout: Duration::from_secs(75),
+            tasks: TaskTracker::new(),
+            protocol: ProtocolChoice::H2,
+            v1_only: std::sync::Mutex::default(),
+        });
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let (_newest, newest_rx) = watch::channel(0);
+        let relay = RelayUrl::parse("ws://test").unwrap();
+        let watchdogs = Watchdogs::new(&shared, 1, Protocol::H2, relay.clone(), events, newest_rx);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(shared, relay, watchdogs, agent_side, cancel.clone()));
+        let (io, _control, _inbox) = WsIo::new(relay_side, || {});
+        let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        (client, task, cancel)
+    }
+
+    fn get(path: &str) -> http::Request<()> {
+        http::Request::get(format!("http://tunnel{path}"))
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_streams_the_relay_resets_at_once_does_not_end_the_tunnel() {
+        let (mut client, task, cancel) = session().await;
+        // 300 requests, each reset as soon as sent: HEADERS and RST_STREAM leave
+        // together, so the agent sees them reset before it has accepted them (what a
+        // burst of clients going away looks like from the agent).
+        for i in 0..300 {
+            client = client.ready().await.expect("the tunnel takes streams");
+            let (response, _) = client.send_request(get(&format!("/{i}")), true).unwrap();
+            drop(response);
+        }
+        client = client.ready().await.expect("the tunnel takes streams");
+        let (response, _) = client.send_request(get("/after"), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("an answer in time")
+            .expect("the tunnel is still up");
+        assert_eq!(
+            response.status(),
+            502,
+            "the agent answered (its upstream is down)"
+        );
+        assert!(!task.is_finished());
+        cancel.cancel();
+        let _ = task.await;
+    }
 }
