@@ -235,9 +235,11 @@ impl Session {
     /// # Cancel safety
     /// Not cancel safe: close through the handle instead.
     pub async fn run(self, on_pong: impl Fn() + Send) -> SessionEnd {
+        // Each protocol's future is boxed: a task's size is its largest future, and an
+        // idle v1 tunnel must not pay for h2's (nor h2 for v1's).
         match self {
-            Session::V1(session, socket) => session.run(socket, on_pong).await,
-            Session::H2(session) => session.run(on_pong).await,
+            Session::V1(session, socket) => Box::pin(session.run(socket, on_pong)).await,
+            Session::H2(session) => Box::pin(session.run(on_pong)).await,
         }
     }
 }
@@ -297,7 +299,7 @@ impl TunnelHandle {
                 Ok((handle, Session::V1(session, socket)))
             }
             Protocol::H2 => {
-                let (link, parts) = h2::handshake(socket, limits, tracker).await?;
+                let (link, parts) = Box::pin(h2::handshake(socket, limits, tracker)).await?;
                 let handle =
                     TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
                 let session = h2::Session::new(handle.clone(), parts, limits.clone());

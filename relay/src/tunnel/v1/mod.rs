@@ -71,10 +71,11 @@ impl From<ExchangeError> for Failure {
 /// Something a handle asks the session to do. Processed in order.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Start an HTTP exchange.
+    /// Start an HTTP exchange. Boxed: the queue's blocks are sized by the largest
+    /// command, and an idle tunnel's first block would otherwise be ten times larger.
     Http {
         id: StreamId,
-        request: HttpRequest,
+        request: Box<HttpRequest>,
         respond: oneshot::Sender<Result<HttpResponse, Failure>>,
     },
     /// The client of an exchange gave up (timeout or disconnect): forget the stream.
@@ -177,14 +178,14 @@ impl Link {
         };
         let command = Command::Http {
             id,
-            request: HttpRequest { parts, body },
+            request: Box::new(HttpRequest { parts, body }),
             respond,
         };
         let result = tokio::time::timeout(timeout, async {
             if let Err(mpsc::error::SendError(command)) = self.tx.send(command).await {
                 // The session is gone: the request never entered the tunnel.
                 return match command {
-                    Command::Http { request, .. } => Err(Failure::NotDelivered(Box::new(request))),
+                    Command::Http { request, .. } => Err(Failure::NotDelivered(request)),
                     _ => Err(ExchangeError::TunnelClosed.into()),
                 };
             }

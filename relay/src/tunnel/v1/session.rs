@@ -95,7 +95,7 @@ impl Session {
                 request, respond, ..
             } = command
             {
-                let _ = respond.send(Err(Failure::NotDelivered(Box::new(request))));
+                let _ = respond.send(Err(Failure::NotDelivered(request)));
             }
         }
 
