@@ -1,5 +1,5 @@
 //! The relay's memory with idle tunnels: a fresh relay, its baseline RSS, then N idle v1
-//! tunnels (lightweight clients in the bench process), then its RSS again. Shared by the
+//! or h2 tunnels (lightweight clients in the bench process), then its RSS again. Shared by the
 //! proxy and tunnel-comparison benches.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::relay_child::{self, Memory, RelayChild};
-use crate::v1_host::IdleTunnels;
+use crate::v1_host::{IdleProtocol, IdleTunnels};
 
 /// Concurrent tunnel handshakes while opening idle tunnels.
 const HANDSHAKE_CONCURRENCY: usize = 128;
@@ -48,14 +48,27 @@ pub fn raise_nofile() -> Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
-/// Starts a fresh relay, reads its baseline, opens `n` idle v1 tunnels with distinct
-/// hostIds, waits until the relay reports them all and one request to the last host
-/// succeeds, waits `settle`, and reads the relay's memory again.
+/// [`measure`] with v1 tunnels.
+///
+/// # Errors
+/// See [`measure`].
+pub async fn measure_v1(binary: &Path, n: usize, settle: Duration) -> Result<IdleRow> {
+    measure(binary, n, settle, IdleProtocol::V1).await
+}
+
+/// Starts a fresh relay, reads its baseline, opens `n` idle tunnels speaking `protocol`
+/// with distinct hostIds, waits until the relay reports them all and one request to the
+/// last host succeeds, waits `settle`, and reads the relay's memory again.
 ///
 /// # Errors
 /// When the relay does not start, a tunnel cannot be opened, or the last host does not
 /// answer.
-pub async fn measure_v1(binary: &Path, n: usize, settle: Duration) -> Result<IdleRow> {
+pub async fn measure(
+    binary: &Path,
+    n: usize,
+    settle: Duration,
+    protocol: IdleProtocol,
+) -> Result<IdleRow> {
     let host_token = relay_child::token("host");
     let client_token = relay_child::token("client");
     let relay = RelayChild::start(binary).await?;
@@ -71,9 +84,15 @@ pub async fn measure_v1(binary: &Path, n: usize, settle: Duration) -> Result<Idl
     let started = tokio::time::Instant::now();
     let ids: Vec<String> = (0..n).map(|i| format!("idle-{i:05}")).collect();
     let last = ids.last().cloned();
-    let tunnels = IdleTunnels::open(relay.addr, ids, &host_token, HANDSHAKE_CONCURRENCY)
-        .await
-        .with_context(|| format!("opening {n} idle tunnels"))?;
+    let tunnels = IdleTunnels::open(
+        relay.addr,
+        ids,
+        &host_token,
+        HANDSHAKE_CONCURRENCY,
+        protocol,
+    )
+    .await
+    .with_context(|| format!("opening {n} idle tunnels"))?;
     relay_child::wait_tunnels(relay.addr, n as u64, Duration::from_secs(120)).await?;
     let open_time = started.elapsed();
     if let Some(last) = last {

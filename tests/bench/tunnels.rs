@@ -80,6 +80,7 @@ use knobs::{env_bytes, env_list, env_u64, env_words};
 use transfer::Endpoint;
 use tunnel_procs::{Rathole, RelayTunnel, cpu_ticks};
 use upstream::{BODY, Upstream};
+use v1_host::IdleProtocol;
 use wrk::Wrk;
 
 /// The paths, in the order of every set.
@@ -888,21 +889,15 @@ async fn idle_part(
             report.add(&format!("idle.{n}.open"), "v1", row.open_time.as_secs_f64());
         }
         if names.contains(&"h2") {
-            // === h2 idle tunnels: not written yet ===
-            // What it needs: a relay with N idle h2 tunnels, as `idle::measure_v1` does for
-            // v1 with `v1_host::IdleTunnels`. An h2 tunnel is not idle until the HTTP/2
-            // handshake inside it is done (preface and SETTINGS both ways, and whatever
-            // the h2 protocol asks after the upgrade), so the lightweight clients must run
-            // that handshake (with the `h2` crate, or by starting N `relay agent
-            // --protocol h2` processes, which is far heavier for the bench) and then keep
-            // answering the relay's keep-alives. Once written, record it as
-            // `report.add(&format!("idle.{n}"), "h2", row.kib_per_tunnel())`: the table
-            // and the ≤ 32 KiB target below already read it.
-            report.fail(
-                &format!("idle.{n}"),
+            let row = idle::measure(binary, n, settings.settle, IdleProtocol::H2).await?;
+            report.add(&format!("idle.{n}"), "h2", row.kib_per_tunnel());
+            report.add(&format!("idle.{n}.anon"), "h2", row.anon_kib_per_tunnel());
+            report.add(
+                &format!("idle.{n}.baseline"),
                 "h2",
-                "not measured: idle h2 tunnels need an h2 handshake inside each tunnel (not written yet)".into(),
+                row.baseline.rss_kib as f64,
             );
+            report.add(&format!("idle.{n}.open"), "h2", row.open_time.as_secs_f64());
         }
     }
     Ok(())

@@ -114,11 +114,36 @@ async fn connect(
     token: &str,
     config: Option<WebSocketConfig>,
 ) -> Result<Socket> {
+    connect_with(relay, host_id, token, config, IdleProtocol::V1).await
+}
+
+/// What the idle tunnels speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleProtocol {
+    /// v1 JSON.
+    V1,
+    /// HTTP/2 inside the tunnel (`relay-h2`), the handshake done with the `h2` crate.
+    H2,
+}
+
+async fn connect_with(
+    relay: SocketAddr,
+    host_id: &str,
+    token: &str,
+    config: Option<WebSocketConfig>,
+    protocol: IdleProtocol,
+) -> Result<Socket> {
     let mut request = format!("ws://{relay}/tunnel?hostId={host_id}").into_client_request()?;
     request.headers_mut().insert(
         http::header::AUTHORIZATION,
         format!("Bearer {token}").parse()?,
     );
+    if protocol == IdleProtocol::H2 {
+        request.headers_mut().insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            relay::protocol::h2::SUBPROTOCOL.parse()?,
+        );
+    }
     let (socket, _response) =
         tokio_tungstenite::connect_async_with_config(request, config, true).await?;
     Ok(socket)
@@ -309,6 +334,7 @@ impl IdleTunnels {
         ids: Vec<String>,
         token: &str,
         concurrency: usize,
+        protocol: IdleProtocol,
     ) -> Result<IdleTunnels> {
         // Small buffers: these are many and idle.
         let config = WebSocketConfig::default()
@@ -319,7 +345,7 @@ impl IdleTunnels {
                 let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
                 let mut attempt = 0u64;
                 loop {
-                    let err = match connect(relay, &id, token, Some(config)).await {
+                    let err = match connect_with(relay, &id, token, Some(config), protocol).await {
                         Ok(socket) => return Ok(socket),
                         Err(err) => err,
                     };
@@ -342,7 +368,10 @@ impl IdleTunnels {
         let mut first_error = None;
         for socket in sockets {
             match socket {
-                Ok(socket) => tasks.push(tokio::spawn(idle(socket))),
+                Ok(socket) => tasks.push(match protocol {
+                    IdleProtocol::V1 => tokio::spawn(idle(socket)),
+                    IdleProtocol::H2 => tokio::spawn(idle_h2(socket)),
+                }),
                 Err(err) => {
                     first_error.get_or_insert(err);
                 }
@@ -367,6 +396,31 @@ impl Drop for IdleTunnels {
             task.abort();
         }
     }
+}
+
+/// An idle `h2` tunnel: an HTTP/2 server (the `h2` crate) over the tunnel's byte
+/// stream, answering every request `200 idle` and every `ping` with `pong`.
+async fn idle_h2(socket: Socket) {
+    let (io, control, mut inbox) = relay::protocol::h2::WsIo::new(socket, || {});
+    let control_task = async move {
+        while let Some(text) = inbox.recv().await {
+            if text.contains("\"ping\"") {
+                control.send_text(PONG.to_owned());
+            }
+        }
+    };
+    let server = async move {
+        let Ok(mut conn) = h2::server::handshake(io).await else {
+            return;
+        };
+        while let Some(Ok((_request, mut respond))) = conn.accept().await {
+            let response = http::Response::new(());
+            if let Ok(mut body) = respond.send_response(response, false) {
+                let _ = body.send_data(Bytes::from_static(b"idle"), true);
+            }
+        }
+    };
+    tokio::join!(control_task, server);
 }
 
 async fn idle(mut socket: Socket) {
