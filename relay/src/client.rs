@@ -93,7 +93,17 @@ async fn serve(
                 (_, crate::config::RoutingMode::FlyReplay) => "replay",
                 _ => "proxy",
             };
-            return routing::forward(&relay, &host, owner, client_ip(peer), &parts, what).await;
+            // Boxed, as every path but the local exchange: the handler's future is moved
+            // into a box per request, at the size of its largest path.
+            return Box::pin(routing::forward(
+                &relay,
+                &host,
+                owner,
+                client_ip(peer),
+                &parts,
+                what,
+            ))
+            .await;
         }
     };
     *route = "local";
@@ -118,7 +128,7 @@ async fn serve(
             query,
             headers: headers::to_host(&parts.headers, client_ip(peer)),
         };
-        return open_channel(relay, tunnel, upgrade, request).await;
+        return Box::pin(open_channel(relay, tunnel, upgrade, request)).await;
     }
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
@@ -169,7 +179,7 @@ async fn exchange(
         Ok(response) => Ok(response),
         Err(ExchangeFailure::Failed(err)) => Err(err.into()),
         Err(ExchangeFailure::NotDelivered(request)) => {
-            redeliver(&relay, tunnel.host(), peer, &parts, *request, hop).await
+            Box::pin(redeliver(&relay, tunnel.host(), peer, &parts, *request, hop)).await
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::telemetry::{self, redact_uri};
 
 /// The relay's HTTP routes. Separate from serving so tests can drive it directly.
 pub fn app(relay: Relay) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -27,9 +27,15 @@ pub fn app(relay: Relay) -> Router {
         .route("/hosts/{host}", any(client::host_request))
         .route("/hosts/{host}/", any(client::host_request))
         .route("/hosts/{host}/{*rest}", any(client::host_request))
-        .fallback(not_found)
-        .layer(middleware::from_fn(trace_request))
-        .with_state(relay)
+        .fallback(not_found);
+    // The per-request debug span costs a boxed future and a layer on every request; the
+    // log filter is fixed at startup, so it is only added when debug lines can show.
+    let router = if tracing::enabled!(tracing::Level::DEBUG) {
+        router.layer(middleware::from_fn(trace_request))
+    } else {
+        router
+    };
+    router.with_state(relay)
 }
 
 async fn health(State(relay): State<Relay>) -> impl IntoResponse {

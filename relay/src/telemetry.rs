@@ -124,19 +124,65 @@ pub fn bytes(direction: &'static str, n: usize) {
     metrics::counter!("relay_bytes_total", "direction" => direction).increment(n as u64);
 }
 
+/// The routes of [`client_request`], in the order of its handle table.
+const ROUTES: [&str; 5] = ["local", "proxy", "replay", "bridge", "none"];
+
+/// The status classes of [`client_request`], in the order of its handle table.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The handles of the per-request metrics, looked up once: a lookup hashes the name and
+/// labels and takes a shard lock of the registry, twice per request otherwise.
+struct ClientRequestMetrics {
+    /// `[route][class]`.
+    requests: Vec<Vec<metrics::Counter>>,
+    /// `[route]`.
+    seconds: Vec<metrics::Histogram>,
+}
+
+/// Built at the first request, after the recorder is installed (handles taken before
+/// would record nowhere).
+static CLIENT_REQUEST_METRICS: std::sync::OnceLock<ClientRequestMetrics> =
+    std::sync::OnceLock::new();
+
 /// A client request finished with `status`, served by `route` (`local`, `proxy`,
 /// `replay`, `bridge`, or `none` when refused before routing).
 pub fn client_request(status: u16, route: &'static str, seconds: f64) {
     let class = match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     };
-    metrics::counter!("relay_client_requests_total", "status" => class, "route" => route)
-        .increment(1);
-    metrics::histogram!("relay_client_request_seconds", "route" => route).record(seconds);
+    let Some(route) = ROUTES.iter().position(|r| *r == route) else {
+        metrics::counter!("relay_client_requests_total", "status" => CLASSES[class], "route" => route)
+            .increment(1);
+        metrics::histogram!("relay_client_request_seconds", "route" => route).record(seconds);
+        return;
+    };
+    let handles = CLIENT_REQUEST_METRICS.get_or_init(|| ClientRequestMetrics {
+        requests: ROUTES
+            .iter()
+            .map(|&route| {
+                CLASSES
+                    .iter()
+                    .map(|&class| {
+                        metrics::counter!(
+                            "relay_client_requests_total",
+                            "status" => class,
+                            "route" => route
+                        )
+                    })
+                    .collect()
+            })
+            .collect(),
+        seconds: ROUTES
+            .iter()
+            .map(|&route| metrics::histogram!("relay_client_request_seconds", "route" => route))
+            .collect(),
+    });
+    handles.requests[route][class].increment(1);
+    handles.seconds[route].record(seconds);
 }
 
 /// A client WebSocket channel opened (+1) or closed (-1).
