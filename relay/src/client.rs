@@ -179,7 +179,15 @@ async fn exchange(
         Ok(response) => Ok(response),
         Err(ExchangeFailure::Failed(err)) => Err(err.into()),
         Err(ExchangeFailure::NotDelivered(request)) => {
-            Box::pin(redeliver(&relay, tunnel.host(), peer, &parts, *request, hop)).await
+            Box::pin(redeliver(
+                &relay,
+                tunnel.host(),
+                peer,
+                &parts,
+                *request,
+                hop,
+            ))
+            .await
         }
     }
 }

@@ -42,8 +42,10 @@ use super::config::{ProtocolChoice, RelayUrl, TokenError, TokenSource};
 use super::status::StatusHandle;
 use super::upstream::Upstream;
 use crate::host_id::HostId;
-use crate::limits::agent::{DRAINED_TUNNEL_LINGER, MAX_INBOUND_MESSAGE, REGISTRATION_GRACE};
-use crate::limits::{WS_READ_BUFFER, WS_WRITE_BUFFER};
+use crate::limits::WS_WRITE_BUFFER;
+use crate::limits::agent::{
+    DRAINED_TUNNEL_LINGER, MAX_INBOUND_MESSAGE, REGISTRATION_GRACE, TUNNEL_READ_BUFFER,
+};
 use crate::protocol::h2::SUBPROTOCOL;
 use crate::tunnel::Protocol;
 
@@ -287,7 +289,7 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Socket, 
     }
 
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = WS_READ_BUFFER;
+    config.read_buffer_size = TUNNEL_READ_BUFFER;
     config.write_buffer_size = WS_WRITE_BUFFER;
     let max = if h2 {
         crate::limits::h2::MAX_TUNNEL_MESSAGE
