@@ -636,3 +636,56 @@ async fn a_message_over_the_h2_tunnel_limit_closes_that_tunnel_with_1009() {
     assert!(closed.contains("frame_too_big"), "{closed}");
     assert_relay_still_serves(&relay, &upstream).await;
 }
+
+#[tokio::test]
+async fn a_client_opening_thousands_of_http2_streams_at_once_gets_limits_not_a_fallen_relay() {
+    const STREAMS: usize = 3_000;
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&relay, "flooded", &upstream)
+        .protocol("h2")
+        .spawn();
+    agent.wait_connected_to(&relay).await;
+    let rss_before = rss_kib(relay.pid());
+    // One h2c connection to the relay, as many streams as the client can open at once,
+    // each a slow request: the relay's own HTTP/2 server bounds the streams of one
+    // connection (the client waits for room), and the tunnel bounds the exchanges in
+    // flight (503 beyond).
+    let tcp = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let token = relay.client_token(&["flooded"]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let client = client.clone();
+        let request = http::Request::get(relay.http_url("/hosts/flooded/slow?ms=300"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap();
+        calls.spawn(async move {
+            let client = client.ready().await.ok()?;
+            let mut client = client;
+            let (response, _) = client.send_request(request, true).ok()?;
+            let response = response.await.ok()?;
+            Some(response.status().as_u16())
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    within("every stream ends", Duration::from_secs(60), async {
+        while let Some(joined) = calls.join_next().await {
+            *statuses.entry(joined.unwrap()).or_insert(0usize) += 1;
+        }
+    })
+    .await;
+    let ok = statuses.get(&Some(200)).copied().unwrap_or(0);
+    assert!(ok > 0, "some streams were served: {statuses:?}");
+    assert!(
+        statuses
+            .keys()
+            .all(|s| matches!(s, Some(200) | Some(503) | None)),
+        "served, refused as overloaded, or refused by HTTP/2: {statuses:?}"
+    );
+    let grown = rss_kib(relay.pid()).saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "the relay grew {grown} KiB");
+    assert_relay_still_serves(&relay, &upstream).await;
+}

@@ -383,3 +383,51 @@ async fn a_streamed_download_is_forwarded_from_relay_to_relay_byte_exact() {
     );
     let _ = rss_kib(owner.pid());
 }
+
+#[tokio::test]
+async fn a_stalled_download_does_not_slow_the_other_streams_of_its_tunnel() {
+    let bulk = BulkUpstream::spawn().await;
+    let (relay, _agent) = h2_stack("shared", &bulk.url("")).await;
+    let auth = bearer(&relay, "shared");
+    // One client asks for a gibibyte and reads 1 KB/s: its stream's window fills and
+    // stays full for the rest of the test.
+    let stalled = {
+        let url = relay.http_url(&format!("/hosts/shared/bytes?n={}&seed=1", 1024 * MIB));
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            download(
+                &url,
+                &[("authorization", auth.as_str())],
+                DownloadOptions::default().read_rate(1_000),
+            )
+            .await
+        })
+    };
+    wait_until("the stalled download has started", DEADLINE, || {
+        !bulk.downloads().is_empty()
+    })
+    .await;
+    // Meanwhile other clients of the same tunnel move megabytes at full speed.
+    let started = Instant::now();
+    for seed in 10..14 {
+        let n = 16 * MIB;
+        let got = download(
+            &relay.http_url(&format!("/hosts/shared/bytes?n={n}&seed={seed}")),
+            &[("authorization", auth.as_str())],
+            DownloadOptions::default(),
+        )
+        .await
+        .expect("a download beside the stalled one");
+        assert_eq!(got.sha256, expected_sha256(n, seed));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "64 MiB beside a stalled stream took {took:?}"
+    );
+    assert!(
+        !stalled.is_finished(),
+        "the stalled download is still running"
+    );
+    stalled.abort();
+}
