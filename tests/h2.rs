@@ -464,33 +464,29 @@ async fn assert_relay_still_serves(relay: &TestRelay, upstream: &Upstream) {
         .assert_status(200);
 }
 
-#[tokio::test]
-async fn garbage_on_an_h2_tunnel_closes_that_tunnel_only() {
+/// An h2 tunnel whose agent sends `bytes` is closed; the relay serves everyone else.
+async fn broken_http2_closes_that_tunnel_only(host: &str, bytes: Vec<u8>) {
     let relay = TestRelay::spawn().await;
     let upstream = Upstream::spawn().await;
-    let mut ws = hostile_agent(&relay, "garbage").await;
-    relay.wait_host_connected("garbage").await;
-    // A frame header announcing 16 MiB of an unknown type: over any frame size.
-    ws.send(Message::Binary(Bytes::from_static(&[0xff; 32])))
-        .await
-        .unwrap();
+    let mut ws = hostile_agent(&relay, host).await;
+    relay.wait_host_connected(host).await;
+    ws.send(Message::Binary(bytes.into())).await.unwrap();
     let _ = read_until_closed(&mut ws).await;
-    relay.wait_host_disconnected("garbage").await;
+    relay.wait_host_disconnected(host).await;
     assert_relay_still_serves(&relay, &upstream).await;
 }
 
 #[tokio::test]
+async fn garbage_on_an_h2_tunnel_closes_that_tunnel_only() {
+    // A frame header announcing 16 MiB of an unknown type: over any frame size.
+    broken_http2_closes_that_tunnel_only("garbage", vec![0xff; 32]).await;
+}
+
+#[tokio::test]
 async fn a_push_promise_from_the_agent_closes_the_tunnel() {
-    let relay = TestRelay::spawn().await;
-    let upstream = Upstream::spawn().await;
-    let mut ws = hostile_agent(&relay, "pusher").await;
-    relay.wait_host_connected("pusher").await;
     // Push is disabled by the relay: a PUSH_PROMISE is a connection error.
     let push = frame(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2, 0x82]);
-    ws.send(Message::Binary(push.into())).await.unwrap();
-    let _ = read_until_closed(&mut ws).await;
-    relay.wait_host_disconnected("pusher").await;
-    assert_relay_still_serves(&relay, &upstream).await;
+    broken_http2_closes_that_tunnel_only("pusher", push).await;
 }
 
 #[tokio::test]

@@ -289,10 +289,7 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
                         return;
                     }
                     Some(Err(err)) => {
-                        let too_big = err
-                            .into_inner()
-                            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-                            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                        let too_big = crate::websocket::is_too_big(&err);
                         let code = if too_big { close_code::TOO_BIG } else { close_code::GOING_AWAY };
                         channel.close(Some(code)).await;
                         if too_big {

@@ -23,7 +23,7 @@ use crate::auth::{AuthError, Role, bearer_token};
 use crate::config::RoutingMode;
 use crate::error::ClientError;
 use crate::host_id::HostId;
-use crate::limits::{self, CLOSE_TIMEOUT, MAX_CLOSE_REASON};
+use crate::limits::{self, CLOSE_TIMEOUT};
 use crate::listener::PeerAddr;
 use crate::ownership;
 use crate::protocol::{close_code, h2};
@@ -157,15 +157,11 @@ fn authorize(
 /// Close so it reads the code rather than a reset.
 async fn refuse(mut socket: WebSocket, refusal: Refusal) {
     let reason = refusal.to_string();
-    let mut end = reason.len().min(MAX_CLOSE_REASON);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         socket
             .send(Message::Close(Some(CloseFrame {
                 code: close_code::POLICY,
-                reason: reason[..end].into(),
+                reason: crate::websocket::close_reason(&reason).into(),
             })))
             .await?;
         while let Some(message) = socket.next().await {

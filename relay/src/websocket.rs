@@ -2,7 +2,7 @@
 
 use axum::extract::ws::WebSocketUpgrade;
 
-use crate::limits::{Limits, WS_READ_BUFFER, WS_WRITE_BUFFER};
+use crate::limits::{Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
 
 /// Applies the relay's socket limits and buffer sizes to a WebSocket upgrade.
 ///
@@ -15,4 +15,59 @@ pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocket
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
+}
+
+/// Whether a WebSocket error is a message over the size limit (tungstenite's `Capacity`,
+/// possibly wrapped, as axum does).
+pub fn is_too_big(err: &(dyn std::error::Error + 'static)) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(WsError::Capacity(_)) = err.downcast_ref::<WsError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// `reason` cut to what a Close frame may carry (RFC 6455: 123 bytes), on a character
+/// boundary.
+pub fn close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_are_cut_on_a_character_boundary() {
+        assert_eq!(close_reason("drained"), "drained");
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON && cut.len() >= MAX_CLOSE_REASON - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn capacity_errors_are_recognized_through_wrappers() {
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        use tokio_tungstenite::tungstenite::error::CapacityError;
+        let capacity = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert!(is_too_big(&capacity));
+        let wrapped = axum::Error::new(capacity);
+        assert!(is_too_big(&wrapped));
+        assert!(!is_too_big(&WsError::ConnectionClosed));
+    }
 }

@@ -29,7 +29,6 @@ use super::config::RelayUrl;
 use super::tunnel::{Alarm, EndCause, InFlight, Shared, Socket, TunnelEnd, Watchdogs};
 use super::upstream::{Failure, Upstream};
 use crate::headers;
-use crate::limits::MAX_CLOSE_REASON;
 use crate::limits::agent::{
     CHANNEL_QUEUE, CLOSE_GRACE, MAX_CHANNEL_MESSAGE, MAX_CHANNELS, MAX_IN_FLIGHT,
     MAX_RESPONSE_BYTES, MAX_TUNNEL_MESSAGE, TUNNEL_QUEUE, UPSTREAM_CONNECT_TIMEOUT,
@@ -440,7 +439,7 @@ async fn close_gracefully<W, R>(
         }
         let frame = CloseFrame {
             code: close_code::NORMAL.into(),
-            reason: reason[..reason.len().min(MAX_CLOSE_REASON)].into(),
+            reason: crate::websocket::close_reason(reason).into(),
         };
         if sink.send(Message::Close(Some(frame))).await.is_err() {
             return;

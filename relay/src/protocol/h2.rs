@@ -349,7 +349,7 @@ where
 
     /// Queues our Close frame: from here HTTP/2 reads EOF once the handshake is over.
     fn start_close(&mut self, code: u16, reason: &str) {
-        let reason = truncate(reason, crate::limits::MAX_CLOSE_REASON);
+        let reason = crate::websocket::close_reason(reason);
         self.write.clear();
         self.control.state().outbox.clear();
         // The socket takes a Close frame whenever it is not already closed; if it is, the
@@ -423,7 +423,7 @@ where
 
     /// Records how the socket failed; the error for HTTP/2.
     fn fail(&mut self, err: &E) -> io::Error {
-        let end = if is_capacity_error(err) {
+        let end = if crate::websocket::is_too_big(err) {
             Ended::TooBig
         } else {
             Ended::Gone(format!("socket failed: {err}"))
@@ -477,7 +477,7 @@ where
                     ));
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Some(Err(err))) if is_capacity_error(&err) => {
+                Poll::Ready(Some(Err(err))) if crate::websocket::is_too_big(&err) => {
                     // The peer broke the message size limit: say so (1009) and end.
                     this.control.finish(Ended::TooBig);
                     this.start_close(
@@ -579,32 +579,6 @@ impl<S> Drop for WsIo<S> {
             self.control.ended.cancel();
         }
     }
-}
-
-/// Whether a socket error is a message over the size limit (tungstenite's `Capacity`,
-/// possibly wrapped by axum).
-fn is_capacity_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(WsError::Capacity(_)) = err.downcast_ref::<WsError>() {
-            return true;
-        }
-        current = err.source();
-    }
-    false
-}
-
-/// `s` cut to at most `max` bytes, on a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

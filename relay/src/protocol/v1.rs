@@ -462,6 +462,20 @@ impl WireIn {
     fn need(field: Option<String>, what: &'static str) -> Result<String, Reject> {
         field.ok_or(Reject::Malformed(what))
     }
+
+    /// The id and frame of a `ws:frame`, either way.
+    fn frame(self) -> Result<(Cow<'static, str>, Payload<'static>), Reject> {
+        let id = WireIn::need(self.id, "ws:frame without id")?;
+        let data = WireIn::need(self.data, "ws:frame without data")?;
+        let data = Payload::decode(data, self.encoding.as_deref()).map_err(Reject::Malformed)?;
+        Ok((Cow::Owned(id), data))
+    }
+
+    /// The id and code of a `ws:close`, either way.
+    fn close(self) -> Result<(Cow<'static, str>, Option<u16>), Reject> {
+        let id = WireIn::need(self.id, "ws:close without id")?;
+        Ok((Cow::Owned(id), self.code))
+    }
 }
 
 /// Why a frame that parsed as JSON is not a message, before the stream it named is
@@ -582,18 +596,14 @@ impl RelayMessage<'_> {
                     path: Cow::Owned(WireIn::need(wire.path, "ws:open without path")?),
                     query: wire.query.map(Cow::Owned),
                 },
-                "ws:frame" => RelayMessage::WsFrame {
-                    id: Cow::Owned(WireIn::need(wire.id, "ws:frame without id")?),
-                    data: Payload::decode(
-                        WireIn::need(wire.data, "ws:frame without data")?,
-                        wire.encoding.as_deref(),
-                    )
-                    .map_err(Reject::Malformed)?,
-                },
-                "ws:close" => RelayMessage::WsClose {
-                    id: Cow::Owned(WireIn::need(wire.id, "ws:close without id")?),
-                    code: wire.code,
-                },
+                "ws:frame" => {
+                    let (id, data) = wire.frame()?;
+                    RelayMessage::WsFrame { id, data }
+                }
+                "ws:close" => {
+                    let (id, code) = wire.close()?;
+                    RelayMessage::WsClose { id, code }
+                }
                 _ => return Err(Reject::UnknownType),
             })
         })();
@@ -668,18 +678,14 @@ impl HostMessage<'_> {
                         .map_err(Reject::Malformed)?,
                     }
                 }
-                "ws:frame" => HostMessage::WsFrame {
-                    id: Cow::Owned(WireIn::need(wire.id, "ws:frame without id")?),
-                    data: Payload::decode(
-                        WireIn::need(wire.data, "ws:frame without data")?,
-                        wire.encoding.as_deref(),
-                    )
-                    .map_err(Reject::Malformed)?,
-                },
-                "ws:close" => HostMessage::WsClose {
-                    id: Cow::Owned(WireIn::need(wire.id, "ws:close without id")?),
-                    code: wire.code,
-                },
+                "ws:frame" => {
+                    let (id, data) = wire.frame()?;
+                    HostMessage::WsFrame { id, data }
+                }
+                "ws:close" => {
+                    let (id, code) = wire.close()?;
+                    HostMessage::WsClose { id, code }
+                }
                 _ => return Err(Reject::UnknownType),
             })
         })();

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use super::streams::{Delivery, Stream, StreamTable};
 use super::{Command, Failure, HttpResponse};
-use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits, MAX_CLOSE_REASON};
+use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
 use crate::protocol::v1::{Decoded, Headers, HostMessage, Payload, RelayMessage};
 use crate::protocol::{StreamId, close_code};
 use crate::telemetry;
@@ -329,7 +329,7 @@ where
             // WebSocket-level pings are answered by the socket itself.
             Ok(Message::Ping(_) | Message::Pong(_)) => {}
             Err(err) => {
-                return if is_capacity_error(err) {
+                return if crate::websocket::is_too_big(&err) {
                     SessionEnd::TooBig
                 } else {
                     SessionEnd::HostGone("read failed".into())
@@ -427,14 +427,6 @@ fn commands(handle: &TunnelHandle) -> &mpsc::Sender<Command> {
     }
 }
 
-/// Whether a read error is a message over the size limit.
-fn is_capacity_error(err: axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    err.into_inner()
-        .downcast_ref::<WsError>()
-        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
-}
-
 /// Sends the relay's Close frame (when the relay is the one closing) and waits briefly for
 /// the host's, so the host sees the code rather than a reset.
 async fn close_socket<W, R>(sink: &mut W, stream: &mut R, end: &SessionEnd)
@@ -445,7 +437,7 @@ where
     let _ = timeout(CLOSE_TIMEOUT, async {
         match end.close_frame() {
             Some((code, reason)) => {
-                let reason = truncate(reason, MAX_CLOSE_REASON);
+                let reason = crate::websocket::close_reason(reason);
                 if sink
                     .send(Message::Close(Some(CloseFrame {
                         code,
@@ -470,15 +462,4 @@ where
         }
     })
     .await;
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
