@@ -112,6 +112,8 @@ impl Default for Limits {
 /// [`h2::CONNECTION_WINDOW`]. Throughput of one stream is at most its window per round
 /// trip between relay and agent.
 pub mod h2 {
+    use std::time::Duration;
+
     /// How much of one body the peer may send before it is read: 1 MiB. That is what a
     /// slow client of a download (or a slow local service of an upload) can cost on each
     /// side, and it lets one stream move 10 MB/s over a 100 ms relay–agent round trip
@@ -153,8 +155,25 @@ pub mod h2 {
     /// exchanges in flight on a tunnel, so that bounds it too.
     pub const MAX_PENDING_ACCEPT_RESETS: usize = super::MAX_PENDING_EXCHANGES;
 
+    /// Most HTTP/2 bytes sent as one binary WebSocket message. hyper hands over frames
+    /// as it encodes them; they are gathered up to this size (or until hyper flushes) so
+    /// that a bulk transfer costs one WebSocket frame header per 64 KiB instead of one per
+    /// HTTP/2 frame, while a single small response still leaves at once.
+    pub const MAX_MESSAGE: usize = 64 * 1024;
+
+    /// Text messages that may wait to be sent, or to be read by the tunnel's task. The
+    /// control plane is a ping every 30 s, its pong and one drain: a peer that floods text
+    /// messages has the excess dropped (and counted), never queued without bound.
+    pub const CONTROL_QUEUE: usize = 64;
+
+    /// From the start of its close handshake (its Close frame queued), how long a side
+    /// waits for the frame to leave and the peer's Close to come back before ending the
+    /// byte stream anyway: long enough for the peer to read the code rather than a reset,
+    /// short enough that a peer that reads nothing cannot hold the socket.
+    pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
     /// Largest WebSocket message on an `h2` tunnel. Both sides send at most 64 KiB per
-    /// message (`protocol::h2::MAX_MESSAGE`); 1 MiB leaves room for other agents'
+    /// message ([`MAX_MESSAGE`]); 1 MiB leaves room for other agents'
     /// batching while keeping a hostile peer far below the v1 frame limit.
     pub const MAX_TUNNEL_MESSAGE: usize = 1024 * 1024;
 }

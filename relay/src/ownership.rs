@@ -4,7 +4,7 @@
 //! Every directory write of the relay goes through here, under [`DIRECTORY_TIMEOUT`]: a
 //! slow or unreachable directory degrades to "serve what is local", never stalls a
 //! registration or a request. A write that fails leaves the tunnel unsynced, and the
-//! reconciler ([`reconcile_loop`]) writes it again later.
+//! reconciler (the reconcile loop) writes it again later.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! handshake: with `auto` the agent then asks again without it (v1), and remembers the
 //! relay as v1-only for the rest of its life; with `h2` the attempt fails.
 //!
-//! Whatever the protocol, the same [`Watchdogs`] run the tunnel's life: the connect
+//! Whatever the protocol, the same `Watchdogs` run the tunnel's life: the connect
 //! (TCP + TLS + upgrade) has a deadline; an open tunnel that hears nothing for
 //! `--silence-timeout` (the relay pings every 30 s) is abandoned; every close handshake
 //! is bounded by [`crate::limits::agent::CLOSE_GRACE`].
@@ -364,7 +364,7 @@ pub(super) struct Watchdogs {
     in_flight: Option<watch::Receiver<usize>>,
 }
 
-/// What the [`Watchdogs`] ask of the session.
+/// What the `Watchdogs` ask of the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Alarm {
     /// Nothing heard for this long: abandon the tunnel.

@@ -25,7 +25,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
@@ -43,20 +42,7 @@ pub const SUBPROTOCOL: &str = "relay-h2";
 /// travels as `X-Forwarded-Host`.
 pub const AUTHORITY: &str = "tunnel";
 
-/// Most HTTP/2 bytes sent as one binary WebSocket message. hyper hands over frames as it
-/// encodes them; they are gathered up to this size (or until hyper flushes) so that a bulk
-/// transfer costs one WebSocket frame header per 64 KiB instead of one per HTTP/2 frame,
-/// while a single small response still leaves at once.
-pub const MAX_MESSAGE: usize = 64 * 1024;
-
-/// Text messages that may wait to be sent, or to be read by the tunnel's task. The control
-/// plane is a ping every 30 s, its pong and one drain: a peer that floods text messages
-/// has the excess dropped (and counted), never queued without bound.
-pub const CONTROL_QUEUE: usize = 64;
-
-/// After sending its Close frame, how long a side waits for the peer's Close before
-/// ending the byte stream anyway (so the peer reads the code rather than a reset).
-pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+pub use crate::limits::h2::{CLOSE_WAIT, CONTROL_QUEUE, MAX_MESSAGE};
 
 /// Spawns hyper's tasks (the connection, request bodies, upgraded streams) on a task
 /// tracker, so shutdown waits for them like for every other task.
@@ -251,8 +237,9 @@ impl Control {
 #[derive(Debug)]
 enum Phase {
     Open,
-    /// Our Close frame is queued in the socket; flushing it.
-    Closing,
+    /// Our Close frame is queued in the socket; flushing it. The deadline runs from the
+    /// start: a peer that reads nothing must not hold the socket (and its task) forever.
+    Closing(Pin<Box<tokio::time::Sleep>>),
     /// Our Close frame is sent: reading until the peer's, at most until the deadline.
     CloseSent(Pin<Box<tokio::time::Sleep>>),
     /// The byte stream has ended (HTTP/2 sees EOF).
@@ -361,7 +348,7 @@ where
             self.finish(Ended::Closed(None));
             return;
         }
-        self.phase = Phase::Closing;
+        self.phase = Phase::Closing(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
     }
 
     /// Drives our close handshake: flush our Close, then read until the peer's (or the
@@ -371,16 +358,27 @@ where
             match &mut self.phase {
                 Phase::Open => return Poll::Ready(()),
                 Phase::Done => return Poll::Ready(()),
-                Phase::Closing => match Pin::new(&mut self.socket).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.phase = Phase::CloseSent(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
-                    }
-                    Poll::Ready(Err(_)) => {
+                Phase::Closing(deadline) => {
+                    if deadline.as_mut().poll(cx).is_ready() {
                         self.finish(Ended::Closed(None));
                         return Poll::Ready(());
                     }
-                    Poll::Pending => return Poll::Pending,
-                },
+                    match Pin::new(&mut self.socket).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let Phase::Closing(deadline) =
+                                std::mem::replace(&mut self.phase, Phase::Done)
+                            else {
+                                unreachable!("matched above");
+                            };
+                            self.phase = Phase::CloseSent(deadline);
+                        }
+                        Poll::Ready(Err(_)) => {
+                            self.finish(Ended::Closed(None));
+                            return Poll::Ready(());
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
                 Phase::CloseSent(deadline) => {
                     if deadline.as_mut().poll(cx).is_ready() {
                         self.finish(Ended::Closed(None));
@@ -583,6 +581,8 @@ impl<S> Drop for WsIo<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -712,6 +712,27 @@ mod tests {
         drop(b);
         assert_eq!(reader.await.unwrap(), 0);
         assert!(matches!(control.ended(), Some(Ended::Closed(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_ends_the_stream_in_bounded_time_even_if_the_peer_reads_nothing() {
+        let (a, _b) = tokio::io::duplex(4096);
+        let a = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let (mut io, control, _inbox) = WsIo::new(a, no_drops);
+        // The peer (`_b`) reads nothing: writes stall once the pipe is full.
+        let stalled = tokio::time::timeout(
+            Duration::from_secs(1),
+            io.write_all(&vec![1u8; 4 * MAX_MESSAGE]),
+        )
+        .await;
+        assert!(stalled.is_err(), "the pipe should have filled up");
+        control.close(1001, "ping timeout");
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(n, 0, "EOF once the close handshake gave up");
+        assert!(started.elapsed() <= CLOSE_WAIT + Duration::from_millis(10));
+        assert!(matches!(control.ended(), Some(Ended::Closed(None))));
     }
 
     #[tokio::test]

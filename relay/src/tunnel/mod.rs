@@ -11,7 +11,7 @@
 //! types: [`TunnelHandle::exchange`] takes an `http::Request` and gives an
 //! `http::Response`, [`TunnelHandle::open_channel`] gives a [`Channel`]. The handle
 //! carries the tunnel's metadata (id, host, directory sync, moved, last pong, counters)
-//! beside its connection ([`Link`], one variant per protocol). The socket itself is owned
+//! beside its connection (a `Link`, one variant per protocol). The socket itself is owned
 //! by the tunnel's [`Session`] task. Dropping a handle does nothing to the tunnel: it
 //! lives as long as its socket, or until it is closed through a handle.
 

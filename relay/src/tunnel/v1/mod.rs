@@ -4,7 +4,7 @@
 //! Here the relay's `http` types meet v1: a request body is read whole (up to the body
 //! limit) and must be UTF-8, since the contract carries it as a string; the host's answer
 //! becomes an `http::Response` with its body in one piece. The socket is owned by the
-//! [`Session`] task; the [`Link`] reaches it through a bounded command queue.
+//! [`Session`] task; its `Link` reaches it through a bounded command queue.
 
 mod session;
 mod streams;
