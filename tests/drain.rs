@@ -687,6 +687,50 @@ async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
 }
 
 #[tokio::test]
+async fn an_h2_tunnel_with_no_http2_connection_up_moves_off_a_draining_relay_at_once() {
+    let redis = TestRedis::spawn().await;
+    let spawn = |machine| proxy_relay(&redis, machine, "6s", "10s");
+    let mut a = spawn("relay-a").await;
+    let b = spawn("relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&a, "web-1", &upstream)
+        .relay(&b.ws_url(""))
+        .drain_spread("50ms")
+        .protocol("h2")
+        .spawn();
+    agent.wait_connected_to(&a).await;
+    redis.wait_host_owner("web-1", &a).await;
+    // No stream ever: the tunnel has no HTTP/2 connection. Moving it must not need one.
+
+    let signalled_at = Instant::now();
+    a.send_sigterm();
+    agent.wait_connected_to(&b).await;
+    redis.wait_host_owner("web-1", &b).await;
+    let status = a.wait_exit(DEADLINE).await;
+    let took = signalled_at.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the relay took {took:?} to exit: it should go once the agent moved, not at the end of \
+         the 6 s grace"
+    );
+    assert!(
+        a.logs()
+            .iter()
+            .any(|line| line.contains("drain 3/6") && line.contains("ended=all_moved")),
+        "step 3 ends because the agent moved: {:#?}",
+        a.logs()
+    );
+    let response = b
+        .http()
+        .get(b.http_url("/hosts/web-1/echo/after"))
+        .bearer(&b.client_token(&["web-1"]))
+        .send()
+        .await;
+    response.assert_status(200);
+}
+
+#[tokio::test]
 async fn drain_with_redis_down_finishes_before_deadline_exits_0_and_warns_about_directory() {
     let mut redis = TestRedis::spawn().await;
     let mut relay = TestRelay::builder()

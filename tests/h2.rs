@@ -685,3 +685,88 @@ async fn a_client_opening_thousands_of_http2_streams_at_once_gets_limits_not_a_f
     assert!(grown < 64 * 1024, "the relay grew {grown} KiB");
     assert_relay_still_serves(&relay, &upstream).await;
 }
+
+/// `relay_h2_connections_total{event}` on `relay`.
+async fn h2_connections(relay: &TestRelay, event: &str) -> f64 {
+    relay
+        .counter("relay_h2_connections_total", &[("event", event)])
+        .await
+}
+
+#[tokio::test]
+async fn an_idle_h2_tunnel_ends_its_http2_connection_and_the_next_stream_starts_another() {
+    let relay = TestRelay::builder()
+        .env("RELAY_H2_IDLE_CONNECTION", "200ms")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&relay, "web-idle", &upstream).spawn();
+    agent.wait_connected_to(&relay).await;
+    let token = relay.client_token(&["web-idle"]);
+    // Registered, no stream yet: no HTTP/2 connection inside the tunnel.
+    assert_eq!(h2_connections(&relay, "started").await, 0.0);
+
+    let get = |path: String| {
+        let relay = &relay;
+        let token = &token;
+        async move {
+            let response = relay
+                .http()
+                .get(relay.http_url(&format!("/hosts/web-idle{path}")))
+                .bearer(token)
+                .send()
+                .await;
+            response.assert_status(200);
+            response
+        }
+    };
+    for round in 1..=3 {
+        let echo = get(format!("/echo/{round}")).await.json();
+        assert_eq!(echo["path"], format!("/echo/{round}"));
+        assert_eq!(h2_connections(&relay, "started").await, f64::from(round));
+        // Nothing more on it: the relay ends the connection, and the tunnel stays.
+        relay
+            .wait_counter(
+                "relay_h2_connections_total",
+                &[("event", "ended")],
+                f64::from(round),
+            )
+            .await;
+    }
+
+    // A stream that lasts longer than the idle period keeps its connection.
+    let slow = get("/slow?ms=700".into()).await;
+    assert_eq!(slow.text(), "slow done");
+
+    // A WebSocket channel on a connection started for it.
+    relay
+        .wait_counter("relay_h2_connections_total", &[("event", "ended")], 4.0)
+        .await;
+    let (mut ws, _) = WsClient::connect_with_protocols(
+        &relay.ws_url("/hosts/web-idle/ws/echo"),
+        Some(&token),
+        &[],
+    )
+    .await
+    .expect("the channel opens");
+    ws.send_text("after a restart").await;
+    assert_eq!(ws.recv_text().await, "after a restart");
+    ws.close(1000).await;
+
+    // Requests that land just before, during and after the end of a connection all
+    // get their answer (gaps around the idle period).
+    for gap_ms in [150, 250, 320, 400, 480, 560, 650] {
+        tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        let echo = get(format!("/echo/gap-{gap_ms}")).await.json();
+        assert_eq!(echo["path"], format!("/echo/gap-{gap_ms}"));
+    }
+
+    // All of it on the one tunnel the agent opened.
+    assert_eq!(
+        relay
+            .counter("relay_tunnel_registrations_total", &[("protocol", "h2")])
+            .await,
+        1.0
+    );
+    assert!(h2_connections(&relay, "started").await >= 6.0);
+}

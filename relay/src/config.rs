@@ -197,6 +197,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_CHANNEL_QUEUE", default_value_t = limits::CHANNEL_QUEUE)]
     pub channel_queue: usize,
 
+    /// How long an HTTP/2 connection inside an `h2` tunnel may carry no stream before it
+    /// is ended to save its buffers (the tunnel stays; the next stream starts a new one).
+    #[arg(long, env = "RELAY_H2_IDLE_CONNECTION", value_parser = humantime::parse_duration,
+          default_value = "15s")]
+    pub h2_idle_connection: Duration,
+
     /// Lifetime of a directory entry without a heartbeat (heartbeats ride on pongs).
     #[arg(long, env = "RELAY_DIRECTORY_TTL", value_parser = humantime::parse_duration,
           default_value = "90s")]
@@ -402,6 +408,7 @@ impl ServeArgs {
             tunnel_queue: at_least("RELAY_TUNNEL_QUEUE", self.tunnel_queue, 1)?,
             channel_queue: at_least("RELAY_CHANNEL_QUEUE", self.channel_queue, 1)?,
             directory_ttl: positive("RELAY_DIRECTORY_TTL", self.directory_ttl)?,
+            h2_idle_connection: positive("RELAY_H2_IDLE_CONNECTION", self.h2_idle_connection)?,
         };
         if limits.directory_ttl <= limits.ping_interval {
             return err(format!(

@@ -184,22 +184,14 @@ async fn serve_tunnel(
     peer: SocketAddr,
 ) {
     let limits = &relay.config().limits;
-    let opened = TunnelHandle::open(
+    let (handle, session) = TunnelHandle::open(
         host.clone(),
         protocol,
         socket,
         limits,
         relay.shutdown_token(),
         relay.tracker(),
-    )
-    .await;
-    let (handle, session) = match opened {
-        Ok(opened) => opened,
-        Err(err) => {
-            info!(%host, %peer, error = %err, "tunnel refused");
-            return;
-        }
-    };
+    );
     let span =
         info_span!("tunnel", host = %host, tunnel = %handle.id(), protocol = protocol.as_str());
     async move {

@@ -83,6 +83,8 @@ pub struct Limits {
     pub channel_queue: usize,
     /// See [`DIRECTORY_TTL`].
     pub directory_ttl: Duration,
+    /// See [`h2::IDLE_CONNECTION`].
+    pub h2_idle_connection: Duration,
 }
 
 impl Default for Limits {
@@ -97,6 +99,7 @@ impl Default for Limits {
             tunnel_queue: TUNNEL_QUEUE,
             channel_queue: CHANNEL_QUEUE,
             directory_ttl: DIRECTORY_TTL,
+            h2_idle_connection: h2::IDLE_CONNECTION,
         }
     }
 }
@@ -176,6 +179,21 @@ pub mod h2 {
     /// message ([`MAX_MESSAGE`]); 1 MiB leaves room for other agents'
     /// batching while keeping a hostile peer far below the v1 frame limit.
     pub const MAX_TUNNEL_MESSAGE: usize = 1024 * 1024;
+
+    /// How long an HTTP/2 connection inside a tunnel may carry no stream before the
+    /// relay ends it (the tunnel stays; see [`crate::protocol::h2`]): 15 s. An open
+    /// connection holds ~40 KiB of hyper's and h2's buffers per tunnel on each side
+    /// whether it carries streams or not, and a fleet is mostly idle tunnels. Starting the
+    /// next one costs a preface and two SETTINGS frames and no round trip, so even a
+    /// host asked once every 20 s pays nothing a client can see; 15 s keeps a host that
+    /// is in use (a page load, a burst of API calls) on one connection.
+    /// `--h2-idle-connection`.
+    pub const IDLE_CONNECTION: Duration = Duration::from_secs(15);
+
+    /// Bound on writing the HTTP/2 preface of a new connection into a tunnel: 5 s. A
+    /// tunnel whose socket cannot take 100 bytes in that time is dead, and the stream
+    /// that asked for the connection fails instead of waiting for the ping timeout.
+    pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 /// Deadline of one directory operation on the request path, so a slow directory degrades

@@ -89,6 +89,12 @@ pub fn message_ignored(reason: &'static str) {
     metrics::counter!("relay_tunnel_messages_ignored_total", "reason" => reason).increment(1);
 }
 
+/// An HTTP/2 connection inside an `h2` tunnel `started` (its first stream asked for it)
+/// or was `ended` (idle).
+pub fn h2_connection(event: &'static str) {
+    metrics::counter!("relay_h2_connections_total", "event" => event).increment(1);
+}
+
 /// A client channel was closed because its client read too slowly.
 pub fn channel_overflow() {
     metrics::counter!("relay_channel_overflows_total").increment(1);

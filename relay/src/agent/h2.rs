@@ -37,7 +37,7 @@ use crate::headers;
 use crate::limits::agent::CLOSE_GRACE;
 use crate::limits::h2 as limits;
 use crate::protocol::close_code;
-use crate::protocol::h2::{Ended, Executor, WsIo};
+use crate::protocol::h2::{Ended, Executor, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 
 /// Serves an open `h2` tunnel until it ends.
@@ -55,7 +55,7 @@ where
         + Send
         + 'static,
 {
-    let (io, control, mut inbox) = WsIo::new(socket, || {
+    let (shared_io, control, mut inbox) = TunnelIo::new(socket, || {
         debug!("control messages from the relay arrive faster than they are read; dropped one");
     });
     let service = {
@@ -65,7 +65,8 @@ where
             async move { Ok::<_, Infallible>(handle(&shared, request).await) }
         })
     };
-    let conn = hyper::server::conn::http2::Builder::new(Executor(shared.tasks.clone()))
+    let mut builder = hyper::server::conn::http2::Builder::new(Executor(shared.tasks.clone()));
+    builder
         .enable_connect_protocol()
         .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(limits::MAX_PENDING_ACCEPT_RESETS)
@@ -73,9 +74,18 @@ where
         .initial_connection_window_size(limits::CONNECTION_WINDOW)
         .max_frame_size(limits::MAX_FRAME)
         .max_header_list_size(limits::MAX_HEADER_LIST)
-        .max_send_buf_size(limits::MAX_SEND_BUFFER)
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+        .max_send_buf_size(limits::MAX_SEND_BUFFER);
+    // The HTTP/2 connection inside the tunnel, while one is up: the relay starts one for
+    // its first stream and ends it when idle (see `crate::protocol::h2`).
+    let start = || {
+        let io = shared_io.start_connection();
+        // However hyper ends a connection (the relay's GOAWAY, a protocol error), only the
+        // connection ends, with [`crate::protocol::h2::END`]: the relay decides whether
+        // the tunnel goes on. Ending the tunnel (shutdown, drain) says so explicitly.
+        shared_io.end_on_shutdown();
+        Box::pin(builder.serve_connection(TokioIo::new(io), service.clone()))
+    };
+    let mut conn = None;
     // Set once this side started to end the tunnel (GOAWAY sent): how it ends then.
     let mut ending: Option<EndCause> = None;
     let shutdown_deadline = sleep(CLOSE_GRACE);
@@ -84,8 +94,10 @@ where
         tokio::select! {
             biased;
             () = cancel.cancelled(), if ending.is_none() => {
+                // Ending goes through a connection (started here if none is up), so the
+                // relay learns from GOAWAY that no new stream will be taken.
                 control.close_on_shutdown(close_code::NORMAL, "agent shutting down");
-                conn.as_mut().graceful_shutdown();
+                conn.get_or_insert_with(start).as_mut().graceful_shutdown();
                 shutdown_deadline
                     .as_mut()
                     .reset(tokio::time::Instant::now() + CLOSE_GRACE);
@@ -94,7 +106,15 @@ where
             () = &mut shutdown_deadline, if ending == Some(EndCause::Shutdown) => {
                 break EndCause::Shutdown;
             }
-            result = &mut conn => {
+            result = async { conn.as_mut().expect("polled only when set").await },
+                if conn.is_some() =>
+            {
+                conn = None;
+                if ending.is_none() && control.ended().is_none() && shared_io.sent_end() {
+                    // The connection ended (the relay's idle GOAWAY); the tunnel goes on,
+                    // and the relay's end is read while none is up.
+                    continue;
+                }
                 if let Some(cause) = ending.take() {
                     break cause;
                 }
@@ -113,6 +133,29 @@ where
                     }),
                 };
             }
+            seen = shared_io.idle(), if conn.is_none() => match seen {
+                // The relay's preface: a new connection.
+                Idle::Started => conn = Some(start()),
+                Idle::PeerEnded => {}
+                Idle::Ended => {
+                    if let Some(cause) = ending.take() {
+                        break cause;
+                    }
+                    break match control.ended() {
+                        Some(Ended::PeerClosed(frame)) => {
+                            let (code, reason) = frame.map_or((None, String::new()), |(c, r)| (Some(c), r));
+                            EndCause::RelayClosed { code, reason }
+                        }
+                        Some(Ended::Gone(why)) => EndCause::Transport(why),
+                        Some(Ended::TooBig) => EndCause::Transport(
+                            "the relay sent a message over the size limit".into(),
+                        ),
+                        Some(Ended::Closed(_)) | None => {
+                            EndCause::Transport("tunnel WebSocket closed".into())
+                        }
+                    };
+                }
+            },
             text = inbox.recv() => {
                 let Some(text) = text else { continue };
                 watchdogs.heard(true);
@@ -134,7 +177,7 @@ where
                     // GOAWAY: the relay routes new requests to the newer tunnel; the
                     // connection ends (Close 1000) once the streams in flight are done.
                     control.close_on_shutdown(close_code::NORMAL, "drained");
-                    conn.as_mut().graceful_shutdown();
+                    conn.get_or_insert_with(start).as_mut().graceful_shutdown();
                     ending = Some(EndCause::Drained);
                 }
             },
@@ -262,10 +305,46 @@ mod tests {
         let watchdogs = Watchdogs::new(&shared, 1, Protocol::H2, relay.clone(), events, newest_rx);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared, relay, watchdogs, agent_side, cancel.clone()));
-        let (io, _control, _inbox) = WsIo::new(relay_side, || {});
+        let (io, _control, _inbox) = crate::protocol::h2::WsIo::new(relay_side, || {});
         let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
         tokio::spawn(conn);
         (client, task, cancel)
+    }
+
+    type RelaySide = TunnelIo<WebSocketStream<tokio::io::DuplexStream>>;
+
+    /// An agent's h2 session over an in-memory WebSocket whose other end is the relay's
+    /// side of it, with no HTTP/2 connection yet.
+    async fn tunnel() -> (
+        RelaySide,
+        tokio::task::JoinHandle<TunnelEnd>,
+        CancellationToken,
+    ) {
+        let (a, b) = tokio::io::duplex(1024 * 1024);
+        let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let relay_side = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let shared = Arc::new(Shared {
+            host_id: HostId::parse("demo").unwrap(),
+            token: TokenSource::Inline("t".parse().unwrap()),
+            upstream: Arc::new(Upstream::new(UpstreamUrl::parse(&upstream).unwrap())),
+            status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
+            connect_timeout: Duration::from_secs(1),
+            silence_timeout: Duration::from_secs(75),
+            tasks: TaskTracker::new(),
+            protocol: ProtocolChoice::H2,
+            v1_only: std::sync::Mutex::default(),
+        });
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let (_newest, newest_rx) = watch::channel(0);
+        let relay = RelayUrl::parse("ws://test").unwrap();
+        let watchdogs = Watchdogs::new(&shared, 1, Protocol::H2, relay.clone(), events, newest_rx);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(shared, relay, watchdogs, agent_side, cancel.clone()));
+        let (io, _control, _inbox) = TunnelIo::new(relay_side, || {});
+        (io, task, cancel)
     }
 
     fn get(path: &str) -> http::Request<()> {
@@ -299,5 +378,87 @@ mod tests {
         assert!(!task.is_finished());
         cancel.cancel();
         let _ = task.await;
+    }
+    #[tokio::test]
+    async fn a_connection_the_relay_ends_ends_alone_and_the_next_one_is_served() {
+        let (relay, task, cancel) = tunnel().await;
+        for round in 0..3 {
+            // What the relay does for the first stream after an idle period.
+            let io = TokioIo::new(relay.start_connection());
+            let (mut client, conn) =
+                hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
+                    .handshake::<_, Body>(io)
+                    .await
+                    .expect("h2 handshake");
+            let dispatch = tokio::spawn(conn);
+            let mut request = http::Request::new(Body::empty());
+            *request.uri_mut() = format!("http://tunnel/{round}").parse().unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(10), client.send_request(request))
+                    .await
+                    .expect("an answer in time")
+                    .expect("the connection is up");
+            assert_eq!(response.status(), 502, "the agent answered (upstream down)");
+            drop(response);
+
+            // What the relay does when the connection is idle: GOAWAY, then its end.
+            relay.end_on_shutdown();
+            drop(client);
+            dispatch.await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !relay.sent_end() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the relay's end is sent");
+            // The agent answers with its own end, and keeps the tunnel.
+            let seen = tokio::time::timeout(Duration::from_secs(10), relay.idle())
+                .await
+                .expect("the agent ends its half");
+            assert_eq!(seen, Idle::PeerEnded, "round {round}");
+            assert!(relay.between_connections());
+            assert!(!task.is_finished(), "the tunnel outlives its connections");
+        }
+        cancel.cancel();
+        let _ = task.await;
+    }
+    #[tokio::test]
+    async fn shutting_down_with_no_connection_up_starts_one_to_say_goaway_and_ends() {
+        let (relay, task, cancel) = tunnel().await;
+        cancel.cancel();
+        // The agent speaks first (its SETTINGS and GOAWAY): the relay takes it up.
+        let seen = tokio::time::timeout(Duration::from_secs(10), relay.idle())
+            .await
+            .expect("the agent starts a connection");
+        assert_eq!(seen, Idle::Started);
+        let io = TokioIo::new(relay.start_connection());
+        let (mut client, conn) =
+            hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
+                .handshake::<_, Body>(io)
+                .await
+                .expect("h2 handshake");
+        let dispatch = tokio::spawn(conn);
+        // GOAWAY: no new stream is taken, and the request comes back unsent.
+        let outcome = tokio::time::timeout(Duration::from_secs(10), dispatch)
+            .await
+            .expect("the agent says GOAWAY")
+            .unwrap();
+        assert!(outcome.is_ok(), "a graceful GOAWAY: {outcome:?}");
+        let mut request = http::Request::new(Body::empty());
+        *request.uri_mut() = "http://tunnel/late".parse().unwrap();
+        let refused = client.try_send_request(request).await;
+        assert!(
+            refused.is_err_and(|mut err| err.take_message().is_some()),
+            "a request after GOAWAY is handed back, never sent"
+        );
+        let end = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the tunnel ends")
+            .unwrap();
+        match end {
+            TunnelEnd::Ended { cause, .. } => assert_eq!(cause, EndCause::Shutdown),
+            other => panic!("unexpected end {other:?}"),
+        }
     }
 }

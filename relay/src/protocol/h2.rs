@@ -8,7 +8,20 @@
 //! - **binary** WebSocket messages carry the HTTP/2 bytes, in order, with no framing of
 //!   ours: message boundaries mean nothing to HTTP/2;
 //! - **text** messages carry the control plane, in the JSON of v1: `ping` / `pong`
-//!   (liveness and the directory heartbeat, as in v1) and `drain`.
+//!   (liveness and the directory heartbeat, as in v1), `drain`, and [`END`].
+//!
+//! **Connections come and go; the tunnel stays.** An HTTP/2 connection costs each side
+//! ~40 KiB of buffers (h2's read and write buffers, HPACK, hyper's dispatch) whether it
+//! carries streams or not, three times what the rest of an idle tunnel costs. So the
+//! relay starts one only for its first stream, and ends it once no stream has been open
+//! for a while (`--h2-idle-connection`); the next stream starts a new one over the same
+//! WebSocket. Each side ends its half of a connection with the text message [`END`]
+//! after its last HTTP/2 byte (hyper shut the connection down: `GOAWAY` sent or EOF
+//! read), so the bytes before it belong to the old connection and the bytes after it to
+//! the next: the relay ends first, the agent answers with its own [`END`] once it has read
+//! the relay's, and the relay starts no new connection before it has read the agent's.
+//! Only the relay (the client) starts a connection, with the HTTP/2 preface; the agent
+//! (the server) starts its side when that first byte arrives.
 //!
 //! Negotiated with the WebSocket subprotocol [`SUBPROTOCOL`] on `GET /tunnel`; a relay or
 //! agent that does not offer it speaks v1.
@@ -159,6 +172,8 @@ pub struct Control {
     waker: AtomicWaker,
     /// Cancelled once the WebSocket has ended; [`Control::ended`] says how.
     ended: CancellationToken,
+    /// Woken when this side has sent [`END`] or read the peer's from inside HTTP/2.
+    connection_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -221,6 +236,15 @@ impl Control {
         self.ended.cancelled().await;
     }
 
+    /// Resolves when this side has sent [`END`], or HTTP/2 has read the peer's, since
+    /// the last call (a wake-up is kept until then).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn connection_changed(&self) {
+        self.connection_changed.notified().await;
+    }
+
     /// Records the end (the first one wins) and wakes whoever waits for it.
     fn finish(&self, end: Ended) {
         let mut state = self.state();
@@ -246,6 +270,33 @@ enum Phase {
     Done,
 }
 
+/// The text message that ends one side's HTTP/2 connection inside the tunnel (see the
+/// module docs). The JSON of v1's control messages, so older readers ignore it.
+pub const END: &str = r#"{"type":"h2:end"}"#;
+
+/// Whether a text message is [`END`] (in any JSON spelling of it).
+pub fn is_end(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    // Cheap test first: control messages are few, but pings are many.
+    text.contains("h2:end")
+        && serde_json::from_str::<Typed<'_>>(text).is_ok_and(|t| t.kind == "h2:end")
+}
+
+/// What [`TunnelIo::poll_idle`] saw while no HTTP/2 connection reads the WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// The peer ended its half of the connection ([`END`]).
+    PeerEnded,
+    /// HTTP/2 bytes of a new connection arrived (they wait in the stream for it).
+    Started,
+    /// The WebSocket has ended ([`Control::ended`] says how).
+    Ended,
+}
+
 /// A WebSocket as the byte stream of an HTTP/2 connection. See the module docs.
 pub struct WsIo<S> {
     socket: S,
@@ -259,6 +310,21 @@ pub struct WsIo<S> {
     phase: Phase,
     /// Called for each inbound text message dropped because the tunnel's task is behind.
     on_dropped: fn(),
+    /// Where the current HTTP/2 connection is (see the module docs).
+    connection: Connection,
+}
+
+/// The ends of the current HTTP/2 connection inside the tunnel.
+#[derive(Debug, Default)]
+struct Connection {
+    /// Shutting it down sends [`END`] (not a Close frame): only the connection ends.
+    end_on_shutdown: bool,
+    /// [`END`] is queued in the socket.
+    end_queued: bool,
+    /// This side sent [`END`] after its last HTTP/2 byte.
+    sent_end: bool,
+    /// The peer's [`END`] arrived: what comes after belongs to the next connection.
+    peer_end: bool,
 }
 
 impl<S> std::fmt::Debug for WsIo<S> {
@@ -285,6 +351,7 @@ where
             state: Mutex::new(ControlState::default()),
             waker: AtomicWaker::new(),
             ended: CancellationToken::new(),
+            connection_changed: tokio::sync::Notify::new(),
         });
         let (inbox, inbox_rx) = mpsc::channel(CONTROL_QUEUE);
         let io = WsIo {
@@ -295,8 +362,103 @@ where
             control: control.clone(),
             phase: Phase::Open,
             on_dropped,
+            connection: Connection::default(),
         };
         (io, control, inbox_rx)
+    }
+
+    /// Sends [`END`] after what HTTP/2 wrote last; ready once it is flushed.
+    fn poll_send_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.connection.sent_end {
+            return Poll::Ready(Ok(()));
+        }
+        if !self.connection.end_queued {
+            std::task::ready!(self.poll_send_write(cx))?;
+            match Pin::new(&mut self.socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(self.fail(&err))),
+                Poll::Pending => return Poll::Pending,
+            }
+            if let Err(err) = Pin::new(&mut self.socket).start_send(M::text(END.to_owned())) {
+                return Poll::Ready(Err(self.fail(&err)));
+            }
+            self.connection.end_queued = true;
+        }
+        match Pin::new(&mut self.socket).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.connection.sent_end = true;
+                self.control.connection_changed.notify_one();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(self.fail(&err))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Reads the WebSocket while no HTTP/2 connection does: text goes to the tunnel's
+    /// task, bytes of the old connection (before the peer's [`END`]) are dropped, and
+    /// the first bytes of a new one are kept for it. Also sends what the tunnel's task
+    /// queued, and runs a close handshake.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Idle> {
+        self.control.waker.register(cx.waker());
+        if self.pump_control(cx).is_err() || !matches!(self.phase, Phase::Open) {
+            return self.poll_closing(cx).map(|()| Idle::Ended);
+        }
+        if !self.connection.peer_end {
+            // What the old connection's HTTP/2 left unread.
+            self.read = Bytes::new();
+        } else if !self.read.is_empty() {
+            return Poll::Ready(Idle::Started);
+        }
+        loop {
+            match Pin::new(&mut self.socket).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.finish(Ended::Gone(
+                        "connection closed without a Close frame".into(),
+                    ));
+                    return Poll::Ready(Idle::Ended);
+                }
+                Poll::Ready(Some(Err(err))) if crate::websocket::is_too_big(&err) => {
+                    self.control.finish(Ended::TooBig);
+                    self.start_close(
+                        crate::protocol::close_code::TOO_BIG,
+                        "message over the size limit",
+                    );
+                    return self.poll_closing(cx).map(|()| Idle::Ended);
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    let _ = self.fail(&err);
+                    return Poll::Ready(Idle::Ended);
+                }
+                Poll::Ready(Some(Ok(message))) => match message.classify() {
+                    WsEvent::Binary(data) if self.connection.peer_end => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        self.read = data;
+                        return Poll::Ready(Idle::Started);
+                    }
+                    // The old connection's last bytes: nobody reads them any more.
+                    WsEvent::Binary(_) => {}
+                    WsEvent::Text(text) if is_end(&text) => {
+                        self.connection.peer_end = true;
+                        return Poll::Ready(Idle::PeerEnded);
+                    }
+                    WsEvent::Text(text) => {
+                        if self.inbox.try_send(text).is_err() {
+                            (self.on_dropped)();
+                        }
+                    }
+                    WsEvent::Close(frame) => {
+                        let _ = Pin::new(&mut self.socket).poll_flush(cx);
+                        self.finish(Ended::PeerClosed(frame));
+                        return Poll::Ready(Idle::Ended);
+                    }
+                    WsEvent::Other => {}
+                },
+            }
+        }
     }
 
     /// Sends queued text messages and a requested Close, as far as the socket takes them
@@ -460,6 +622,10 @@ where
             // EOF once our close handshake is over.
             return this.poll_closing(cx).map(Ok);
         }
+        if this.connection.peer_end {
+            // The peer ended this connection.
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if !this.read.is_empty() {
                 let n = this.read.len().min(buf.remaining());
@@ -491,6 +657,12 @@ where
                 }
                 Poll::Ready(Some(Ok(message))) => match message.classify() {
                     WsEvent::Binary(data) => this.read = data,
+                    WsEvent::Text(text) if is_end(&text) => {
+                        // EOF for this connection; the tunnel goes on.
+                        this.connection.peer_end = true;
+                        this.control.connection_changed.notify_one();
+                        return Poll::Ready(Ok(()));
+                    }
                     WsEvent::Text(text) => {
                         if this.inbox.try_send(text).is_err() {
                             (this.on_dropped)();
@@ -522,7 +694,7 @@ where
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.pump_control(cx)?;
-        if !matches!(this.phase, Phase::Open) {
+        if !matches!(this.phase, Phase::Open) || this.connection.end_queued {
             return Poll::Ready(Err(Self::closed_error()));
         }
         if this.write.len() >= MAX_MESSAGE {
@@ -536,7 +708,7 @@ where
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.pump_control(cx)?;
-        if !matches!(this.phase, Phase::Open) {
+        if !matches!(this.phase, Phase::Open) || this.connection.end_queued {
             return Poll::Ready(Err(Self::closed_error()));
         }
         std::task::ready!(this.poll_send_write(cx))?;
@@ -550,16 +722,24 @@ where
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.phase, Phase::Open) {
-            // HTTP/2 ends the connection (graceful shutdown done, or a protocol error it
-            // already reported with GOAWAY): what it wrote last goes first.
-            std::task::ready!(this.poll_send_write(cx))?;
-            let (code, reason) = this
-                .control
-                .state()
-                .on_shutdown
-                .take()
-                .unwrap_or((crate::protocol::close_code::NORMAL, String::new()));
-            this.start_close(code, &reason);
+            // HTTP/2 ends the connection (graceful shutdown done, EOF read, or a protocol
+            // error it already reported with GOAWAY): what it wrote last goes first.
+            let close = this.control.state().on_shutdown.clone();
+            match close {
+                // The tunnel ends with it.
+                Some((code, reason)) => {
+                    std::task::ready!(this.poll_send_write(cx))?;
+                    this.start_close(code, &reason);
+                }
+                // Only this connection ends (see the module docs).
+                None if this.connection.end_on_shutdown || this.connection.peer_end => {
+                    return this.poll_send_end(cx);
+                }
+                None => {
+                    std::task::ready!(this.poll_send_write(cx))?;
+                    this.start_close(crate::protocol::close_code::NORMAL, "");
+                }
+            }
         }
         this.poll_closing(cx).map(Ok)
     }
@@ -576,6 +756,152 @@ impl<S> Drop for WsIo<S> {
             drop(state);
             self.control.ended.cancel();
         }
+    }
+}
+
+/// A tunnel's [`WsIo`], shared between the HTTP/2 connection of the moment (through a
+/// [`ConnectionIo`]) and the tunnel's task, which reads the WebSocket itself
+/// ([`TunnelIo::poll_idle`]) while no connection does. One of them polls it at a time; the
+/// lock is only held inside a poll, never across an await.
+pub struct TunnelIo<S> {
+    io: Arc<Mutex<WsIo<S>>>,
+}
+
+impl<S> Clone for TunnelIo<S> {
+    fn clone(&self) -> Self {
+        TunnelIo {
+            io: self.io.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for TunnelIo<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelIo").finish_non_exhaustive()
+    }
+}
+
+impl<S, M, E> TunnelIo<S>
+where
+    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Unpin,
+    M: WsMessage,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    /// Wraps `socket` with no HTTP/2 connection yet. See [`WsIo::new`].
+    pub fn new(socket: S, on_dropped: fn()) -> (TunnelIo<S>, Arc<Control>, mpsc::Receiver<String>) {
+        let (mut io, control, inbox) = WsIo::new(socket, on_dropped);
+        // Between connections: the (absent) previous one has ended on both sides.
+        io.connection = Connection {
+            end_on_shutdown: false,
+            end_queued: true,
+            sent_end: true,
+            peer_end: true,
+        };
+        let shared = TunnelIo {
+            io: Arc::new(Mutex::new(io)),
+        };
+        (shared, control, inbox)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WsIo<S>> {
+        // Held for one poll at a time, never across an await.
+        self.io
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The byte stream of a new HTTP/2 connection. Only once the previous one has ended
+    /// on both sides ([`TunnelIo::between_connections`]).
+    pub fn start_connection(&self) -> ConnectionIo<S> {
+        self.lock().connection = Connection::default();
+        ConnectionIo {
+            shared: self.clone(),
+        }
+    }
+
+    /// This side ends the current connection: when HTTP/2 shuts it down, [`END`] is sent
+    /// instead of a Close frame.
+    pub fn end_on_shutdown(&self) {
+        self.lock().connection.end_on_shutdown = true;
+    }
+
+    /// Whether this side has sent [`END`] (HTTP/2 writes nothing more).
+    pub fn sent_end(&self) -> bool {
+        self.lock().connection.sent_end
+    }
+
+    /// Whether the current connection has ended on both sides.
+    pub fn between_connections(&self) -> bool {
+        let io = self.lock();
+        io.connection.sent_end && io.connection.peer_end
+    }
+
+    /// Drops bytes that arrived for a connection this side did not start (the relay
+    /// starts every connection).
+    pub fn discard_read(&self) {
+        self.lock().read = Bytes::new();
+    }
+
+    /// See [`WsIo::poll_idle`]. Only while no HTTP/2 connection reads the WebSocket.
+    pub fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<Idle> {
+        self.lock().poll_idle(cx)
+    }
+
+    /// [`TunnelIo::poll_idle`] as a future.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn idle(&self) -> Idle {
+        std::future::poll_fn(|cx| self.poll_idle(cx)).await
+    }
+}
+
+/// The byte stream of one HTTP/2 connection inside a tunnel ([`TunnelIo::start_connection`]).
+pub struct ConnectionIo<S> {
+    shared: TunnelIo<S>,
+}
+
+impl<S> std::fmt::Debug for ConnectionIo<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionIo").finish_non_exhaustive()
+    }
+}
+
+impl<S, M, E> AsyncRead for ConnectionIo<S>
+where
+    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Unpin,
+    M: WsMessage,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.shared.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<S, M, E> AsyncWrite for ConnectionIo<S>
+where
+    S: Stream<Item = Result<M, E>> + Sink<M, Error = E> + Unpin,
+    M: WsMessage,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.shared.lock()).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.shared.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.shared.lock()).poll_shutdown(cx)
     }
 }
 
@@ -772,5 +1098,82 @@ mod tests {
         io.read_exact(&mut buf).await.unwrap();
         assert_eq!(inbox.len(), CONTROL_QUEUE);
         assert_eq!(DROPPED.load(Ordering::Relaxed), 10);
+    }
+    #[test]
+    fn the_end_message_is_recognised_in_any_json_spelling_and_nothing_else_is() {
+        assert!(is_end(END));
+        assert!(is_end(r#"{ "type" : "h2:end" }"#));
+        assert!(is_end(r#"{"reason":"x","type":"h2:end"}"#));
+        assert!(!is_end(r#"{"type":"ping"}"#));
+        assert!(!is_end(r#"{"type":"h2:endless"}"#));
+        assert!(!is_end(r#"{"note":"h2:end"}"#));
+        assert!(!is_end("h2:end"));
+    }
+
+    #[tokio::test]
+    async fn connections_follow_one_another_on_one_socket_separated_by_their_ends() {
+        let (a, b) = pair().await;
+        let (relay, relay_control, _relay_inbox) = TunnelIo::new(a, no_drops);
+        let (agent, agent_control, _agent_inbox) = TunnelIo::new(b, no_drops);
+        assert!(relay.between_connections() && agent.between_connections());
+
+        // The relay starts a connection; the agent sees its first bytes and starts its own.
+        let mut relay_1 = relay.start_connection();
+        relay_1.write_all(b"first").await.unwrap();
+        relay_1.flush().await.unwrap();
+        assert_eq!(agent.idle().await, Idle::Started);
+        let mut agent_1 = agent.start_connection();
+        agent.end_on_shutdown();
+        let mut buf = [0u8; 5];
+        agent_1.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"first");
+        agent_1.write_all(b"reply").await.unwrap();
+        agent_1.flush().await.unwrap();
+        relay_1.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"reply");
+
+        // The relay ends its half: its last bytes, then its end, which the agent reads as
+        // EOF.
+        relay.end_on_shutdown();
+        relay_1.write_all(b"last").await.unwrap();
+        relay_1.shutdown().await.unwrap();
+        assert!(relay.sent_end() && !relay.between_connections());
+        let mut rest = Vec::new();
+        agent_1.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"last");
+
+        // The agent ends its half after bytes nobody reads any more.
+        agent_1.write_all(b"stale").await.unwrap();
+        agent_1.shutdown().await.unwrap();
+        assert!(agent.between_connections());
+        assert_eq!(relay.idle().await, Idle::PeerEnded);
+        assert!(relay.between_connections());
+
+        // A second connection on the same socket: none of the first one's bytes in it.
+        let mut relay_2 = relay.start_connection();
+        relay_2.write_all(b"second").await.unwrap();
+        relay_2.flush().await.unwrap();
+        assert_eq!(agent.idle().await, Idle::Started);
+        let mut agent_2 = agent.start_connection();
+        let mut buf = [0u8; 6];
+        agent_2.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"second");
+        assert_eq!(relay_control.ended(), None);
+        assert_eq!(agent_control.ended(), None);
+    }
+
+    #[tokio::test]
+    async fn without_an_end_a_connection_shutdown_closes_the_tunnel() {
+        let (a, mut b) = pair().await;
+        let (relay, control, _inbox) = TunnelIo::new(a, no_drops);
+        let mut io = relay.start_connection();
+        let closer = tokio::spawn(async move { io.shutdown().await });
+        match b.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
+            other => panic!("expected a Close, got {other:?}"),
+        }
+        drop(b);
+        closer.await.unwrap().unwrap();
+        assert!(matches!(control.ended(), Some(Ended::Closed(_))));
     }
 }

@@ -7,29 +7,34 @@
 //! windows are named limits ([`crate::limits::h2`]).
 //!
 //! The [`Session`] task owns what is not hyper's: liveness (v1's JSON `ping`/`pong` on
-//! text messages, so the directory heartbeat works as with v1), the `drain` message, and
-//! closing. It also polls hyper's dispatch future, which hands new requests to the
-//! HTTP/2 connection; the connection itself (reads, writes, streams) runs in tasks hyper
-//! spawns on the relay's tracker.
+//! text messages, so the directory heartbeat works as with v1), the `drain` message,
+//! closing, and the life of the HTTP/2 connection inside the tunnel: it starts one when
+//! the first stream asks for it, and ends it once the tunnel has carried no stream for
+//! [`Limits::h2_idle_connection`], so an idle tunnel holds none of hyper's and h2's
+//! buffers ([`crate::protocol::h2`] has the wire side). While a connection is up, the
+//! session polls hyper's dispatch future, which hands new requests to it; the
+//! connection itself (reads, writes, streams) runs in tasks hyper spawns on the relay's
+//! tracker. While none is, the session reads the WebSocket itself.
 //!
 //! A tunnel stops taking new streams when it is closed through a handle or when the
 //! agent says `GOAWAY` (it moved to another tunnel): requests hyper had not yet written
 //! come back untouched ([`ExchangeFailure::NotDelivered`]) and are routed again.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::WebSocket;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
-use hyper::client::conn::http2::{Connection, SendRequest};
+use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -44,17 +49,23 @@ use super::{
 use crate::body::{Guarded, watch_end};
 use crate::headers;
 use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
-use crate::protocol::h2::{AUTHORITY, Control, Ended, Executor, WsIo};
+use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Executor, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 use crate::protocol::{DRAIN_REASON, Frame, close_code};
 use crate::telemetry;
 
-type Io = TokioIo<WsIo<WebSocket>>;
+type Io = TokioIo<ConnectionIo<WebSocket>>;
 
 /// The handle's side of an `h2` tunnel.
 #[derive(Debug)]
 pub(crate) struct Link {
-    send: SendRequest<Body>,
+    /// The HTTP/2 connection inside the tunnel, as the session last set it.
+    connection: watch::Sender<Connection>,
+    /// Woken when a stream needs a connection and none is up.
+    wanted: Notify,
+    /// Streams (exchanges and channels) started so far: an idle connection is one that
+    /// started none for a while.
+    streams_started: AtomicU64,
     control: Arc<Control>,
     /// False once the tunnel takes no new streams (closed, or `GOAWAY` from the agent).
     accepting: AtomicBool,
@@ -66,10 +77,24 @@ pub(crate) struct Link {
     max_channel_message: usize,
 }
 
+/// The HTTP/2 connection inside a tunnel, as streams see it.
+#[derive(Debug, Clone)]
+enum Connection {
+    /// None yet, or the last one ended: the session starts one when asked.
+    Down,
+    /// Up: new streams go on it.
+    Up(SendRequest<Body>),
+    /// Being ended (idle): the next one starts once it has ended on both sides.
+    Ending,
+    /// The tunnel takes no new streams.
+    Closed,
+}
+
 /// What the session needs besides the handle.
 pub(crate) struct Parts {
-    conn: Connection<Io, Body, Executor>,
+    shared: TunnelIo<WebSocket>,
     inbox: mpsc::Receiver<String>,
+    tracker: TaskTracker,
 }
 
 impl std::fmt::Debug for Parts {
@@ -78,15 +103,36 @@ impl std::fmt::Debug for Parts {
     }
 }
 
-/// Starts HTTP/2 over `socket` (the client preface and settings).
-pub(crate) async fn handshake(
-    socket: WebSocket,
-    limits: &Limits,
-    tracker: &TaskTracker,
-) -> Result<(Link, Parts), hyper::Error> {
-    let (io, control, inbox) = WsIo::new(socket, || {
+/// An `h2` tunnel over `socket`, with no HTTP/2 connection yet (the first stream starts
+/// one).
+pub(crate) fn new(socket: WebSocket, limits: &Limits, tracker: &TaskTracker) -> (Link, Parts) {
+    let (shared, control, inbox) = TunnelIo::new(socket, || {
         telemetry::message_ignored("control_overflow");
     });
+    let link = Link {
+        connection: watch::Sender::new(Connection::Down),
+        wanted: Notify::new(),
+        streams_started: AtomicU64::new(0),
+        control,
+        accepting: AtomicBool::new(true),
+        unanswered_pings: AtomicU32::new(0),
+        drain_sent: AtomicBool::new(false),
+        max_channel_message: limits.max_frame_bytes,
+    };
+    let parts = Parts {
+        shared,
+        inbox,
+        tracker: tracker.clone(),
+    };
+    (link, parts)
+}
+
+/// Starts an HTTP/2 connection inside the tunnel (the client preface and settings).
+async fn start_connection(
+    shared: &TunnelIo<WebSocket>,
+    tracker: &TaskTracker,
+) -> Result<(SendRequest<Body>, HttpConnection), hyper::Error> {
+    let io = shared.start_connection();
     let (send, conn) = hyper::client::conn::http2::Builder::new(Executor(tracker.clone()))
         .initial_stream_window_size(limits::h2::STREAM_WINDOW)
         .initial_connection_window_size(limits::h2::CONNECTION_WINDOW)
@@ -95,16 +141,12 @@ pub(crate) async fn handshake(
         .max_send_buf_size(limits::h2::MAX_SEND_BUFFER)
         .handshake(TokioIo::new(io))
         .await?;
-    let link = Link {
-        send,
-        control,
-        accepting: AtomicBool::new(true),
-        unanswered_pings: AtomicU32::new(0),
-        drain_sent: AtomicBool::new(false),
-        max_channel_message: limits.max_frame_bytes,
-    };
-    Ok((link, Parts { conn, inbox }))
+    Ok((send, Box::pin(conn)))
 }
+
+/// hyper's dispatch future of a connection: it hands new requests to HTTP/2, and ends
+/// when every sender is gone or the agent says `GOAWAY`.
+type HttpConnection = Pin<Box<hyper::client::conn::http2::Connection<Io, Body, Executor>>>;
 
 /// The URI of a request inside the tunnel: HTTP/2 needs a scheme and an authority.
 fn tunnel_uri(path_and_query: &str) -> Result<Uri, http::Error> {
@@ -122,6 +164,28 @@ impl Link {
 
     fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Relaxed);
+        self.connection.send_replace(Connection::Closed);
+    }
+
+    /// A sender on the HTTP/2 connection, starting one if none is up; `None` once the
+    /// tunnel takes no new streams.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn sender(&self) -> Option<SendRequest<Body>> {
+        self.streams_started.fetch_add(1, Ordering::Relaxed);
+        let mut connection = self.connection.subscribe();
+        loop {
+            match &*connection.borrow_and_update() {
+                Connection::Up(send) => return Some(send.clone()),
+                Connection::Closed => return None,
+                Connection::Down | Connection::Ending => {}
+            }
+            self.wanted.notify_one();
+            if connection.changed().await.is_err() {
+                return None;
+            }
+        }
     }
 
     pub(crate) fn drain(&self, reason: &str) -> bool {
@@ -173,7 +237,11 @@ impl Link {
             let _ = ended.await;
             tokio::time::sleep(timeout).await;
         };
-        let mut send = self.send.clone();
+        let mut send = match tokio::time::timeout(timeout, self.sender()).await {
+            Ok(Some(send)) => send,
+            Ok(None) => return Err(ExchangeFailure::NotDelivered(Box::new(request))),
+            Err(_) => return Err(ExchangeError::Timeout.into()),
+        };
         let sent = tokio::select! {
             sent = send.try_send_request(request) => sent,
             () = deadline => return Err(ExchangeError::Timeout.into()),
@@ -223,7 +291,11 @@ impl Link {
         connect
             .extensions_mut()
             .insert(hyper::ext::Protocol::from_static("websocket"));
-        let mut send = self.send.clone();
+        let mut send = match tokio::time::timeout(timeout, self.sender()).await {
+            Ok(Some(send)) => send,
+            Ok(None) => return Err(ExchangeError::TunnelClosed),
+            Err(_) => return Err(ExchangeError::Timeout),
+        };
         let mut response = match tokio::time::timeout(timeout, send.send_request(connect)).await {
             Err(_) => return Err(ExchangeError::Timeout),
             Ok(Ok(response)) => response,
@@ -295,7 +367,12 @@ impl Session {
     pub(crate) async fn run(self, on_pong: impl Fn() + Send) -> SessionEnd {
         let Session {
             handle,
-            parts: Parts { conn, mut inbox },
+            parts:
+                Parts {
+                    shared,
+                    mut inbox,
+                    tracker,
+                },
             limits,
         } = self;
         let handle = &handle;
@@ -307,12 +384,20 @@ impl Session {
         let interval = limits.ping_interval;
         let mut ping = interval_at(Instant::now() + interval, interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        tokio::pin!(conn);
-        let mut dispatching = true;
+        let quiet_period = limits.h2_idle_connection;
+        let mut quiet = interval_at(Instant::now() + quiet_period, quiet_period);
+        quiet.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut idle = Quiet::default();
+        let mut phase = Phase::Down;
+        // hyper's dispatch future of the connection that is up, until it ends.
+        let mut conn: Option<HttpConnection> = None;
         let end = loop {
+            let reading = phase.reads(&shared);
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => break close_through_handle(handle, link).await,
+                () = cancel.cancelled() => {
+                    break close_through_handle(handle, link, &shared, &phase).await;
+                }
                 () = link.control.wait_ended() => break ended_by_peer(link),
                 text = inbox.recv() => match text {
                     Some(text) => on_text(&text, handle, link, &on_pong),
@@ -326,20 +411,91 @@ impl Session {
                     if link.unanswered_pings.fetch_add(1, Ordering::Relaxed)
                         >= limits.max_missed_pongs
                     {
-                        break close_now(link, SessionEnd::PingTimeout).await;
+                        break close_now(link, &shared, &phase, SessionEnd::PingTimeout).await;
                     }
                     link.control.send_text(RelayMessage::Ping.to_json());
                 }
-                result = &mut conn, if dispatching => {
-                    // hyper hands no more requests to HTTP/2: the agent said GOAWAY (it
-                    // moved to a newer tunnel) or the connection failed. Streams in flight
-                    // go on; new requests are routed elsewhere.
-                    dispatching = false;
-                    link.stop_accepting();
-                    match result {
-                        Ok(()) => debug!("the agent stopped taking new streams (GOAWAY)"),
-                        Err(err) => debug!(error = %err, "HTTP/2 connection failed"),
+                result = async { conn.as_mut().expect("polled only when set").await },
+                    if conn.is_some() =>
+                {
+                    // hyper hands no more requests to HTTP/2. Dropping the dispatch
+                    // future lets the connection end once its streams have.
+                    conn = None;
+                    if phase == Phase::Up {
+                        // Not ours: the agent said GOAWAY (it moved to a newer tunnel)
+                        // or the connection failed. Streams in flight go on; new
+                        // requests are routed elsewhere.
+                        link.stop_accepting();
+                        phase = Phase::Closing;
+                        match result {
+                            Ok(()) => debug!("the agent stopped taking new streams (GOAWAY)"),
+                            Err(err) => debug!(error = %err, "HTTP/2 connection failed"),
+                        }
                     }
+                }
+                _ = quiet.tick(), if phase == Phase::Up => {
+                    if idle.is_over(handle, link) {
+                        // Nothing for a whole period: end the connection, keep the tunnel.
+                        debug!("ending the idle HTTP/2 connection");
+                        link.connection.send_replace(Connection::Ending);
+                        shared.end_on_shutdown();
+                        phase = Phase::Ending;
+                        telemetry::h2_connection("ended");
+                    }
+                }
+                () = link.wanted.notified(), if phase == Phase::Down && link.is_accepting() => {
+                    match timeout(limits::h2::START_TIMEOUT, start_connection(&shared, &tracker))
+                        .await
+                    {
+                        Ok(Ok((send, dispatch))) => {
+                            conn = Some(dispatch);
+                            link.connection.send_replace(Connection::Up(send));
+                            phase = Phase::Up;
+                            idle = Quiet::default();
+                            quiet.reset();
+                            telemetry::h2_connection("started");
+                        }
+                        Ok(Err(err)) => {
+                            debug!(error = %err, "could not start HTTP/2 in the tunnel");
+                            break close_now(link, &shared, &phase, SessionEnd::HostGone(
+                                format!("HTTP/2 start failed: {err}"),
+                            )).await;
+                        }
+                        Err(_) => {
+                            break close_now(link, &shared, &phase, SessionEnd::HostGone(
+                                "the tunnel did not take the HTTP/2 preface".into(),
+                            )).await;
+                        }
+                    }
+                }
+                () = link.control.connection_changed(), if phase != Phase::Down => {}
+                seen = shared.idle(), if reading => match seen {
+                    Idle::Started if phase == Phase::Down && link.is_accepting() => {
+                        // The agent started the connection (to say GOAWAY): take it up.
+                        link.wanted.notify_one();
+                    }
+                    Idle::Started => {
+                        shared.discard_read();
+                        telemetry::message_ignored("h2_between_connections");
+                    }
+                    Idle::PeerEnded | Idle::Ended => {}
+                },
+            }
+            if phase == Phase::Closing && shared.sent_end() {
+                // The agent ended the connection it said GOAWAY on (or that failed) with
+                // its end rather than a Close: nothing more can cross this tunnel.
+                break close_now(
+                    link,
+                    &shared,
+                    &phase,
+                    SessionEnd::Closed(close_code::NORMAL),
+                )
+                .await;
+            }
+            if phase == Phase::Ending && conn.is_none() && shared.between_connections() {
+                phase = Phase::Down;
+                if link.is_accepting() {
+                    link.connection.send_replace(Connection::Down);
                 }
             }
         };
@@ -348,10 +504,60 @@ impl Session {
     }
 }
 
+/// Where the HTTP/2 connection inside the tunnel is, as the session drives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// None: the session reads the WebSocket, and starts one when a stream asks.
+    Down,
+    /// Up: hyper reads and writes the WebSocket.
+    Up,
+    /// Ending (idle): hyper writes `GOAWAY` and this side's end; then the session reads
+    /// until the agent's end.
+    Ending,
+    /// Ending for good (the agent said `GOAWAY`, or it failed): hyper finishes the
+    /// streams in flight; no new connection starts.
+    Closing,
+}
+
+impl Phase {
+    /// Whether the session (not hyper) reads the WebSocket now.
+    fn reads(self, shared: &TunnelIo<WebSocket>) -> bool {
+        match self {
+            Phase::Down => true,
+            Phase::Ending | Phase::Closing => shared.sent_end(),
+            Phase::Up => false,
+        }
+    }
+}
+
+/// Whether an HTTP/2 connection has been idle for a whole period: nothing in flight at
+/// two period ticks in a row, and no stream started between them.
+#[derive(Debug, Default)]
+struct Quiet {
+    idle_at_last_tick: bool,
+    started_at_last_tick: u64,
+}
+
+impl Quiet {
+    fn is_over(&mut self, handle: &TunnelHandle, link: &Link) -> bool {
+        let started = link.streams_started.load(Ordering::Relaxed);
+        let idle = handle.pending_exchanges() == 0 && handle.open_channels() == 0;
+        let over = idle && self.idle_at_last_tick && started == self.started_at_last_tick;
+        self.idle_at_last_tick = idle;
+        self.started_at_last_tick = started;
+        over
+    }
+}
+
 /// Closed through a handle: no new streams; for a drain (4001) the agent is told (if it
 /// was not yet) and the streams in flight run on for at most [`DRAIN_CLOSE_WAIT`]; then
 /// the Close frame.
-async fn close_through_handle(handle: &TunnelHandle, link: &Link) -> SessionEnd {
+async fn close_through_handle(
+    handle: &TunnelHandle,
+    link: &Link,
+    shared: &TunnelIo<WebSocket>,
+    phase: &Phase,
+) -> SessionEnd {
     link.stop_accepting();
     let end = handle.closed_with();
     if end == SessionEnd::Closed(close_code::DRAINING) {
@@ -367,20 +573,31 @@ async fn close_through_handle(handle: &TunnelHandle, link: &Link) -> SessionEnd 
             );
         }
     }
-    close_now(link, end).await
+    close_now(link, shared, phase, end).await
 }
 
-/// Sends the Close frame for `end` and waits (bounded) for the handshake to finish.
-async fn close_now(link: &Link, end: SessionEnd) -> SessionEnd {
+/// Sends the Close frame for `end` and waits (bounded) for the handshake to finish:
+/// hyper runs it while a connection is up, the session otherwise.
+async fn close_now(
+    link: &Link,
+    shared: &TunnelIo<WebSocket>,
+    phase: &Phase,
+    end: SessionEnd,
+) -> SessionEnd {
     link.stop_accepting();
     if let Some((code, reason)) = end.close_frame() {
         link.control.close(code, reason);
     }
-    let _ = timeout(
-        crate::protocol::h2::CLOSE_WAIT + CLOSE_TIMEOUT,
-        link.control.wait_ended(),
-    )
-    .await;
+    let handshake = async {
+        loop {
+            tokio::select! {
+                () = link.control.wait_ended() => return,
+                () = link.control.connection_changed(), if !phase.reads(shared) => {}
+                _ = shared.idle(), if phase.reads(shared) => {}
+            }
+        }
+    };
+    let _ = timeout(crate::protocol::h2::CLOSE_WAIT + CLOSE_TIMEOUT, handshake).await;
     end
 }
 

@@ -219,11 +219,13 @@ pub(crate) enum Link {
 }
 
 /// The actor of one tunnel: run it until the tunnel ends ([`Session::run`]).
+// Short-lived: `run` takes it apart at once and boxes each protocol's future.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Session {
     /// A v1 tunnel and its socket.
     V1(v1::Session, WebSocket),
-    /// An `h2` tunnel (hyper owns its socket).
+    /// An `h2` tunnel (its socket is shared with hyper's connection).
     H2(h2::Session),
 }
 
@@ -243,11 +245,6 @@ impl Session {
         }
     }
 }
-
-/// Why an `h2` tunnel could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("HTTP/2 handshake inside the tunnel failed: {0}")]
-pub struct OpenError(#[from] hyper::Error);
 
 // === impl TunnelHandle ===
 
@@ -281,29 +278,27 @@ impl TunnelHandle {
 
     /// A new tunnel for `host` over `socket` speaking `protocol`: the handle, and the
     /// session that must be run. `cancel` is the parent token (the relay's shutdown);
-    /// tasks the tunnel spawns (`h2` connection and streams) are tracked by `tracker`.
-    ///
-    /// # Errors
-    /// When the HTTP/2 handshake of an `h2` tunnel fails.
-    pub async fn open(
+    /// tasks the tunnel spawns (`h2` connections and streams) are tracked by `tracker`.
+    /// An `h2` tunnel starts its HTTP/2 connection on its first stream.
+    pub fn open(
         host: HostId,
         protocol: Protocol,
         socket: WebSocket,
         limits: &Limits,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
-    ) -> Result<(TunnelHandle, Session), OpenError> {
+    ) -> (TunnelHandle, Session) {
         match protocol {
             Protocol::V1 => {
                 let (handle, session) = TunnelHandle::new_v1(host, limits, cancel);
-                Ok((handle, Session::V1(session, socket)))
+                (handle, Session::V1(session, socket))
             }
             Protocol::H2 => {
-                let (link, parts) = Box::pin(h2::handshake(socket, limits, tracker)).await?;
+                let (link, parts) = h2::new(socket, limits, tracker);
                 let handle =
                     TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
                 let session = h2::Session::new(handle.clone(), parts, limits.clone());
-                Ok((handle, Session::H2(session)))
+                (handle, Session::H2(session))
             }
         }
     }
