@@ -69,9 +69,41 @@ pub async fn measure(
     settle: Duration,
     protocol: IdleProtocol,
 ) -> Result<IdleRow> {
+    measure_with(binary, n, settle, protocol, false).await
+}
+
+/// How long an HTTP/2 connection inside a tunnel stays without streams in
+/// [`measure_used`] (`RELAY_H2_IDLE_CONNECTION`; 15 s by default).
+const USED_IDLE_CONNECTION: Duration = Duration::from_secs(1);
+
+/// [`measure`] of h2 tunnels that have each carried one request and then stayed idle past
+/// `RELAY_H2_IDLE_CONNECTION`: what a fleet's tunnels cost between bursts of use.
+///
+/// # Errors
+/// See [`measure`]; also when the relay has not ended every tunnel's HTTP/2 connection.
+#[allow(
+    dead_code,
+    reason = "the tunnel comparison's; the proxy bench shares this module"
+)]
+pub async fn measure_used(binary: &Path, n: usize, settle: Duration) -> Result<IdleRow> {
+    measure_with(binary, n, settle, IdleProtocol::H2, true).await
+}
+
+async fn measure_with(
+    binary: &Path,
+    n: usize,
+    settle: Duration,
+    protocol: IdleProtocol,
+    used: bool,
+) -> Result<IdleRow> {
     let host_token = relay_child::token("host");
     let client_token = relay_child::token("client");
-    let relay = RelayChild::start(binary).await?;
+    let idle_connection = format!("{}ms", USED_IDLE_CONNECTION.as_millis());
+    let relay = if used {
+        RelayChild::start_with(binary, &[("RELAY_H2_IDLE_CONNECTION", &idle_connection)]).await?
+    } else {
+        RelayChild::start(binary).await?
+    };
     let pid = relay.pid();
     // Baseline: the relay has served HTTP once (so the server's lazily built parts
     // exist) and has no tunnel.
@@ -103,6 +135,41 @@ pub async fn measure(
                 "request to the last idle host answered {status}: {}",
                 String::from_utf8_lossy(&body)
             );
+        }
+    }
+    if used {
+        use futures_util::StreamExt;
+        let addr = relay.addr;
+        let failures = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let token = &client_token;
+                async move {
+                    let path = format!("/hosts/idle-{i:05}/probe");
+                    matches!(
+                        relay_child::get(addr, &path, Some(token)).await,
+                        Ok((200, _))
+                    )
+                }
+            })
+            .buffer_unordered(HANDSHAKE_CONCURRENCY)
+            .filter(|ok| std::future::ready(!ok))
+            .count()
+            .await;
+        if failures > 0 {
+            bail!("{failures} of {n} requests to the idle hosts failed");
+        }
+        // Every connection ends within two idle periods of its last stream.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ended =
+                relay_child::counter(addr, "relay_h2_connections_total", "event=\"ended\"").await?;
+            if ended >= n as f64 {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the relay ended {ended} of {n} idle HTTP/2 connections in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     tokio::time::sleep(settle).await;

@@ -66,6 +66,14 @@ impl RelayChild {
     /// # Errors
     /// When the process cannot start or never logs its address.
     pub async fn start(binary: &Path) -> Result<RelayChild> {
+        RelayChild::start_with(binary, &[]).await
+    }
+
+    /// [`RelayChild::start`] with extra environment (`RELAY_*` settings).
+    ///
+    /// # Errors
+    /// See [`RelayChild::start`].
+    pub async fn start_with(binary: &Path, env: &[(&str, &str)]) -> Result<RelayChild> {
         let mut cmd = Command::new(binary);
         cmd.args([
             "serve",
@@ -88,6 +96,7 @@ impl RelayChild {
         // lifted: the bench measures memory and proxying, not the registration pacing.
         cmd.env("RELAY_ADMISSION_RATE", "1000000")
             .env("RELAY_ADMISSION_BURST", "1000000");
+        cmd.envs(env.iter().copied());
         cmd.env("RELAY_JWT_SECRET", SECRET)
             .env("RUST_LOG", "warn,relay::server=info")
             .env("NO_COLOR", "1");
@@ -255,6 +264,24 @@ pub async fn tunnels_connected(addr: SocketAddr) -> Result<u64> {
         .filter_map(|rest| rest.rsplit(' ').next()?.trim().parse::<f64>().ok())
         .sum();
     Ok(total as u64)
+}
+
+/// The value of counter `name` with the label `label` (`key="value"`), 0 when absent.
+///
+/// # Errors
+/// When `/metrics` cannot be fetched.
+pub async fn counter(addr: SocketAddr, name: &str, label: &str) -> Result<f64> {
+    let (status, body) = get(addr, "/metrics", None).await?;
+    if status != 200 {
+        bail!("GET /metrics answered {status}");
+    }
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with('{') && rest.contains(label))
+        .filter_map(|rest| rest.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum())
 }
 
 /// Waits until the relay reports at least `n` tunnels, at most `deadline`.

@@ -398,10 +398,12 @@ impl Drop for IdleTunnels {
     }
 }
 
-/// An idle `h2` tunnel: an HTTP/2 server (the `h2` crate) over the tunnel's byte
-/// stream, answering every request `200 idle` and every `ping` with `pong`.
+/// An idle `h2` tunnel, as `relay agent` keeps one: no HTTP/2 connection until the relay
+/// starts one, then an HTTP/2 server (the `h2` crate) answering every request `200 idle`
+/// until the relay ends it; every `ping` answered with `pong`.
 async fn idle_h2(socket: Socket) {
-    let (io, control, mut inbox) = relay::protocol::h2::WsIo::new(socket, || {});
+    use relay::protocol::h2::{Idle, TunnelIo};
+    let (tunnel, control, mut inbox) = TunnelIo::new(socket, || {});
     let control_task = async move {
         while let Some(text) = inbox.recv().await {
             if text.contains("\"ping\"") {
@@ -410,13 +412,22 @@ async fn idle_h2(socket: Socket) {
         }
     };
     let server = async move {
-        let Ok(mut conn) = h2::server::handshake(io).await else {
-            return;
-        };
-        while let Some(Ok((_request, mut respond))) = conn.accept().await {
-            let response = http::Response::new(());
-            if let Ok(mut body) = respond.send_response(response, false) {
-                let _ = body.send_data(Bytes::from_static(b"idle"), true);
+        loop {
+            match tunnel.idle().await {
+                Idle::Started => {}
+                Idle::PeerEnded => continue,
+                Idle::Ended => return,
+            }
+            let io = tunnel.start_connection();
+            tunnel.end_on_shutdown();
+            let Ok(mut conn) = h2::server::handshake(io).await else {
+                return;
+            };
+            while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                let response = http::Response::new(());
+                if let Ok(mut body) = respond.send_response(response, false) {
+                    let _ = body.send_data(Bytes::from_static(b"idle"), true);
+                }
             }
         }
     };

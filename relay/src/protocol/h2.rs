@@ -631,6 +631,11 @@ where
                 let n = this.read.len().min(buf.remaining());
                 buf.put_slice(&this.read[..n]);
                 this.read.advance(n);
+                if this.read.is_empty() {
+                    // An empty slice still holds the message's allocation (a share of
+                    // the socket's read buffer): let it go while the tunnel is idle.
+                    this.read = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match Pin::new(&mut this.socket).poll_next(cx) {
