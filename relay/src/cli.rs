@@ -88,16 +88,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The multi-threaded runtime of `serve` and `agent`, or the exit code after saying why
-/// it could not start.
-fn runtime(command: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| {
-            eprintln!("{command}: cannot start the runtime: {err}");
-            ExitCode::FAILURE
-        })
+/// The runtime of `serve` and `agent`, or the exit code after saying why it could not
+/// start. `workers`: worker threads unless `TOKIO_WORKER_THREADS` says otherwise (`None`:
+/// one per CPU).
+fn runtime(command: &str, workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
+    {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|err| {
+        eprintln!("{command}: cannot start the runtime: {err}");
+        ExitCode::FAILURE
+    })
 }
 
 fn run_agent(args: agent::AgentArgs) -> ExitCode {
@@ -109,7 +113,8 @@ fn run_agent(args: agent::AgentArgs) -> ExitCode {
         }
     };
     telemetry::init_tracing(config.log_format);
-    let runtime = match runtime("relay agent") {
+    // One worker: see the limit's reason.
+    let runtime = match runtime("relay agent", Some(crate::limits::agent::WORKER_THREADS)) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
@@ -131,7 +136,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     telemetry::init_tracing(config.log_format);
-    let runtime = match runtime("relay") {
+    let runtime = match runtime("relay", None) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };

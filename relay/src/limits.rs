@@ -339,6 +339,14 @@ const _: () = assert!(redis::OP_TIMEOUT.as_millis() < DIRECTORY_TIMEOUT.as_milli
 pub mod agent {
     use std::time::Duration;
 
+    /// Worker threads of `relay agent` (`TOKIO_WORKER_THREADS` overrides it): one.
+    /// Everything an agent carries crosses its one tunnel socket, so a second thread adds
+    /// no throughput, only hand-offs between threads: on the 2-CPU bench machine one
+    /// worker cut the agent's CPU per small request by a quarter (64 connections) to a
+    /// half (one), and carried bulk transfers as fast or faster in less memory
+    /// (BENCHMARKS.md, run 6).
+    pub const WORKER_THREADS: usize = 1;
+
     /// First step of the reconnect backoff. A second is long enough not to hammer a relay
     /// that is restarting, short enough that a blip costs users little.
     pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
