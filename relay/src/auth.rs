@@ -184,6 +184,8 @@ impl Verifier {
     fn new(key: DecodingKey, alg: Algorithm) -> Verifier {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // `nbf` when present: a token minted for later is refused until then.
+        validation.validate_nbf = true;
         validation.leeway = CLOCK_LEEWAY.as_secs();
         Verifier {
             key,

@@ -24,6 +24,7 @@ use crate::headers;
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
 use crate::protocol::{Frame, close_code};
+use crate::query::strip_token;
 use crate::routing::{self, Forward, Hop, Route};
 use crate::state::Relay;
 use crate::telemetry;
@@ -351,19 +352,6 @@ fn split_host_path(path: &str) -> Option<(&str, &str)> {
     })
 }
 
-/// The query string without any `token` parameter (which is for the relay, never the
-/// host). Other parameters keep their exact encoding and order.
-fn strip_token(query: Option<&str>) -> Option<String> {
-    let kept: Vec<&str> = query?
-        .split('&')
-        .filter(|pair| {
-            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            !pair.is_empty() && key != "token"
-        })
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
-}
-
 /// Whether the request opens a WebSocket: an HTTP/1.1 upgrade, or an HTTP/2 extended
 /// CONNECT with `:protocol websocket` (RFC 8441).
 fn is_websocket(parts: &http::request::Parts) -> bool {
@@ -390,19 +378,5 @@ mod tests {
         assert_eq!(split_host_path("/hosts/h1/"), Some(("h1", "/")));
         assert_eq!(split_host_path("/hosts/h1"), Some(("h1", "")));
         assert_eq!(split_host_path("/other"), None);
-    }
-
-    #[test]
-    fn token_is_stripped_and_the_rest_kept_verbatim() {
-        assert_eq!(
-            strip_token(Some("a=1&token=x&b=%20")),
-            Some("a=1&b=%20".into())
-        );
-        assert_eq!(strip_token(Some("token=x")), None);
-        assert_eq!(
-            strip_token(Some("tokens=1&flag")),
-            Some("tokens=1&flag".into())
-        );
-        assert_eq!(strip_token(None), None);
     }
 }

@@ -60,6 +60,7 @@ pub mod listener;
 pub mod ownership;
 pub mod peers;
 pub mod protocol;
+pub mod query;
 pub mod registry;
 pub mod router;
 pub mod routing;

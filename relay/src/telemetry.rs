@@ -24,7 +24,16 @@ pub enum LogFormat {
 /// Installs the global tracing subscriber: level from `RUST_LOG` (default `info`), logs
 /// on stderr so that stdout stays free for command output (tokens, status).
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Libraries that log what crosses the wire at trace level (tungstenite: the whole
+    // handshake request with its `Authorization`, and every frame with its payload;
+    // hyper and h2: heads and frames) are held at debug whatever RUST_LOG asks: tokens,
+    // cookies and bodies never reach a log line, at any level.
+    for target in WIRE_LOGGING_LIBRARIES {
+        if let Ok(directive) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -36,6 +45,15 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Json => builder.json().with_current_span(true).try_init(),
     };
 }
+
+/// Crates whose trace-level logs carry wire contents (see [`init_tracing`]).
+const WIRE_LOGGING_LIBRARIES: [&str; 5] = [
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "h2",
+];
 
 /// Buckets of every latency histogram, in seconds: from a loopback hop (~100 µs) to the
 /// exchange timeout.
@@ -66,6 +84,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 /// ```
 /// use relay::telemetry::redact_uri;
 /// assert_eq!(redact_uri("/tunnel?hostId=a&token=eyJx.y.z"), "/tunnel?hostId=a&token=REDACTED");
+/// assert_eq!(redact_uri("/hosts/a/x?%74oken=eyJx"), "/hosts/a/x?%74oken=REDACTED");
 /// assert_eq!(redact_uri("/hosts/a/x"), "/hosts/a/x");
 /// ```
 pub fn redact_uri(uri: &str) -> String {
@@ -75,7 +94,7 @@ pub fn redact_uri(uri: &str) -> String {
     let redacted: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("token") => format!("{key}=REDACTED"),
+            Some((key, _)) if crate::query::is_token_key(key) => format!("{key}=REDACTED"),
             _ => pair.to_owned(),
         })
         .collect();

@@ -451,7 +451,7 @@ impl WireIn {
     fn parse<T>(text: &str) -> Result<(WireIn, String), Decoded<T>> {
         let mut wire: WireIn = serde_json::from_str(text).map_err(|err| Decoded::Malformed {
             reason: format!("invalid JSON: {err}").into(),
-            id: None,
+            id: stream_named_in(text),
         })?;
         match wire.kind.take() {
             Some(kind) => Ok((wire, kind)),
@@ -491,6 +491,21 @@ impl Reject {
             Reject::Malformed(reason) => malformed(reason, id),
             Reject::UnknownType => Decoded::UnknownType(kind),
         }
+    }
+}
+
+/// The stream a frame that does not parse as a message still names (`"id"`, a string or
+/// a number), so that its exchange or channel fails now instead of at a timeout. `None`
+/// when the text is not a JSON object or names none.
+fn stream_named_in(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        id: Option<serde_json::Value>,
+    }
+    match serde_json::from_str::<Named>(text).ok()?.id? {
+        serde_json::Value::String(id) => Some(id),
+        serde_json::Value::Number(id) => Some(id.to_string()),
+        _ => None,
     }
 }
 
@@ -876,6 +891,32 @@ mod tests {
         assert!(matches!(
             HostMessage::parse(&text.to_string()),
             Decoded::Malformed { id: Some(id), .. } if id == "5"
+        ));
+    }
+
+    #[test]
+    fn a_frame_with_a_wrongly_typed_field_still_names_its_stream() {
+        for bad in [
+            json!({"type":"http:response","id":"6","status":65536,"headers":{}}),
+            json!({"type":"http:response","id":"6","status":"200","headers":{}}),
+            json!({"type":"http:response","id":"6","status":200.0,"headers":{}}),
+            json!({"type":"http:response","id":"6","status":200,"headers":null}),
+            json!({"type":"http:response","id":6,"status":200,"headers":{}}),
+            json!({"type":"ws:close","id":"6","code":70000}),
+            json!({"type":"ws:close","id":"6","code":-1}),
+            json!({"type":"ws:close","id":"6","code":"1000"}),
+        ] {
+            assert!(
+                matches!(
+                    HostMessage::parse(&bad.to_string()),
+                    Decoded::Malformed { id: Some(id), .. } if id == "6"
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            HostMessage::parse(r#"{"type":"http:response","status":"x"}"#),
+            Decoded::Malformed { id: None, .. }
         ));
     }
 

@@ -309,7 +309,14 @@ fn into_response(response: HttpResponse) -> Result<Response<Body>, ExchangeError
     }
     map.remove(header::CONTENT_LENGTH);
     headers::from_host(&mut map);
-    let mut out = Response::new(Body::from(response.body));
+    // 204 and 304 have no content (RFC 9110 §6.4.1): a body the host sent anyway is
+    // dropped, so no Content-Length goes out with them.
+    let body = if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+        Body::empty()
+    } else {
+        Body::from(response.body)
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = map;
     Ok(out)

@@ -352,11 +352,16 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
         Decoded::Malformed { reason, id } => {
             telemetry::message_ignored("malformed");
             debug!(%reason, "ignored a malformed message from the host");
-            // A broken answer still fails its exchange now rather than at the timeout.
+            // A broken answer still fails its exchange now rather than at the timeout
+            // (502); a broken frame or close for a channel closes it (1011), rather than
+            // losing the frame or leaving the channel open.
             if let Some(id) = id.as_deref().and_then(StreamId::parse) {
-                shared
-                    .streams()
-                    .complete(id, Err(ExchangeError::InvalidResponse(reason.into_owned())));
+                let mut streams = shared.streams();
+                if streams.has_channel(id) {
+                    streams.close_channel(id, Some(close_code::INTERNAL));
+                } else {
+                    streams.complete(id, Err(ExchangeError::InvalidResponse(reason.into_owned())));
+                }
             }
             return;
         }
