@@ -63,6 +63,13 @@ async fn tunnel_with_expired_token_is_closed_with_1008() {
 }
 
 #[tokio::test]
+async fn tunnel_with_a_token_not_valid_yet_is_closed_with_1008() {
+    let relay = TestRelay::spawn().await;
+    let token = Claims::host("h1").not_yet_valid().sign(TEST_SECRET);
+    assert_tunnel_refused(&relay, &format!("hostId=h1&token={token}"), None, "h1").await;
+}
+
+#[tokio::test]
 async fn tunnel_with_client_role_token_is_closed_with_1008() {
     let relay = TestRelay::spawn().await;
     let token = Claims::client(&["h1"]).sign(TEST_SECRET);
@@ -188,6 +195,20 @@ async fn http_without_or_with_invalid_token_returns_401() {
         0,
         "no refused request reaches upstream"
     );
+}
+
+#[tokio::test]
+async fn http_with_a_token_not_valid_yet_returns_401_and_reaches_nothing() {
+    let stack = Stack::spawn("web-1").await;
+    let early = Claims::client(&["web-1"]).not_yet_valid().sign(TEST_SECRET);
+    let resp = get_with_authorization(&stack, Some(&format!("Bearer {early}"))).await;
+    assert_error(&resp, 401, "nbf in an hour");
+    assert_eq!(stack.upstream.requests(), 0);
+    // The same claims without nbf pass: only nbf made the difference.
+    let now = Claims::client(&["web-1"]).sign(TEST_SECRET);
+    get_with_authorization(&stack, Some(&format!("Bearer {now}")))
+        .await
+        .assert_status(200);
 }
 
 #[tokio::test]

@@ -222,3 +222,72 @@ async fn invalid_response_headers_are_dropped_and_counted_but_response_delivered
         .wait_counter(IGNORED, &[("reason", "bad_header")], before + 2.0)
         .await;
 }
+
+#[tokio::test]
+async fn an_answer_with_a_wrongly_typed_field_fails_its_exchange_with_502_not_the_timeouts_504() {
+    let relay = TestRelay::builder().exchange_timeout("30s").spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let token = relay.client_token(&["bad-1"]);
+    let cases: [(&str, serde_json::Value); 5] = [
+        ("status", json!(65536)),
+        ("status", json!("200")),
+        ("status", json!(200.5)),
+        ("headers", serde_json::Value::Null),
+        ("id", serde_json::Value::Null), // replaced by the numeric id below
+    ];
+    for (field, value) in cases {
+        let client = relay.http().clone();
+        let url = relay.http_url("/hosts/bad-1/typed");
+        let bearer = token.clone();
+        let request = tokio::spawn(async move { client.get(url).bearer(&bearer).send().await });
+        let msg = host.expect("http").await;
+        let id = msg_id(&msg);
+        let mut answer =
+            json!({"type": "http:response", "id": id, "status": 200, "headers": {}, "body": "x"});
+        answer[field] = if field == "id" {
+            json!(
+                id.parse::<u64>()
+                    .expect("stream ids are numbers in strings")
+            )
+        } else {
+            value
+        };
+        host.send_json(&answer).await;
+        let resp = request.await.expect("client task");
+        // 504 would mean the exchange waited for the timeout.
+        assert_eq!(resp.status, 502, "{field}: {answer}");
+    }
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}
+
+#[tokio::test]
+async fn a_204_or_304_from_the_host_goes_out_without_a_body_or_content_length() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let token = relay.client_token(&["bad-1"]);
+    for status in [204u16, 304] {
+        let client = relay.http().clone();
+        let url = relay.http_url("/hosts/bad-1/empty");
+        let bearer = token.clone();
+        let request = tokio::spawn(async move { client.get(url).bearer(&bearer).send().await });
+        let msg = host.expect("http").await;
+        // A body (and its length) the status forbids.
+        host.respond(
+            &msg_id(&msg),
+            status,
+            json!({"content-length": "23", "x-kept": "yes"}),
+            "a body it may not carry",
+        )
+        .await;
+        let resp = request.await.expect("client task");
+        resp.assert_status(status);
+        assert_eq!(resp.header("x-kept"), Some("yes"));
+        assert!(
+            resp.headers.get("content-length").is_none(),
+            "{status} went out with content-length: {:?}",
+            resp.headers.get("content-length")
+        );
+        assert!(resp.body.is_empty(), "{status} carried a body");
+    }
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+}

@@ -3,7 +3,7 @@
 //! and WebSocket paths, accepted or refused.
 
 use relay_tests::{
-    Claims, DEADLINE, RawHost, TEST_SECRET, TestHost, TestRelay, Upstream, WsClient,
+    Claims, DEADLINE, RawHost, TEST_SECRET, TestAgent, TestHost, TestRelay, Upstream, WsClient,
 };
 
 /// A token the test used, and the distinctive pieces of it that must not be
@@ -173,5 +173,96 @@ async fn tokens_never_appear_in_logs_even_at_trace_level() {
     }
     if let Some(line) = logs.iter().find(|line| line.contains(TEST_SECRET)) {
         panic!("the JWT secret leaked into the log:\n{line}");
+    }
+}
+
+#[tokio::test]
+async fn a_percent_encoded_token_key_is_stripped_before_the_host_and_redacted_at_trace_level() {
+    let mut relay = TestRelay::builder().rust_log("trace").spawn().await;
+    let upstream = Upstream::spawn().await;
+    let host = TestHost::connect(&relay, "red-e", &upstream).await;
+    let mut secrets = Vec::new();
+    for (i, key) in ["%74oken", "t%6Fk%65n"].into_iter().enumerate() {
+        let token = client(&format!("percent-encoded-key-{i}"), &["red-e"]);
+        secrets.push(Secret::new("percent-encoded token key", &token));
+        let response = relay
+            .http()
+            .get(relay.http_url(&format!("/hosts/red-e/echo/p?{key}={token}&a=1")))
+            .send()
+            .await;
+        response.assert_status(200);
+        let echo = response.json();
+        assert_eq!(
+            echo["query"], "a=1",
+            "the token never reaches the host: {echo}"
+        );
+    }
+    drop(host);
+    relay.terminate().await;
+    let logs = relay.logs();
+    assert!(logs.len() > 20, "expected a full trace log");
+    for secret in &secrets {
+        for needle in &secret.needles {
+            if let Some(line) = logs.iter().find(|line| line.contains(needle.as_str())) {
+                panic!("token from `{}` leaked into the log:\n{line}", secret.case);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_and_relay_trace_logs_carry_no_token_cookie_or_body() {
+    const COOKIE: &str = "session=cookie-secret-Zr8Kq";
+    const BODY: &str = "body-secret-Qw4Lp";
+    let mut relay = TestRelay::builder().rust_log("trace").spawn().await;
+    let upstream = Upstream::spawn().await;
+    let host_token = Claims::host("red-a")
+        .with_sub("agent-own-token")
+        .sign(TEST_SECRET);
+    for protocol in ["h2", "v1"] {
+        let mut agent = TestAgent::for_relay(&relay, "red-a", &upstream)
+            .token(&host_token)
+            .protocol(protocol)
+            .rust_log("trace")
+            .spawn();
+        agent.wait_connected_to(&relay).await;
+        let bearer = client(&format!("trace-{protocol}"), &["red-a"]);
+        let response = relay
+            .http()
+            .request(http::Method::POST, relay.http_url("/hosts/red-a/echo/t"))
+            .bearer(&bearer)
+            .header("cookie", COOKIE)
+            .body(BODY)
+            .send()
+            .await;
+        response.assert_status(200);
+        assert_eq!(response.json()["body"], BODY, "the request went through");
+        agent.send_sigterm();
+        agent.wait_exit(DEADLINE).await;
+        let logs = agent.logs();
+        assert!(logs.len() > 10, "expected a trace log from the agent");
+        for needle in Secret::new("the agent's own host token", &host_token)
+            .needles
+            .iter()
+            .map(String::as_str)
+            .chain(
+                Secret::new("client token", &bearer)
+                    .needles
+                    .iter()
+                    .map(String::as_str),
+            )
+            .chain(["cookie-secret-Zr8Kq", BODY])
+        {
+            if let Some(line) = logs.iter().find(|line| line.contains(needle)) {
+                panic!("`{needle}` leaked into the {protocol} agent's trace log:\n{line}");
+            }
+        }
+    }
+    relay.terminate().await;
+    let logs = relay.logs();
+    for needle in ["cookie-secret-Zr8Kq", BODY] {
+        if let Some(line) = logs.iter().find(|line| line.contains(needle)) {
+            panic!("`{needle}` leaked into the relay's trace log:\n{line}");
+        }
     }
 }

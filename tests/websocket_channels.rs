@@ -275,6 +275,33 @@ async fn host_ws_close_without_code_or_with_reserved_code_closes_client_without_
 }
 
 #[tokio::test]
+async fn host_ws_close_with_an_unusable_code_closes_the_channel_with_1011_instead_of_leaving_it_open()
+ {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    for (i, code) in [json!(70000), json!(-1), json!("1000"), json!(1000.5)]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut client, open) = open_raw_channel(&relay, &mut host, &format!("/bad-{i}")).await;
+        host.send_json(&json!({"type": "ws:close", "id": open["id"], "code": code}))
+            .await;
+        assert_eq!(
+            client.recv_close_code(DEADLINE).await,
+            1011,
+            "ws:close with code {code}"
+        );
+    }
+    // A broken frame for a channel closes it too, rather than losing the frame.
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/bad-frame").await;
+    host.send_json(
+        &json!({"type": "ws:frame", "id": open["id"], "data": "!!", "encoding": "base64"}),
+    )
+    .await;
+    assert_eq!(client.recv_close_code(DEADLINE).await, 1011);
+}
+
+#[tokio::test]
 async fn client_message_over_max_frame_bytes_closes_channel_with_1009_both_ways() {
     const LIMIT: usize = 256 * 1024;
     let relay = TestRelay::builder().max_frame_bytes(LIMIT).spawn().await;

@@ -24,26 +24,43 @@ pub enum LogFormat {
 /// Installs the global tracing subscriber: level from `RUST_LOG` (default `info`), logs
 /// on stderr so that stdout stays free for command output (tokens, status).
 pub fn init_tracing(format: LogFormat) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Libraries that log what crosses the wire at trace level (tungstenite: the whole
     // handshake request with its `Authorization`, and every frame with its payload;
-    // hyper and h2: heads and frames) are held at debug whatever RUST_LOG asks: tokens,
-    // cookies and bodies never reach a log line, at any level.
-    for target in WIRE_LOGGING_LIBRARIES {
-        if let Ok(directive) = format!("{target}=debug").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder
+    // hyper and h2: heads and frames) are held below trace whatever RUST_LOG asks:
+    // tokens, cookies and bodies never reach a log line, at any level.
+    let no_wire =
+        filter_fn(|meta| *meta.level() != tracing::Level::TRACE || !is_wire_logging(meta.target()));
+    let filter = filter.and(no_wire);
+    let layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .try_init();
+}
+
+/// Whether `target` (a module path) belongs to one of [`WIRE_LOGGING_LIBRARIES`].
+fn is_wire_logging(target: &str) -> bool {
+    WIRE_LOGGING_LIBRARIES.iter().any(|library| {
+        target
+            .strip_prefix(library)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
 }
 
 /// Crates whose trace-level logs carry wire contents (see [`init_tracing`]).

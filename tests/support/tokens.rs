@@ -27,6 +27,9 @@ pub struct Claims {
     pub role: String,
     /// Host ids this token covers, or `["*"]`.
     pub hosts: Vec<String>,
+    /// Not before, unix seconds (absent unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 // === impl Claims ===
@@ -48,7 +51,14 @@ impl Claims {
             exp: unix_now() + VALID_FOR.as_secs(),
             role: role.to_owned(),
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            nbf: None,
         }
+    }
+
+    /// The same claims, valid only from an hour from now (`nbf`).
+    pub fn not_yet_valid(mut self) -> Self {
+        self.nbf = Some(unix_now() + VALID_FOR.as_secs());
+        self
     }
 
     /// The same claims, expired an hour ago.
