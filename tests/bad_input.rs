@@ -291,3 +291,26 @@ async fn a_204_or_304_from_the_host_goes_out_without_a_body_or_content_length() 
     }
     assert_tunnel_serves(&relay, &mut host, "bad-1").await;
 }
+
+#[tokio::test]
+async fn a_flood_of_unsolicited_pongs_costs_the_directory_at_most_one_heartbeat_per_half_ping_interval()
+ {
+    const HEARTBEATS: &str = "relay_directory_ops_total";
+    let relay = TestRelay::builder().ping_interval("30s").spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    for _ in 0..2_000 {
+        host.send_json(&json!({"type": "pong"})).await;
+    }
+    // The tunnel read them all (it answers a request sent after them), and the one
+    // heartbeat they are worth is written.
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+    relay_tests::wait_until_async("a heartbeat is written", DEADLINE, || async {
+        relay.counter(HEARTBEATS, &[("op", "heartbeat")]).await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        relay.counter(HEARTBEATS, &[("op", "heartbeat")]).await,
+        1.0,
+        "2,000 pongs within 15 s refresh the directory entry once, not 2,000 times"
+    );
+}

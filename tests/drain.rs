@@ -941,10 +941,10 @@ async fn client_websocket_bridged_through_a_draining_relay_is_closed_with_1001_w
 async fn connection_accepted_before_the_relay_stops_accepting_is_still_served_after_step_4() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    // axum's trace line for each accepted connection names the peer.
+    // The relay's debug line for each accepted connection names the peer.
     let mut relay = TestRelay::builder()
         .arg("--drain-grace", "300ms")
-        .rust_log("info,axum::serve=trace")
+        .rust_log("info,relay::connections=debug")
         .spawn()
         .await;
     // A host with an exchange in flight keeps the drain in step 5 (the relay

@@ -200,7 +200,10 @@ async fn a_percent_encoded_token_key_is_stripped_before_the_host_and_redacted_at
     drop(host);
     relay.terminate().await;
     let logs = relay.logs();
-    assert!(logs.len() > 20, "expected a full trace log");
+    assert!(
+        logs.iter().any(|line| line.contains("DEBUG")),
+        "expected a debug-and-finer log"
+    );
     for secret in &secrets {
         for needle in &secret.needles {
             if let Some(line) = logs.iter().find(|line| line.contains(needle.as_str())) {

@@ -74,8 +74,8 @@ fn machine_id(i: usize) -> String {
 }
 
 /// Relay `i` on `port` (0: ephemeral), proxying over the shared directory.
-/// Its own debug lines are on (one per request, with the path), and axum's
-/// trace line for every accepted connection (with the peer address), so a
+/// Its own debug lines are on (one per request, with the path, and one for every
+/// accepted connection, with the peer address), so a
 /// failed request can be followed through every relay it touched, or shown
 /// never to have been accepted.
 fn relay_builder(redis: &TestRedis, i: usize, port: u16) -> RelayBuilder {
@@ -83,7 +83,7 @@ fn relay_builder(redis: &TestRedis, i: usize, port: u16) -> RelayBuilder {
         .machine_id(&machine_id(i))
         .redis(&redis.url())
         .routing("proxy")
-        .rust_log("info,relay=debug,axum::serve=trace")
+        .rust_log("info,relay=debug")
         .port(port)
 }
 
@@ -720,7 +720,7 @@ async fn rolling_restart_fails_no_request(protocol: &str) {
             println!("{failure}");
             // The relays' debug lines name the request path in their span
             // (`uri=/hosts/..}`): every relay the request went through.
-            // And axum's `connection .. accepted` line names the front
+            // And the relay's `connection .. accepted` line names the front
             // door's end of the connection, if the relay accepted it.
             let needle = format!("{}}}", failure.path);
             let from = failure

@@ -197,6 +197,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_CHANNEL_QUEUE", default_value_t = limits::CHANNEL_QUEUE)]
     pub channel_queue: usize,
 
+    /// How long a client connection may take to send a whole request head (also how long
+    /// an idle keep-alive connection is kept).
+    #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "20s")]
+    pub header_read_timeout: Duration,
+
+    /// Connections held at once (tunnels and clients); over it new ones are closed at once.
+    /// 0: the open file limit less a reserve.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
     /// How long an HTTP/2 connection inside an `h2` tunnel may carry no stream before it
     /// is ended to save its buffers (the tunnel stays; the next stream starts a new one).
     #[arg(long, env = "RELAY_H2_IDLE_CONNECTION", value_parser = humantime::parse_duration,
@@ -409,6 +420,8 @@ impl ServeArgs {
             channel_queue: at_least("RELAY_CHANNEL_QUEUE", self.channel_queue, 1)?,
             directory_ttl: positive("RELAY_DIRECTORY_TTL", self.directory_ttl)?,
             h2_idle_connection: positive("RELAY_H2_IDLE_CONNECTION", self.h2_idle_connection)?,
+            header_read_timeout: positive("RELAY_HEADER_READ_TIMEOUT", self.header_read_timeout)?,
+            max_connections: self.max_connections,
         };
         if limits.directory_ttl <= limits.ping_interval {
             return err(format!(

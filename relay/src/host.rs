@@ -221,10 +221,27 @@ async fn serve_tunnel(
         let on_pong = {
             let relay = relay.clone();
             let handle = handle.clone();
+            // At most one heartbeat per half ping interval: the entry's TTL spans three
+            // intervals, and a host that sends pongs unasked (thousands a second) must
+            // not turn each one into a directory write.
+            let spacing = relay.config().limits.ping_interval / 2;
+            let last = std::sync::Mutex::new(None::<tokio::time::Instant>);
             move || {
-                if !handle.has_moved() {
-                    ownership::heartbeat(&relay, handle.host());
+                if handle.has_moved() {
+                    return;
                 }
+                let now = tokio::time::Instant::now();
+                {
+                    // Held for the comparison only.
+                    let mut last = last
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.is_some_and(|at| now.duration_since(at) < spacing) {
+                        return;
+                    }
+                    *last = Some(now);
+                }
+                ownership::heartbeat(&relay, handle.host());
             }
         };
         let end = session.run(on_pong).await;

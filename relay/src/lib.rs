@@ -49,6 +49,7 @@ pub mod body;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod directory;
 pub mod drain;
 pub mod error;

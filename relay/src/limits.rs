@@ -85,6 +85,10 @@ pub struct Limits {
     pub directory_ttl: Duration,
     /// See [`h2::IDLE_CONNECTION`].
     pub h2_idle_connection: Duration,
+    /// See [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+    /// See [`max_connections`]; 0 derives it from the open file limit.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -100,6 +104,8 @@ impl Default for Limits {
             channel_queue: CHANNEL_QUEUE,
             directory_ttl: DIRECTORY_TTL,
             h2_idle_connection: h2::IDLE_CONNECTION,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: 0,
         }
     }
 }
@@ -194,6 +200,37 @@ pub mod h2 {
     /// tunnel whose socket cannot take 100 bytes in that time is dead, and the stream
     /// that asked for the connection fails instead of waiting for the ping timeout.
     pub const START_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+/// How long a client connection may take to send a whole request head once the relay
+/// is ready for one: 20 s. Also how long an idle keep-alive connection is kept (hyper
+/// times the wait for the next head the same way). Far longer than any real client
+/// needs on a slow link, short enough that a slowloris client (a byte a second) or a
+/// socket that connects and says nothing holds its descriptor for seconds, not forever.
+/// `--header-read-timeout`.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// File descriptors kept free below the open file limit when deriving
+/// [`max_connections`]: 256, for Redis, peer relays, the listener's own accepts and the
+/// log, so that a flood of connections is refused at the limit instead of starving them.
+pub const FD_RESERVE: usize = 256;
+
+/// Pause after a failed accept (out of file descriptors, most often): 50 ms, so the
+/// accept loop does not spin while connections end and free descriptors.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Connections (tunnels, client connections, channels) the relay holds at once: what the
+/// open file limit allows, less [`FD_RESERVE`] (at least 64). Over it a new connection is
+/// closed at once. `--max-connections` sets it (0: this).
+pub fn max_connections(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE)
+        .max(64)
 }
 
 /// Deadline of one directory operation on the request path, so a slow directory degrades

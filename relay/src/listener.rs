@@ -10,11 +10,12 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use crate::limits::ACCEPT_BACKOFF;
 
 /// A TCP listener that stops when `stop` is cancelled: it accepts what the kernel already
 /// queued (those clients completed their handshake and are about to send a request),
@@ -100,9 +101,10 @@ impl axum::serve::Listener for StoppableListener {
                     Ok((stream, addr)) => return with_nodelay(stream, addr),
                     Err(err) => {
                         // Out of file descriptors and the like: back off briefly
-                        // instead of spinning (as axum's own listener does).
-                        warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // instead of spinning (as axum's own listener does), and say so
+                        // at most once per interval.
+                        crate::telemetry::accept_failed(&err);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
             }

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::connections;
 use crate::drain;
 use crate::limits::LISTEN_BACKLOG;
-use crate::listener::{PeerAddr, StoppableListener};
+use crate::listener::StoppableListener;
 use crate::ownership;
 use crate::router::app;
 use crate::state::Relay;
@@ -80,23 +81,20 @@ pub async fn serve(
     // end of the drain) makes the server finish its connections.
     let stop_accepting = CancellationToken::new();
     let listener = StoppableListener::new(listener, stop_accepting.clone())?;
-    let (finish_connections, finish_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(
-            listener,
-            app(relay.clone()).into_make_service_with_connect_info::<PeerAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = finish_rx.await;
-        })
-        .into_future(),
-    );
+    let finish_connections = CancellationToken::new();
+    let mut limits = relay.config().limits.clone();
+    limits.max_connections = crate::limits::max_connections(limits.max_connections);
+    info!(max_connections = limits.max_connections, "connection limit");
+    let mut server = tokio::spawn({
+        let app = app(relay.clone());
+        let finish = finish_connections.clone();
+        async move { connections::serve(listener, app, &limits, finish).await }
+    });
     tokio::select! {
         result = &mut server => {
             relay.shutdown_token().cancel();
             return Err(match result {
-                Ok(Ok(())) => anyhow::anyhow!("the listener stopped unexpectedly"),
-                Ok(Err(err)) => anyhow::Error::new(err).context("the listener failed"),
+                Ok(()) => anyhow::anyhow!("the listener stopped unexpectedly"),
                 Err(err) => anyhow::Error::new(err).context("the server task failed"),
             });
         }
@@ -113,7 +111,7 @@ pub async fn serve(
         warn!(?deadline, "drain deadline reached; exiting with work left");
     }
     stop_accepting.cancel();
-    let _ = finish_connections.send(());
+    finish_connections.cancel();
     // Whatever is left (tunnels, channels, background loops) ends now, within what
     // remains of the deadline.
     relay.shutdown_token().cancel();

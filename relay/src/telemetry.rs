@@ -131,6 +131,11 @@ pub fn h2_connection(event: &'static str) {
     metrics::counter!("relay_h2_connections_total", "event" => event).increment(1);
 }
 
+/// A new connection was closed at once (`limit`: [`crate::limits::max_connections`]).
+pub fn connection_refused(reason: &'static str) {
+    metrics::counter!("relay_connections_refused_total", "reason" => reason).increment(1);
+}
+
 /// A client channel was closed because its client read too slowly.
 pub fn channel_overflow() {
     metrics::counter!("relay_channel_overflows_total").increment(1);
@@ -230,6 +235,34 @@ pub fn client_request(status: u16, route: &'static str, seconds: f64) {
 /// A client WebSocket channel opened (+1) or closed (-1).
 pub fn channel_open(delta: f64) {
     metrics::gauge!("relay_channels_open").increment(delta);
+}
+
+/// `accept(2)` failed (out of file descriptors, most often): counted always, logged at
+/// most once per [`ERROR_LOG_INTERVAL`] with how many were not.
+pub fn accept_failed(err: &std::io::Error) {
+    metrics::counter!("relay_accept_errors_total").increment(1);
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let now = Instant::now();
+    let suppressed = {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.as_mut() {
+            Some((at, skipped)) if now.duration_since(*at) < ERROR_LOG_INTERVAL => {
+                *skipped += 1;
+                return;
+            }
+            Some((at, skipped)) => {
+                *at = now;
+                std::mem::take(skipped)
+            }
+            None => {
+                *last = Some((now, 0));
+                0
+            }
+        }
+    };
+    tracing::warn!(%err, suppressed, "accept failed; backing off");
 }
 
 /// A directory operation failed: counted always, logged at most once per

@@ -1,0 +1,149 @@
+//! Client connections are bounded: a request head must arrive whole in time (slowloris,
+//! silent sockets and idle keep-alive connections are closed), and connections over the
+//! limit are closed at once while the others are served.
+
+use std::time::Duration;
+
+use relay_tests::{DEADLINE, TestRelay, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the relay closes `stream` (EOF or reset); what it sent before that.
+async fn until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
+    within(what, DEADLINE, async {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return seen,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+}
+
+/// Whether `GET /health` on a new connection answers 200.
+async fn health_answers(relay: &TestRelay) -> bool {
+    relay
+        .http()
+        .get(relay.http_url("/health"))
+        .try_send()
+        .await
+        .is_ok_and(|response| response.status == 200)
+}
+
+#[tokio::test]
+async fn silent_slow_and_idle_keep_alive_connections_are_closed_after_the_head_timeout() {
+    let relay = TestRelay::builder()
+        .env("RELAY_HEADER_READ_TIMEOUT", "500ms")
+        .spawn()
+        .await;
+
+    // Connects and says nothing.
+    let mut silent = TcpStream::connect(relay.addr()).await.unwrap();
+    until_closed(&mut silent, "the silent connection is closed").await;
+
+    // Sends its head a byte every 100 ms: still incomplete when the time is up.
+    let mut slow = TcpStream::connect(relay.addr()).await.unwrap();
+    let head = b"GET /health HTTP/1.1\r\nHost: relay\r\nX-Padding: slowloris-slowloris\r\n\r\n";
+    let trickle = async {
+        for byte in head {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    let cut_off = within("the slow head is cut off", DEADLINE, trickle).await;
+    let answer = until_closed(&mut slow, "the slow connection is closed").await;
+    assert!(
+        cut_off || !String::from_utf8_lossy(&answer).contains("200 OK"),
+        "a head sent over {} ms was served",
+        head.len() * 100
+    );
+
+    // One request, then idle on a keep-alive connection.
+    let mut idle = TcpStream::connect(relay.addr()).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut idle, "the idle keep-alive connection is closed").await;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "the request before the idle time was served: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client that sends its request at once is served as ever.
+    assert!(health_answers(&relay).await);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once_and_counted_while_the_others_are_served() {
+    let relay = TestRelay::builder()
+        .env("RELAY_MAX_CONNECTIONS", "4")
+        .spawn()
+        .await;
+    // Wait until the harness's own readiness connections are gone.
+    within("a free connection slot", DEADLINE, async {
+        while !health_answers(&relay).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Four connections hold every slot (their requests unfinished).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(relay.addr()).await.unwrap();
+        stream.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        held.push(stream);
+    }
+    // Give the relay the chance to take them all: the fifth is refused once it has.
+    let mut refused = 0;
+    within("a connection over the limit is refused", DEADLINE, async {
+        loop {
+            let mut extra = TcpStream::connect(relay.addr()).await.unwrap();
+            let _ = extra
+                .write_all(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
+                .await;
+            let answer = until_closed(&mut extra, "the extra connection ends").await;
+            if answer.is_empty() {
+                refused += 1;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(refused, 1);
+
+    // The held ones are still served.
+    let mut first = held.remove(0);
+    first.write_all(b"Host: relay\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = within(
+        "the held connection is answered",
+        DEADLINE,
+        first.read(&mut buf),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(first);
+    drop(held);
+    within("a slot frees up", DEADLINE, async {
+        while !health_answers(&relay).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        relay
+            .counter("relay_connections_refused_total", &[("reason", "limit")])
+            .await
+            >= 1.0
+    );
+}
