@@ -363,3 +363,47 @@ async fn slow_client_is_closed_with_1013_without_stalling_other_channels() {
         .await;
     assert_eq!(other.recv_text().await, "still flowing");
 }
+
+#[tokio::test]
+async fn a_burst_of_a_thousand_tiny_frames_reaches_a_client_that_reads_as_fast_as_it_can() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/burst").await;
+    for i in 0..1_000 {
+        host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": format!("f{i}")}))
+            .await;
+    }
+    for i in 0..1_000 {
+        assert_eq!(client.recv_text().await, format!("f{i}"), "frame {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_1013_once_its_bytes_not_its_frames_pass_the_budget()
+{
+    const BUDGET: usize = 256 * 1024;
+    let relay = TestRelay::builder()
+        .env("RELAY_CHANNEL_QUEUE_BYTES", &BUDGET.to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (_stalled, open) = open_raw_channel(&relay, &mut host, "/stalled").await;
+    // 32 KiB frames: the frame count (4,096 by default) never comes near its bound; the
+    // bytes do, after socket buffers between relay and client have filled.
+    let chunk = "y".repeat(32 * 1024);
+    let mut sent = 0usize;
+    let close = loop {
+        assert!(
+            sent < 4_096,
+            "the relay kept queueing {sent} frames of 32 KiB for a client that never reads"
+        );
+        host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": chunk}))
+            .await;
+        sent += 1;
+        if let Some(msg) = host.try_recv_json(Duration::from_millis(1)).await {
+            break msg;
+        }
+    };
+    assert_eq!(close["type"], "ws:close", "unexpected message: {close}");
+    assert_eq!(close["code"], 1013);
+}

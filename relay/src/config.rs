@@ -197,6 +197,10 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_CHANNEL_QUEUE", default_value_t = limits::CHANNEL_QUEUE)]
     pub channel_queue: usize,
 
+    /// Bytes of host frames queued per client channel (v1) before it is closed (1013).
+    #[arg(long, env = "RELAY_CHANNEL_QUEUE_BYTES", default_value_t = limits::CHANNEL_QUEUE_BYTES)]
+    pub channel_queue_bytes: usize,
+
     /// How long a client connection may take to send a whole request head (also how long
     /// an idle keep-alive connection is kept).
     #[arg(long, env = "RELAY_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration,
@@ -418,6 +422,11 @@ impl ServeArgs {
             max_frame_bytes: at_least("RELAY_MAX_FRAME_BYTES", self.max_frame_bytes, 1024)?,
             tunnel_queue: at_least("RELAY_TUNNEL_QUEUE", self.tunnel_queue, 1)?,
             channel_queue: at_least("RELAY_CHANNEL_QUEUE", self.channel_queue, 1)?,
+            channel_queue_bytes: at_least(
+                "RELAY_CHANNEL_QUEUE_BYTES",
+                self.channel_queue_bytes,
+                limits::QUEUED_FRAME_OVERHEAD,
+            )?,
             directory_ttl: positive("RELAY_DIRECTORY_TTL", self.directory_ttl)?,
             h2_idle_connection: positive("RELAY_H2_IDLE_CONNECTION", self.h2_idle_connection)?,
             header_read_timeout: positive("RELAY_HEADER_READ_TIMEOUT", self.header_read_timeout)?,

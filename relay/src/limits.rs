@@ -33,10 +33,23 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// When full, senders wait: that is the backpressure a slow host exerts on its clients.
 pub const TUNNEL_QUEUE: usize = 1_024;
 
-/// Frames from the host that may wait for one slow client channel. v1 has no flow
-/// control, so a client that falls this far behind is closed (1013) rather than letting
-/// it stall every other stream on the tunnel or grow memory without bound.
-pub const CHANNEL_QUEUE: usize = 256;
+/// Frames from the host that may wait for one client channel (v1 tunnels): 4,096. v1 has
+/// no flow control, so a client that falls this far behind is closed (1013) rather than
+/// letting it stall every other stream on the tunnel or grow memory without bound. The
+/// bound that matters is [`CHANNEL_QUEUE_BYTES`]; this one only caps the per-frame
+/// overhead of floods of tiny frames, and is high enough that a burst a reading client
+/// keeps up with never hits it (256 closed one after 326 of 1,000 tiny frames).
+pub const CHANNEL_QUEUE: usize = 4_096;
+
+/// Bytes of host frames that may wait for one client channel (v1 tunnels): 1 MiB, each
+/// frame counted with [`QUEUED_FRAME_OVERHEAD`]. A client that falls this far behind is
+/// closed (1013). So a channel whose client stops reading costs the relay at most
+/// 1 MiB + 4,096 × 64 B ≈ 1.25 MiB, and a healthy client absorbs bursts of that size.
+pub const CHANNEL_QUEUE_BYTES: usize = 1024 * 1024;
+
+/// What a queued frame costs besides its payload, in [`CHANNEL_QUEUE_BYTES`]: its slot
+/// and allocation, so a flood of empty frames is bounded too.
+pub const QUEUED_FRAME_OVERHEAD: usize = 64;
 
 /// Lifetime of a directory entry without a heartbeat. Heartbeats ride on pongs, so the
 /// default lets three ping rounds go missing before a host is forgotten.
@@ -81,6 +94,8 @@ pub struct Limits {
     pub tunnel_queue: usize,
     /// See [`CHANNEL_QUEUE`].
     pub channel_queue: usize,
+    /// See [`CHANNEL_QUEUE_BYTES`].
+    pub channel_queue_bytes: usize,
     /// See [`DIRECTORY_TTL`].
     pub directory_ttl: Duration,
     /// See [`h2::IDLE_CONNECTION`].
@@ -102,6 +117,7 @@ impl Default for Limits {
             max_frame_bytes: MAX_FRAME_BYTES,
             tunnel_queue: TUNNEL_QUEUE,
             channel_queue: CHANNEL_QUEUE,
+            channel_queue_bytes: CHANNEL_QUEUE_BYTES,
             directory_ttl: DIRECTORY_TTL,
             h2_idle_connection: h2::IDLE_CONNECTION,
             header_read_timeout: HEADER_READ_TIMEOUT,
@@ -219,9 +235,16 @@ pub const FD_RESERVE: usize = 256;
 /// accept loop does not spin while connections end and free descriptors.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Connections (tunnels, client connections, channels) the relay holds at once: what the
-/// open file limit allows, less [`FD_RESERVE`] (at least 64). Over it a new connection is
-/// closed at once. `--max-connections` sets it (0: this).
+/// Default ceiling of [`max_connections`]: 10,000. An idle tunnel costs the relay
+/// 15–24 KiB plus a few KiB of kernel socket memory (BENCHMARKS.md), so 10,000 take
+/// ~300 MB, which a 512 MB machine holds with room for traffic; Fly's proxy is set to
+/// send new connections elsewhere at 8,000 (fly.toml) before this is reached.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// Connections (tunnels, client connections, channels) the relay holds at once:
+/// [`MAX_CONNECTIONS`], or what the open file limit allows less [`FD_RESERVE`] when that
+/// is lower (at least 64). Over it a new connection is closed at once.
+/// `--max-connections` sets it (0: this).
 pub fn max_connections(configured: usize) -> usize {
     if configured > 0 {
         return configured;
@@ -230,7 +253,7 @@ pub fn max_connections(configured: usize) -> usize {
     usize::try_from(soft)
         .unwrap_or(usize::MAX)
         .saturating_sub(FD_RESERVE)
-        .max(64)
+        .clamp(64, MAX_CONNECTIONS)
 }
 
 /// Deadline of one directory operation on the request path, so a slow directory degrades
@@ -451,9 +474,11 @@ pub mod agent {
     /// 1013. Bounds the agent's sockets and memory against a runaway client.
     pub const MAX_CHANNELS: usize = 4_096;
 
-    /// Relay frames that may wait for one slow local WebSocket. v1 has no flow control,
-    /// so a channel this far behind is closed (1013), as the relay does the other way.
-    pub const CHANNEL_QUEUE: usize = super::CHANNEL_QUEUE;
+    /// Relay frames that may wait for one slow local WebSocket: 256. v1 has no flow
+    /// control, so a channel this far behind is closed (1013), as the relay does the
+    /// other way. (The relay's own queue is larger and budgeted in bytes; the agent's
+    /// local service is on the same machine and reads at memory speed.)
+    pub const CHANNEL_QUEUE: usize = 256;
 
     /// Messages that may wait for the tunnel's writer. When full, upstream readers wait
     /// (backpressure), and the reader drops a `pong` rather than stall.

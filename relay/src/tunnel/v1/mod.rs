@@ -9,7 +9,8 @@
 mod session;
 mod streams;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -105,6 +106,19 @@ pub(crate) enum Command {
 pub(crate) struct ChannelSender {
     frames: mpsc::Sender<Frame>,
     closed: oneshot::Sender<Option<u16>>,
+    /// Bytes queued in `frames` (see [`queued_cost`]), shared with the receiving side.
+    queued: Arc<AtomicUsize>,
+    /// Most bytes that may be queued ([`crate::limits::CHANNEL_QUEUE_BYTES`]).
+    budget: usize,
+}
+
+/// What a frame waiting for its client counts against the channel's byte budget.
+pub(super) fn queued_cost(frame: &Frame) -> usize {
+    let payload = match frame {
+        Frame::Text(text) => text.len(),
+        Frame::Binary(data) => data.len(),
+    };
+    payload + crate::limits::QUEUED_FRAME_OVERHEAD
 }
 
 /// The handle's side of a v1 tunnel.
@@ -114,6 +128,7 @@ pub(crate) struct Link {
     next_stream: AtomicU64,
     max_body_bytes: usize,
     channel_queue: usize,
+    channel_queue_bytes: usize,
 }
 
 impl Link {
@@ -124,6 +139,7 @@ impl Link {
             next_stream: AtomicU64::new(1),
             max_body_bytes: limits.max_body_bytes,
             channel_queue: limits.channel_queue,
+            channel_queue_bytes: limits.channel_queue_bytes,
         };
         (link, rx)
     }
@@ -221,6 +237,7 @@ impl Link {
         let id = self.next_stream_id();
         let (frames_tx, frames) = mpsc::channel(self.channel_queue);
         let (closed_tx, closed) = oneshot::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         self.send(Command::OpenChannel {
             id,
             path: request.path,
@@ -228,6 +245,8 @@ impl Link {
             to_client: ChannelSender {
                 frames: frames_tx,
                 closed: closed_tx,
+                queued: Arc::clone(&queued),
+                budget: self.channel_queue_bytes,
             },
         })
         .await?;
@@ -238,6 +257,7 @@ impl Link {
                     id,
                     tunnel: tunnel.clone(),
                     frames,
+                    queued,
                     closed,
                     host_closed: None,
                     closed_sent: false,
@@ -329,6 +349,8 @@ pub(crate) struct Channel {
     tunnel: TunnelHandle,
     /// Frames from the host, in order. Ends when the channel or tunnel ends.
     frames: mpsc::Receiver<Frame>,
+    /// Bytes queued in `frames`, given back as they are taken.
+    queued: Arc<AtomicUsize>,
     /// Resolves with the host's close code; errors when the tunnel went without a word.
     closed: oneshot::Receiver<Option<u16>>,
     /// The host's close, once seen: frames sent before it are delivered first.
@@ -338,6 +360,13 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
+    /// Gives a frame's share of the byte budget back as it leaves the queue.
+    fn taken(&self, frame: Frame) -> Frame {
+        self.queued
+            .fetch_sub(queued_cost(&frame), Ordering::Relaxed);
+        frame
+    }
+
     fn link(&self) -> &Link {
         match self.tunnel.link() {
             super::Link::V1(link) => link,
@@ -350,7 +379,7 @@ impl Channel {
         if let Some(code) = self.host_closed {
             self.closed_sent = true;
             return match self.frames.try_recv() {
-                Ok(frame) => ChannelEvent::Frame(frame),
+                Ok(frame) => ChannelEvent::Frame(self.taken(frame)),
                 Err(_) => ChannelEvent::Closed(code),
             };
         }
@@ -359,7 +388,7 @@ impl Channel {
             // before the close.
             biased;
             frame = self.frames.recv() => match frame {
-                Some(frame) => ChannelEvent::Frame(frame),
+                Some(frame) => ChannelEvent::Frame(self.taken(frame)),
                 // Closed by the host, overflowed, or the tunnel went.
                 None => {
                     self.closed_sent = true;

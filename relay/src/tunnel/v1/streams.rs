@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChannelSender, Failure, HttpResponse};
+use std::sync::atomic::Ordering;
+
+use super::{ChannelSender, Failure, HttpResponse, queued_cost};
 use crate::protocol::{Frame, StreamId, close_code};
 use crate::tunnel::ExchangeError;
 
@@ -80,8 +82,17 @@ impl StreamTable {
         let Some(Stream::Channel(channel)) = self.streams.get(&id) else {
             return Delivery::UnknownId;
         };
+        // The byte budget first (the receiver only ever lowers the count meanwhile).
+        let cost = queued_cost(&frame);
+        if channel.queued.load(Ordering::Relaxed) + cost > channel.budget {
+            self.close_channel(id, Some(close_code::TRY_AGAIN_LATER));
+            return Delivery::Overflowed;
+        }
         match channel.frames.try_send(frame) {
-            Ok(()) => Delivery::Delivered,
+            Ok(()) => {
+                channel.queued.fetch_add(cost, Ordering::Relaxed);
+                Delivery::Delivered
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close_channel(id, Some(close_code::TRY_AGAIN_LATER));
                 Delivery::Overflowed
