@@ -637,13 +637,14 @@ async fn in_flight_request_finishes_on_old_v1_tunnel_while_agent_moves_and_relay
     in_flight_request_finishes_while_agent_moves("v1").await;
 }
 
-/// A slow request is in flight on a `protocol` tunnel when its relay drains: it
-/// completes on the old tunnel while the agent moves to the other relay.
-async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
+/// Relays a and b on one Redis (6 s grace, 10 s deadline) and a `protocol` agent for
+/// web-1, registered on a, that moves to b when a drains.
+async fn agent_ready_to_move(
+    protocol: &str,
+) -> (TestRedis, TestRelay, TestRelay, Upstream, TestAgent) {
     let redis = TestRedis::spawn().await;
-    let spawn = |machine| proxy_relay(&redis, machine, "6s", "10s");
-    let mut a = spawn("relay-a").await;
-    let b = spawn("relay-b").await;
+    let a = proxy_relay(&redis, "relay-a", "6s", "10s").await;
+    let b = proxy_relay(&redis, "relay-b", "6s", "10s").await;
     let upstream = Upstream::spawn().await;
     let agent = TestAgent::for_relay(&a, "web-1", &upstream)
         .relay(&b.ws_url(""))
@@ -652,6 +653,13 @@ async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
         .spawn();
     agent.wait_connected_to(&a).await;
     redis.wait_host_owner("web-1", &a).await;
+    (redis, a, b, upstream, agent)
+}
+
+/// A slow request is in flight on a `protocol` tunnel when its relay drains: it
+/// completes on the old tunnel while the agent moves to the other relay.
+async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
+    let (redis, mut a, b, upstream, agent) = agent_ready_to_move(protocol).await;
     let token = a.client_token(&["web-1"]);
     let client = a.http().clone();
     let url = a.http_url("/hosts/web-1/slow?ms=2000");
@@ -688,18 +696,7 @@ async fn in_flight_request_finishes_while_agent_moves(protocol: &str) {
 
 #[tokio::test]
 async fn an_h2_tunnel_with_no_http2_connection_up_moves_off_a_draining_relay_at_once() {
-    let redis = TestRedis::spawn().await;
-    let spawn = |machine| proxy_relay(&redis, machine, "6s", "10s");
-    let mut a = spawn("relay-a").await;
-    let b = spawn("relay-b").await;
-    let upstream = Upstream::spawn().await;
-    let agent = TestAgent::for_relay(&a, "web-1", &upstream)
-        .relay(&b.ws_url(""))
-        .drain_spread("50ms")
-        .protocol("h2")
-        .spawn();
-    agent.wait_connected_to(&a).await;
-    redis.wait_host_owner("web-1", &a).await;
+    let (redis, mut a, b, _upstream, agent) = agent_ready_to_move("h2").await;
     // No stream ever: the tunnel has no HTTP/2 connection. Moving it must not need one.
 
     let signalled_at = Instant::now();

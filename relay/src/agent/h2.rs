@@ -97,7 +97,12 @@ where
                 // Ending goes through a connection (started here if none is up), so the
                 // relay learns from GOAWAY that no new stream will be taken.
                 control.close_on_shutdown(close_code::NORMAL, "agent shutting down");
-                conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                if conn.is_none() && !shared_io.between_connections() {
+                    // As for a drain, below.
+                    control.close(close_code::NORMAL, "agent shutting down");
+                } else {
+                    conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                }
                 shutdown_deadline
                     .as_mut()
                     .reset(tokio::time::Instant::now() + CLOSE_GRACE);
@@ -177,7 +182,15 @@ where
                     // GOAWAY: the relay routes new requests to the newer tunnel; the
                     // connection ends (Close 1000) once the streams in flight are done.
                     control.close_on_shutdown(close_code::NORMAL, "drained");
-                    conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                    if conn.is_none() && !shared_io.between_connections() {
+                        // No connection up, and the relay's end of the last one is still
+                        // on its way (a new one would read it as its own): nothing is in
+                        // flight, so the tunnel closes at once.
+                        control.close(close_code::NORMAL, "drained");
+                    } else {
+                        // Started here if none is up.
+                        conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                    }
                     ending = Some(EndCause::Drained);
                 }
             },
@@ -274,17 +287,16 @@ mod tests {
     use crate::host_id::HostId;
     use crate::tunnel::Protocol;
 
-    /// An agent's h2 session over an in-memory WebSocket whose other end is a plain h2
-    /// client (the relay's side), and the session's task.
-    async fn session() -> (
-        h2::client::SendRequest<Bytes>,
-        tokio::task::JoinHandle<TunnelEnd>,
-        CancellationToken,
-    ) {
+    type Ws = WebSocketStream<tokio::io::DuplexStream>;
+    type RelaySide = TunnelIo<Ws>;
+
+    /// An agent's h2 session over an in-memory WebSocket, its upstream a port nothing
+    /// listens on (every exchange is answered 502): the relay's end of the socket, the
+    /// session's task and its cancellation.
+    async fn agent() -> (Ws, tokio::task::JoinHandle<TunnelEnd>, CancellationToken) {
         let (a, b) = tokio::io::duplex(1024 * 1024);
         let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let relay_side = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        // A port nothing listens on: every exchange is answered 502 by the agent.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let upstream = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
@@ -305,44 +317,29 @@ mod tests {
         let watchdogs = Watchdogs::new(&shared, 1, Protocol::H2, relay.clone(), events, newest_rx);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared, relay, watchdogs, agent_side, cancel.clone()));
+        (relay_side, task, cancel)
+    }
+
+    /// [`agent`] with an HTTP/2 connection up: a plain h2 client on the relay's side.
+    async fn session() -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<TunnelEnd>,
+        CancellationToken,
+    ) {
+        let (relay_side, task, cancel) = agent().await;
         let (io, _control, _inbox) = crate::protocol::h2::WsIo::new(relay_side, || {});
         let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
         tokio::spawn(conn);
         (client, task, cancel)
     }
 
-    type RelaySide = TunnelIo<WebSocketStream<tokio::io::DuplexStream>>;
-
-    /// An agent's h2 session over an in-memory WebSocket whose other end is the relay's
-    /// side of it, with no HTTP/2 connection yet.
+    /// [`agent`] with no HTTP/2 connection yet: the relay's side of the tunnel.
     async fn tunnel() -> (
         RelaySide,
         tokio::task::JoinHandle<TunnelEnd>,
         CancellationToken,
     ) {
-        let (a, b) = tokio::io::duplex(1024 * 1024);
-        let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-        let relay_side = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let upstream = format!("http://{}", closed.local_addr().unwrap());
-        drop(closed);
-        let shared = Arc::new(Shared {
-            host_id: HostId::parse("demo").unwrap(),
-            token: TokenSource::Inline("t".parse().unwrap()),
-            upstream: Arc::new(Upstream::new(UpstreamUrl::parse(&upstream).unwrap())),
-            status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
-            connect_timeout: Duration::from_secs(1),
-            silence_timeout: Duration::from_secs(75),
-            tasks: TaskTracker::new(),
-            protocol: ProtocolChoice::H2,
-            v1_only: std::sync::Mutex::default(),
-        });
-        let (events, _events_rx) = mpsc::unbounded_channel();
-        let (_newest, newest_rx) = watch::channel(0);
-        let relay = RelayUrl::parse("ws://test").unwrap();
-        let watchdogs = Watchdogs::new(&shared, 1, Protocol::H2, relay.clone(), events, newest_rx);
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(shared, relay, watchdogs, agent_side, cancel.clone()));
+        let (relay_side, task, cancel) = agent().await;
         let (io, _control, _inbox) = TunnelIo::new(relay_side, || {});
         (io, task, cancel)
     }

@@ -297,6 +297,18 @@ pub enum Idle {
     Ended,
 }
 
+/// What [`WsIo::poll_message`] read.
+enum Incoming {
+    /// HTTP/2 bytes.
+    Bytes(Bytes),
+    /// The peer's [`END`].
+    End,
+    /// The socket has ended ([`Control::ended`] says how).
+    Ended,
+    /// The socket is ending with our Close frame ([`WsIo::poll_closing`] finishes it).
+    Closing,
+}
+
 /// A WebSocket as the byte stream of an HTTP/2 connection. See the module docs.
 pub struct WsIo<S> {
     socket: S,
@@ -411,49 +423,64 @@ where
             return Poll::Ready(Idle::Started);
         }
         loop {
-            match Pin::new(&mut self.socket).poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
+            match std::task::ready!(self.poll_message(cx)) {
+                Incoming::Bytes(data) if self.connection.peer_end => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.read = data;
+                    return Poll::Ready(Idle::Started);
+                }
+                // The old connection's last bytes: nobody reads them any more.
+                Incoming::Bytes(_) => {}
+                Incoming::End => {
+                    self.connection.peer_end = true;
+                    return Poll::Ready(Idle::PeerEnded);
+                }
+                Incoming::Ended => return Poll::Ready(Idle::Ended),
+                Incoming::Closing => return self.poll_closing(cx).map(|()| Idle::Ended),
+            }
+        }
+    }
+
+    /// The next message for whoever reads the WebSocket (HTTP/2 or the tunnel's task),
+    /// with what both do alike already done: other text goes to the tunnel's task,
+    /// pings and pongs are the library's, and the end of the socket is recorded.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.socket).poll_next(cx)) {
+                None => {
                     self.finish(Ended::Gone(
                         "connection closed without a Close frame".into(),
                     ));
-                    return Poll::Ready(Idle::Ended);
+                    return Poll::Ready(Incoming::Ended);
                 }
-                Poll::Ready(Some(Err(err))) if crate::websocket::is_too_big(&err) => {
+                Some(Err(err)) if crate::websocket::is_too_big(&err) => {
+                    // The peer broke the message size limit: say so (1009) and end.
                     self.control.finish(Ended::TooBig);
                     self.start_close(
                         crate::protocol::close_code::TOO_BIG,
                         "message over the size limit",
                     );
-                    return self.poll_closing(cx).map(|()| Idle::Ended);
+                    return Poll::Ready(Incoming::Closing);
                 }
-                Poll::Ready(Some(Err(err))) => {
+                Some(Err(err)) => {
                     let _ = self.fail(&err);
-                    return Poll::Ready(Idle::Ended);
+                    return Poll::Ready(Incoming::Ended);
                 }
-                Poll::Ready(Some(Ok(message))) => match message.classify() {
-                    WsEvent::Binary(data) if self.connection.peer_end => {
-                        if data.is_empty() {
-                            continue;
-                        }
-                        self.read = data;
-                        return Poll::Ready(Idle::Started);
-                    }
-                    // The old connection's last bytes: nobody reads them any more.
-                    WsEvent::Binary(_) => {}
-                    WsEvent::Text(text) if is_end(&text) => {
-                        self.connection.peer_end = true;
-                        return Poll::Ready(Idle::PeerEnded);
-                    }
+                Some(Ok(message)) => match message.classify() {
+                    WsEvent::Binary(data) => return Poll::Ready(Incoming::Bytes(data)),
+                    WsEvent::Text(text) if is_end(&text) => return Poll::Ready(Incoming::End),
                     WsEvent::Text(text) => {
                         if self.inbox.try_send(text).is_err() {
                             (self.on_dropped)();
                         }
                     }
                     WsEvent::Close(frame) => {
+                        // The library queued its answer: send it, then the end.
                         let _ = Pin::new(&mut self.socket).poll_flush(cx);
                         self.finish(Ended::PeerClosed(frame));
-                        return Poll::Ready(Idle::Ended);
+                        return Poll::Ready(Incoming::Ended);
                     }
                     WsEvent::Other => {}
                 },
@@ -638,49 +665,17 @@ where
                 }
                 return Poll::Ready(Ok(()));
             }
-            match Pin::new(&mut this.socket).poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => {
-                    this.finish(Ended::Gone(
-                        "connection closed without a Close frame".into(),
-                    ));
+            match std::task::ready!(this.poll_message(cx)) {
+                Incoming::Bytes(data) => this.read = data,
+                Incoming::End => {
+                    // EOF for this connection; the tunnel goes on.
+                    this.connection.peer_end = true;
+                    this.control.connection_changed.notify_one();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Some(Err(err))) if crate::websocket::is_too_big(&err) => {
-                    // The peer broke the message size limit: say so (1009) and end.
-                    this.control.finish(Ended::TooBig);
-                    this.start_close(
-                        crate::protocol::close_code::TOO_BIG,
-                        "message over the size limit",
-                    );
-                    return this.poll_closing(cx).map(Ok);
-                }
-                Poll::Ready(Some(Err(err))) => {
-                    // EOF for HTTP/2 (its streams fail), with the cause kept.
-                    let _ = this.fail(&err);
-                    return Poll::Ready(Ok(()));
-                }
-                Poll::Ready(Some(Ok(message))) => match message.classify() {
-                    WsEvent::Binary(data) => this.read = data,
-                    WsEvent::Text(text) if is_end(&text) => {
-                        // EOF for this connection; the tunnel goes on.
-                        this.connection.peer_end = true;
-                        this.control.connection_changed.notify_one();
-                        return Poll::Ready(Ok(()));
-                    }
-                    WsEvent::Text(text) => {
-                        if this.inbox.try_send(text).is_err() {
-                            (this.on_dropped)();
-                        }
-                    }
-                    WsEvent::Close(frame) => {
-                        // The library queued its answer: send it, then EOF.
-                        let _ = Pin::new(&mut this.socket).poll_flush(cx);
-                        this.finish(Ended::PeerClosed(frame));
-                        return Poll::Ready(Ok(()));
-                    }
-                    WsEvent::Other => {}
-                },
+                // EOF for HTTP/2 (its streams fail), with the cause kept.
+                Incoming::Ended => return Poll::Ready(Ok(())),
+                Incoming::Closing => return this.poll_closing(cx).map(Ok),
             }
         }
     }
