@@ -123,20 +123,10 @@ where
                 if let Some(cause) = ending.take() {
                     break cause;
                 }
-                break match control.ended() {
-                    Some(Ended::PeerClosed(frame)) => {
-                        let (code, reason) = frame.map_or((None, String::new()), |(c, r)| (Some(c), r));
-                        EndCause::RelayClosed { code, reason }
-                    }
-                    Some(Ended::Gone(why)) => EndCause::Transport(why),
-                    Some(Ended::TooBig) => {
-                        EndCause::Transport("the relay sent a message over the size limit".into())
-                    }
-                    Some(Ended::Closed(_)) | None => EndCause::Transport(match result {
-                        Ok(()) => "HTTP/2 connection ended".into(),
-                        Err(err) => format!("HTTP/2 connection failed: {err}"),
-                    }),
-                };
+                break end_cause(control.ended(), match result {
+                    Ok(()) => "HTTP/2 connection ended".into(),
+                    Err(err) => format!("HTTP/2 connection failed: {err}"),
+                });
             }
             seen = shared_io.idle(), if conn.is_none() => match seen {
                 // The relay's preface: a new connection.
@@ -146,19 +136,7 @@ where
                     if let Some(cause) = ending.take() {
                         break cause;
                     }
-                    break match control.ended() {
-                        Some(Ended::PeerClosed(frame)) => {
-                            let (code, reason) = frame.map_or((None, String::new()), |(c, r)| (Some(c), r));
-                            EndCause::RelayClosed { code, reason }
-                        }
-                        Some(Ended::Gone(why)) => EndCause::Transport(why),
-                        Some(Ended::TooBig) => EndCause::Transport(
-                            "the relay sent a message over the size limit".into(),
-                        ),
-                        Some(Ended::Closed(_)) | None => {
-                            EndCause::Transport("tunnel WebSocket closed".into())
-                        }
-                    };
+                    break end_cause(control.ended(), "tunnel WebSocket closed".into());
                 }
             },
             text = inbox.recv() => {
@@ -200,6 +178,22 @@ where
     TunnelEnd::Ended {
         registered_for: watchdogs.registered_for(),
         cause,
+    }
+}
+
+/// Why the tunnel ended, from how its WebSocket did; `otherwise` when it has not (or this
+/// side closed it).
+fn end_cause(ended: Option<Ended>, otherwise: String) -> EndCause {
+    match ended {
+        Some(Ended::PeerClosed(frame)) => {
+            let (code, reason) = frame.map_or((None, String::new()), |(c, r)| (Some(c), r));
+            EndCause::RelayClosed { code, reason }
+        }
+        Some(Ended::Gone(why)) => EndCause::Transport(why),
+        Some(Ended::TooBig) => {
+            EndCause::Transport("the relay sent a message over the size limit".into())
+        }
+        Some(Ended::Closed(_)) | None => EndCause::Transport(otherwise),
     }
 }
 
