@@ -901,14 +901,13 @@ async fn auth_failure_is_logged_at_error_with_token_file_path_and_never_the_toke
         },
     )
     .await;
-    // A few more refused attempts, so retries are logged too.
-    wait_until("the relay refuses the agent 3 times", DEADLINE, || {
+    // A few more refused attempts, so retries are logged too (the relay counts every
+    // refusal but logs them as a summary).
+    relay_tests::wait_until_async("the relay refuses the agent 3 times", DEADLINE, || async {
         relay
-            .logs()
-            .iter()
-            .filter(|line| line.contains("tunnel refused"))
-            .count()
-            >= 3
+            .counter("relay_auth_failures_total", &[("endpoint", "tunnel")])
+            .await
+            >= 3.0
     })
     .await;
 

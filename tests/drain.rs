@@ -863,6 +863,49 @@ async fn admission_over_rate_gets_429_with_retry_after_seconds_then_admits_after
 }
 
 #[tokio::test]
+async fn a_flood_of_bad_token_upgrades_spends_no_admission_and_is_logged_as_one_summary() {
+    let relay = TestRelay::builder()
+        .arg("--admission-rate", "1")
+        .arg("--admission-burst", "2")
+        .spawn()
+        .await;
+    let forged = relay_tests::Claims::host("h1").sign("not-the-relay-secret");
+    for _ in 0..30 {
+        let mut refused = RawHost::connect_url(&relay.tunnel_url("h1", &forged), None).await;
+        assert_eq!(refused.recv_close_code(DEADLINE).await, 1008);
+    }
+    // The burst of 2 is still there for agents with good tokens.
+    let mut admitted = Vec::new();
+    for host_id in ["h1", "h2"] {
+        let url = relay.tunnel_url(host_id, &relay.host_token(host_id));
+        admitted.push(RawHost::connect_url(&url, None).await);
+        relay.wait_host_connected(host_id).await;
+    }
+    assert_eq!(
+        relay
+            .counter("relay_admission_rejections_total", &[("reason", "rate")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        relay
+            .counter("relay_auth_failures_total", &[("endpoint", "tunnel")])
+            .await,
+        30.0,
+        "every refusal is counted"
+    );
+    let lines = relay
+        .logs()
+        .iter()
+        .filter(|line| line.contains("tunnel refused"))
+        .count();
+    assert_eq!(
+        lines, 1,
+        "30 refusals make one log line within the interval, not 30"
+    );
+}
+
+#[tokio::test]
 async fn tunnel_gets_a_ping_right_after_its_directory_entry_is_written() {
     let redis = TestRedis::spawn().await;
     let relay = TestRelay::builder()

@@ -52,6 +52,32 @@ async fn sigterm_closes_tunnels_with_4001_and_exits_0_before_kill_timeout() {
 }
 
 #[tokio::test]
+async fn sighup_drains_like_sigterm_instead_of_dropping_every_tunnel() {
+    let mut relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "h1").await;
+
+    relay.send_signal("HUP");
+    let (types, code) = messages_until_close(&mut host).await;
+    drop(host);
+    let status = relay.wait_exit(DEADLINE).await;
+
+    assert!(
+        types.iter().any(|t| t == "drain"),
+        "a `drain` message precedes the close; got {types:?} then close {code}"
+    );
+    assert_eq!(code, 4001, "the tunnel is drained, not dropped");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a drained stop exits 0, got {status}"
+    );
+    assert!(
+        relay.logs().iter().any(|line| line.contains("SIGHUP")),
+        "the log says which signal stopped it"
+    );
+}
+
+#[tokio::test]
 async fn sigterm_sends_drain_message_before_closing_tunnel() {
     let relay = TestRelay::spawn().await;
     let mut host = RawHost::connect(&relay, "h1").await;

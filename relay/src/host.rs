@@ -57,7 +57,12 @@ pub(crate) async fn accept(
         telemetry::admission_rejected("draining");
         return draining_refusal(&relay);
     }
-    if let Err(wait) = relay.admit() {
+    // The token is checked before the admission bucket is spent: a flood of bad
+    // upgrades must not use up the registrations of the agents that hold good ones.
+    let authorized = authorize(&relay, &headers, query.as_deref());
+    if authorized.is_ok()
+        && let Err(wait) = relay.admit()
+    {
         telemetry::admission_rejected("rate");
         return too_many_registrations(wait);
     }
@@ -72,7 +77,7 @@ pub(crate) async fn accept(
             .max_frame_size(limits::h2::MAX_TUNNEL_MESSAGE);
     }
     let tracker = relay.tracker().clone();
-    match authorize(&relay, &headers, query.as_deref()) {
+    match authorized {
         Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
             let protocol = if socket.protocol().is_some_and(|p| p == h2::SUBPROTOCOL) {
                 Protocol::H2
@@ -85,7 +90,7 @@ pub(crate) async fn accept(
             if let Refusal::Auth(err) = &refusal {
                 telemetry::auth_failed("tunnel", err.kind());
             }
-            info!(%peer, reason = %refusal, "tunnel refused");
+            telemetry::tunnel_refused(&peer, &refusal);
             upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, refusal)))
         }
     }

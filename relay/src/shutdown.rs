@@ -1,12 +1,15 @@
-//! Signals: SIGINT and SIGTERM both start the same graceful stop; a second one during the
-//! stop exits at once.
+//! Signals: SIGINT, SIGTERM and SIGHUP all start the same graceful stop; a second one
+//! during the stop exits at once.
 //!
 //! Fly sends the app's `kill_signal` (SIGINT by default), then SIGKILL after
 //! `kill_timeout`; an operator's Ctrl-C is SIGINT; most other platforms send SIGTERM. All
-//! of them mean "drain".
+//! of them mean "drain". SIGHUP (the terminal or supervisor that started the process went
+//! away) has nothing to reload here, and dropping every tunnel without a word is the
+//! worst answer to it, so it drains too. SIGQUIT keeps its default: the emergency stop,
+//! at once and with a core dump, no drain (agents see their tunnels drop and reconnect).
 
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tracing::{error, warn};
 
@@ -14,16 +17,16 @@ use tracing::{error, warn};
 /// an interrupted process).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-/// Resolves on the first SIGINT or SIGTERM. A second one exits the process at once with
+/// Resolves on the first SIGINT, SIGTERM or SIGHUP. A second one exits the process at once with
 /// [`EXIT_INTERRUPTED`]: the operator (or platform) insists.
 ///
 /// If the signal handlers cannot be installed this never resolves (logged): the process
 /// then stops only by SIGKILL, which is what it would get anyway.
 pub async fn signal_then_exit_on_second() {
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(signals) => signals,
         Err(err) => {
-            error!(%err, "cannot listen for SIGINT/SIGTERM; stop with SIGKILL");
+            error!(%err, "cannot listen for SIGINT/SIGTERM/SIGHUP; stop with SIGKILL");
             return std::future::pending().await;
         }
     };
@@ -49,6 +52,7 @@ fn name(signal: i32) -> &'static str {
     match signal {
         SIGINT => "SIGINT",
         SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
         _ => "signal",
     }
 }

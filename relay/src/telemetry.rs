@@ -237,32 +237,58 @@ pub fn channel_open(delta: f64) {
     metrics::gauge!("relay_channels_open").increment(delta);
 }
 
-/// `accept(2)` failed (out of file descriptors, most often): counted always, logged at
-/// most once per [`ERROR_LOG_INTERVAL`] with how many were not.
-pub fn accept_failed(err: &std::io::Error) {
-    metrics::counter!("relay_accept_errors_total").increment(1);
-    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let now = Instant::now();
-    let suppressed = {
-        let mut last = LAST
+/// At most one log line per [`ERROR_LOG_INTERVAL`] for one kind of event that can come
+/// by the thousand (every one is counted in a metric besides).
+struct Throttle(Mutex<Option<(Instant, u64)>>);
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle(Mutex::new(None))
+    }
+
+    /// `Some(suppressed)` when a line may be logged now (with how many were not since the
+    /// last one), `None` when this one is suppressed.
+    fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match last.as_mut() {
             Some((at, skipped)) if now.duration_since(*at) < ERROR_LOG_INTERVAL => {
                 *skipped += 1;
-                return;
+                None
             }
             Some((at, skipped)) => {
                 *at = now;
-                std::mem::take(skipped)
+                Some(std::mem::take(skipped))
             }
             None => {
                 *last = Some((now, 0));
-                0
+                Some(0)
             }
         }
-    };
-    tracing::warn!(%err, suppressed, "accept failed; backing off");
+    }
+}
+
+/// `accept(2)` failed (out of file descriptors, most often): counted always, logged at
+/// most once per [`ERROR_LOG_INTERVAL`] with how many were not.
+pub fn accept_failed(err: &std::io::Error) {
+    metrics::counter!("relay_accept_errors_total").increment(1);
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.allow() {
+        tracing::warn!(%err, suppressed, "accept failed; backing off");
+    }
+}
+
+/// A tunnel registration was refused (bad or missing token, bad hostId): counted by the
+/// caller, logged at most once per [`ERROR_LOG_INTERVAL`] with how many were not, so a
+/// flood of bad upgrades cannot flood the log.
+pub fn tunnel_refused(peer: &dyn std::fmt::Display, reason: &dyn std::fmt::Display) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.allow() {
+        tracing::info!(%peer, %reason, suppressed, "tunnel refused");
+    }
 }
 
 /// A directory operation failed: counted always, logged at most once per
