@@ -906,6 +906,49 @@ async fn a_flood_of_bad_token_upgrades_spends_no_admission_and_is_logged_as_one_
 }
 
 #[tokio::test]
+async fn streams_cut_at_the_end_of_a_drain_are_counted_and_logged_and_the_relay_still_exits_0() {
+    for protocol in ["h2", "v1"] {
+        let mut relay = TestRelay::builder()
+            .arg("--drain-grace", "300ms")
+            .spawn()
+            .await;
+        let upstream = Upstream::spawn().await;
+        let agent = TestAgent::for_relay(&relay, "web-1", &upstream)
+            .protocol(protocol)
+            .spawn();
+        agent.wait_connected_to(&relay).await;
+        let client = relay.http().clone();
+        let url = relay.http_url("/hosts/web-1/slow?ms=30000");
+        let token = relay.client_token(&["web-1"]);
+        let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+        wait_until("the long request reaches the upstream", DEADLINE, || {
+            upstream.requests() == 1
+        })
+        .await;
+
+        relay.send_sigterm();
+        let status = relay.wait_exit(DEADLINE).await;
+        assert_eq!(status.code(), Some(0), "{protocol}: exit status {status}");
+        let answer = within("the cut request ends", DEADLINE, request)
+            .await
+            .expect("client task");
+        assert!(
+            answer
+                .as_ref()
+                .map_or(true, |response| response.status != 200),
+            "{protocol}: a request the drain cut cannot have succeeded: {answer:?}"
+        );
+        assert!(
+            relay.logs().iter().any(|line| line.contains("drain cut")
+                && line.contains("exchanges=1")
+                && line.contains("channels=0")),
+            "{protocol}: the cut is logged with what was cut: {:#?}",
+            relay.logs()
+        );
+    }
+}
+
+#[tokio::test]
 async fn tunnel_gets_a_ping_right_after_its_directory_entry_is_written() {
     let redis = TestRedis::spawn().await;
     let relay = TestRelay::builder()

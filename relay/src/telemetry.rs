@@ -136,6 +136,23 @@ pub fn connection_refused(reason: &'static str) {
     metrics::counter!("relay_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// A drained tunnel was closed with streams still open (after the wait for answers in
+/// flight): they are cut, and the clients see a failed answer, a cut body or a closed
+/// WebSocket. Counted (`relay_drain_cut_total{kind}`) and logged, so an operator can tell
+/// a clean deploy from one that cut long downloads.
+pub fn drain_cut(exchanges: usize, channels: usize) {
+    if exchanges == 0 && channels == 0 {
+        return;
+    }
+    metrics::counter!("relay_drain_cut_total", "kind" => "exchange").increment(exchanges as u64);
+    metrics::counter!("relay_drain_cut_total", "kind" => "channel").increment(channels as u64);
+    tracing::warn!(
+        exchanges,
+        channels,
+        "drain cut streams still open at its deadline"
+    );
+}
+
 /// A client channel was closed because its client read too slowly.
 pub fn channel_overflow() {
     metrics::counter!("relay_channel_overflows_total").increment(1);

@@ -566,11 +566,7 @@ async fn close_through_handle(
             link.drain(DRAIN_REASON);
         }
         if timeout(DRAIN_CLOSE_WAIT, handle.idle()).await.is_err() {
-            debug!(
-                exchanges = handle.pending_exchanges(),
-                channels = handle.open_channels(),
-                "drain close wait over; cutting the streams still open"
-            );
+            telemetry::drain_cut(handle.pending_exchanges(), handle.open_channels());
         }
     }
     close_now(link, shared, phase, end).await

@@ -150,7 +150,8 @@ impl Session {
             Ok::<_, axum::Error>(())
         })
         .await;
-        shared.streams().fail_all(close_code::GOING_AWAY);
+        let (exchanges, channels) = shared.streams().fail_all(close_code::GOING_AWAY);
+        telemetry::drain_cut(exchanges, channels);
     }
 }
 

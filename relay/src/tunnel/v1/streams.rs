@@ -143,16 +143,21 @@ impl StreamTable {
 
     /// Ends every stream: exchanges fail at once with `TunnelClosed`, channels are told to
     /// close with `channel_code`.
-    pub(super) fn fail_all(&mut self, channel_code: u16) {
+    /// Returns how many exchanges and channels it cut.
+    pub(super) fn fail_all(&mut self, channel_code: u16) -> (usize, usize) {
+        let (mut exchanges, mut channels) = (0, 0);
         for (_, stream) in self.streams.drain() {
             match stream {
                 Stream::Exchange(respond) => {
+                    exchanges += 1;
                     let _ = respond.send(Err(ExchangeError::TunnelClosed.into()));
                 }
                 Stream::Channel(channel) => {
+                    channels += 1;
                     let _ = channel.closed.send(Some(channel_code));
                 }
             }
         }
+        (exchanges, channels)
     }
 }
