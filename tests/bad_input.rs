@@ -314,3 +314,48 @@ async fn a_flood_of_unsolicited_pongs_costs_the_directory_at_most_one_heartbeat_
         "2,000 pongs within 15 s refresh the directory entry once, not 2,000 times"
     );
 }
+
+#[tokio::test]
+async fn a_body_whose_v1_message_would_pass_the_frame_limit_once_escaped_gets_413_and_the_tunnel_lives()
+ {
+    const FRAME: usize = 1024 * 1024;
+    let relay = TestRelay::builder().max_frame_bytes(FRAME).spawn().await;
+    let mut host = RawHost::connect(&relay, "bad-1").await;
+    let token = relay.client_token(&["bad-1"]);
+    // 300 KB of control characters: within the 10 MiB body limit, but 1.8 MB as JSON.
+    let escaped_large = "\u{1}".repeat(300 * 1024);
+    let response = relay
+        .http()
+        .request(http::Method::POST, relay.http_url("/hosts/bad-1/upload"))
+        .bearer(&token)
+        .body(escaped_large)
+        .send()
+        .await;
+    response.assert_status(413);
+    assert!(
+        response.error().contains("once encoded"),
+        "the error says why: {}",
+        response.error()
+    );
+    // Nothing was sent: the next message the host sees is the next request, and the
+    // tunnel (with every other exchange on it) is alive.
+    assert_tunnel_serves(&relay, &mut host, "bad-1").await;
+
+    // The same number of plain bytes fits.
+    let client = relay.http().clone();
+    let url = relay.http_url("/hosts/bad-1/upload");
+    let bearer = token.clone();
+    let plain = "a".repeat(300 * 1024);
+    let request = tokio::spawn(async move {
+        client
+            .request(http::Method::POST, url)
+            .bearer(&bearer)
+            .body(plain)
+            .send()
+            .await
+    });
+    let msg = host.expect("http").await;
+    assert_eq!(msg["body"].as_str().map(str::len), Some(300 * 1024));
+    host.respond(&msg_id(&msg), 200, json!({}), "stored").await;
+    request.await.expect("client task").assert_status(200);
+}

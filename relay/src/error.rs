@@ -52,7 +52,9 @@ impl ClientError {
                 ExchangeError::TunnelClosed | ExchangeError::InvalidResponse(_) => {
                     StatusCode::BAD_GATEWAY
                 }
-                ExchangeError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                ExchangeError::BodyTooLarge { .. } | ExchangeError::BodyTooLargeEncoded { .. } => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
                 ExchangeError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ExchangeError::BodyUnreadable => StatusCode::BAD_REQUEST,
             },

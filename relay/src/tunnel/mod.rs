@@ -87,6 +87,16 @@ pub enum ExchangeError {
         /// The configured limit.
         limit: usize,
     },
+    /// Client: the body is within the body limit, but its v1 message (the body escaped as
+    /// JSON: a control character takes 6 bytes) would be over the host's message limit,
+    /// which would end the whole tunnel: 413, and nothing is sent.
+    #[error(
+        "request body too large once encoded for the host: its message would be over {limit} bytes"
+    )]
+    BodyTooLargeEncoded {
+        /// The message limit.
+        limit: usize,
+    },
     /// Client: v1 tunnels carry text bodies only: 415.
     #[error("request body is not UTF-8 text; v1 tunnels carry text bodies only")]
     BodyNotText,

@@ -112,6 +112,33 @@ pub(crate) struct ChannelSender {
     budget: usize,
 }
 
+/// An upper bound on the size of the `http` message that carries a request: the body as
+/// JSON escapes it (quotes and backslashes take 2 bytes, control characters 2 or 6), plus
+/// the path, query and headers at worst-case escaping, plus the fields' names.
+fn encoded_len(parts: &http::request::Parts, body: &str) -> usize {
+    const ENVELOPE: usize = 256;
+    let body = json_escaped_len(body);
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) * 6;
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().len() + value.len()) * 6 + 8)
+        .sum();
+    ENVELOPE + body + target + headers
+}
+
+/// The length of `text` as a JSON string (quotes included), escaped as serde_json does.
+fn json_escaped_len(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// What a frame waiting for its client counts against the channel's byte budget.
 pub(super) fn queued_cost(frame: &Frame) -> usize {
     let payload = match frame {
@@ -127,6 +154,8 @@ pub(crate) struct Link {
     tx: mpsc::Sender<Command>,
     next_stream: AtomicU64,
     max_body_bytes: usize,
+    /// Largest message the host takes ([`Limits::max_frame_bytes`]).
+    max_message: usize,
     channel_queue: usize,
     channel_queue_bytes: usize,
 }
@@ -138,6 +167,7 @@ impl Link {
             tx,
             next_stream: AtomicU64::new(1),
             max_body_bytes: limits.max_body_bytes,
+            max_message: limits.max_frame_bytes,
             channel_queue: limits.channel_queue,
             channel_queue_bytes: limits.channel_queue_bytes,
         };
@@ -184,6 +214,12 @@ impl Link {
         parts.headers.remove(header::TE);
         let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
         let body = String::from_utf8(body.into()).map_err(|_| ExchangeError::BodyNotText)?;
+        if encoded_len(&parts, &body) > self.max_message {
+            return Err(ExchangeError::BodyTooLargeEncoded {
+                limit: self.max_message,
+            }
+            .into());
+        }
         telemetry::bytes("to_host", body.len());
         let id = self.next_stream_id();
         let (respond, response) = oneshot::channel();
@@ -603,5 +639,23 @@ mod tests {
             into_response(response),
             Err(ExchangeError::InvalidResponse(_))
         ));
+    }
+
+    #[test]
+    fn the_escaped_length_is_what_serde_json_writes() {
+        for text in [
+            "",
+            "plain ascii",
+            "quote \" and backslash \\",
+            "\n\r\t\u{8}\u{c}",
+            "\u{0}\u{1}\u{1f}\u{7f}",
+            "héllo wörld ✓ 🚀",
+        ] {
+            assert_eq!(
+                json_escaped_len(text),
+                serde_json::to_string(text).unwrap().len(),
+                "{text:?}"
+            );
+        }
     }
 }
