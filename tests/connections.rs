@@ -94,31 +94,34 @@ async fn connections_over_the_limit_are_closed_at_once_and_counted_while_the_oth
     })
     .await;
 
-    // Four connections hold every slot (their requests unfinished).
+    // Connections that send half a head hold a slot each (for up to the head timeout)
+    // until one is refused: closed at once, with no answer. An accepted one stays open,
+    // silent, waiting for the rest of its head.
     let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut stream = TcpStream::connect(relay.addr()).await.unwrap();
-        stream.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
-        held.push(stream);
-    }
-    // Give the relay the chance to take them all: the fifth is refused once it has.
-    let mut refused = 0;
     within("a connection over the limit is refused", DEADLINE, async {
         loop {
-            let mut extra = TcpStream::connect(relay.addr()).await.unwrap();
-            let _ = extra
-                .write_all(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
-                .await;
-            let answer = until_closed(&mut extra, "the extra connection ends").await;
-            if answer.is_empty() {
-                refused += 1;
-                return;
+            assert!(held.len() <= 4, "more than 4 connections were held open");
+            let mut stream = TcpStream::connect(relay.addr()).await.unwrap();
+            let _ = stream.write_all(b"GET /health HTTP/1.1\r\n").await;
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+                Err(_) => held.push(stream),
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(n)) => panic!(
+                    "half a head was answered: {}",
+                    String::from_utf8_lossy(&buf[..n])
+                ),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert_eq!(refused, 1);
+    // The test's own HTTP client may keep pooled connections open, and a connection that
+    // just ended may not have given its slot back yet: at most 4, at least one.
+    assert!(
+        (1..=4).contains(&held.len()),
+        "{} connections held before the refusal, with a limit of 4",
+        held.len()
+    );
 
     // The held ones are still served.
     let mut first = held.remove(0);
