@@ -370,18 +370,29 @@ mod tests {
         cancel.cancel();
         let _ = task.await;
     }
+    /// Starts an HTTP/2 connection on the relay's side of the tunnel, as the relay does:
+    /// the sender, and hyper's dispatch task (it ends when the connection stops taking
+    /// streams).
+    async fn connect(
+        relay: &RelaySide,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<Body>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let io = TokioIo::new(relay.start_connection());
+        let (client, conn) = hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
+            .handshake::<_, Body>(io)
+            .await
+            .expect("h2 handshake");
+        (client, tokio::spawn(conn))
+    }
+
     #[tokio::test]
     async fn a_connection_the_relay_ends_ends_alone_and_the_next_one_is_served() {
         let (relay, task, cancel) = tunnel().await;
         for round in 0..3 {
             // What the relay does for the first stream after an idle period.
-            let io = TokioIo::new(relay.start_connection());
-            let (mut client, conn) =
-                hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
-                    .handshake::<_, Body>(io)
-                    .await
-                    .expect("h2 handshake");
-            let dispatch = tokio::spawn(conn);
+            let (mut client, dispatch) = connect(&relay).await;
             let mut request = http::Request::new(Body::empty());
             *request.uri_mut() = format!("http://tunnel/{round}").parse().unwrap();
             let response =
@@ -423,13 +434,7 @@ mod tests {
             .await
             .expect("the agent starts a connection");
         assert_eq!(seen, Idle::Started);
-        let io = TokioIo::new(relay.start_connection());
-        let (mut client, conn) =
-            hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
-                .handshake::<_, Body>(io)
-                .await
-                .expect("h2 handshake");
-        let dispatch = tokio::spawn(conn);
+        let (mut client, dispatch) = connect(&relay).await;
         // GOAWAY: no new stream is taken, and the request comes back unsent.
         let outcome = tokio::time::timeout(Duration::from_secs(10), dispatch)
             .await
