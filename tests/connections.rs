@@ -1,12 +1,18 @@
 //! Client connections are bounded: a request head must arrive whole in time (slowloris,
-//! silent sockets and idle keep-alive connections are closed), and connections over the
-//! limit are closed at once while the others are served.
+//! silent sockets and idle keep-alive connections are closed), connections over the
+//! limit are closed at once while the others are served, and a peer that stops reading
+//! (a client, a client WebSocket, a host's tunnel) is dropped after the write timeout.
 
 use std::time::Duration;
 
-use relay_tests::{DEADLINE, TestRelay, within};
+use relay_tests::{DEADLINE, RawHost, TestRelay, WsClient, msg_id, within};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// More than the kernel buffers between relay and a peer that reads nothing can hold
+/// (send buffers grow to 4 MiB here; an unread receive buffer stays small).
+const MORE_THAN_SOCKET_BUFFERS: usize = 12 * 1024 * 1024;
 
 /// Reads until the relay closes `stream` (EOF or reset); what it sent before that.
 async fn until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
@@ -149,4 +155,131 @@ async fn connections_over_the_limit_are_closed_at_once_and_counted_while_the_oth
             .await
             >= 1.0
     );
+}
+
+/// A connection to the relay whose receive buffer stays small (set before connecting).
+async fn small_window_connection(relay: &TestRelay) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(relay.addr()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_dropped_after_the_write_timeout() {
+    let relay = TestRelay::builder()
+        .env("RELAY_WRITE_TIMEOUT", "500ms")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+
+    let mut client = small_window_connection(&relay).await;
+    client
+        .write_all(
+            format!(
+                "GET /hosts/raw-1/big HTTP/1.1\r\nHost: relay\r\n\
+                 Authorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let request = host.expect("http").await;
+    let body = "z".repeat(MORE_THAN_SOCKET_BUFFERS);
+    host.respond(&msg_id(&request), 200, json!({}), &body).await;
+
+    // The client reads nothing; the relay gives up on it instead of holding the body.
+    relay
+        .wait_counter("relay_write_timeouts_total", &[], 1.0)
+        .await;
+    let received = within("the dropped connection ends", DEADLINE, async {
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        received < MORE_THAN_SOCKET_BUFFERS,
+        "the whole response ({received} bytes) reached a client dropped for not reading"
+    );
+
+    // The tunnel and other clients are unaffected.
+    let ok = relay
+        .http()
+        .get(relay.http_url("/hosts/raw-1/small"))
+        .bearer(&token)
+        .send();
+    let answer = async {
+        let request = host.expect("http").await;
+        host.respond(&msg_id(&request), 200, json!({}), "fine").await;
+    };
+    let (response, ()) = tokio::join!(ok, answer);
+    response.assert_status(200);
+    assert_eq!(response.text(), "fine");
+}
+
+#[tokio::test]
+async fn a_client_websocket_that_stops_reading_is_dropped_after_the_write_timeout_and_its_host_hears_1013()
+ {
+    let relay = TestRelay::builder()
+        .env("RELAY_WRITE_TIMEOUT", "500ms")
+        // Room for everything the host sends: only the write timeout can end the channel.
+        .env("RELAY_CHANNEL_QUEUE_BYTES", &(64 * 1024 * 1024).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let _client = WsClient::connect_ok(&relay.ws_url("/hosts/raw-1/feed"), Some(&token)).await;
+    let open = host.expect("ws:open").await;
+
+    let chunk = "w".repeat(256 * 1024);
+    for _ in 0..MORE_THAN_SOCKET_BUFFERS / chunk.len() {
+        host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": chunk}))
+            .await;
+    }
+    // The client never reads: the relay closes the channel at the host's side with 1013
+    // (as for a full queue) and drops the client's connection.
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], open["id"]);
+    assert_eq!(close["code"], 1013, "{close}");
+    assert!(relay.counter("relay_write_timeouts_total", &[]).await >= 1.0);
+    within("the channel is gone", DEADLINE, async {
+        while relay.counter("relay_channels_open", &[]).await > 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tunnel_whose_host_stops_reading_ends_after_the_write_timeout_before_any_ping_is_due() {
+    const BODY: usize = 1024 * 1024;
+    let relay = TestRelay::builder()
+        .env("RELAY_WRITE_TIMEOUT", "500ms")
+        // No ping is due for the whole test: only the write timeout can end the tunnel.
+        .ping_interval("300s")
+        .env("RELAY_DIRECTORY_TTL", "900s")
+        .spawn()
+        .await;
+    // Connected, then never read from again.
+    let _host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+
+    let uploads = (0..MORE_THAN_SOCKET_BUFFERS / BODY).map(|_| {
+        relay
+            .http()
+            .request(http::Method::POST, relay.http_url("/hosts/raw-1/upload"))
+            .bearer(&token)
+            .body("u".repeat(BODY))
+            .timeout(DEADLINE)
+            .try_send()
+    });
+    let waiting = futures_util::future::join_all(uploads);
+    let (_, ()) = tokio::join!(waiting, relay.wait_host_disconnected("raw-1"));
+    assert!(relay.counter("relay_write_timeouts_total", &[]).await >= 1.0);
 }

@@ -267,8 +267,12 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
             biased;
             event = channel.recv() => match event {
                 ChannelEvent::Frame(frame) => {
-                    if socket.send(to_message(frame)).await.is_err() {
-                        channel.close(None).await;
+                    if let Err(err) = socket.send(to_message(frame)).await {
+                        // A client that stopped reading (the write timed out) is what a
+                        // full queue also reports to the host: 1013, try again later.
+                        let code = crate::connections::is_write_timeout(&err)
+                            .then_some(close_code::TRY_AGAIN_LATER);
+                        channel.close(code).await;
                         return;
                     }
                 }

@@ -207,6 +207,12 @@ pub struct ServeArgs {
           default_value = "20s")]
     pub header_read_timeout: Duration,
 
+    /// How long a write to a peer (client, channel, tunnel) may make no progress before
+    /// the connection is dropped.
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "30s")]
+    pub write_timeout: Duration,
+
     /// Connections held at once (tunnels and clients); over it new ones are closed at once.
     /// 0: the open file limit less a reserve.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 0)]
@@ -431,6 +437,7 @@ impl ServeArgs {
             h2_idle_connection: positive("RELAY_H2_IDLE_CONNECTION", self.h2_idle_connection)?,
             header_read_timeout: positive("RELAY_HEADER_READ_TIMEOUT", self.header_read_timeout)?,
             max_connections: self.max_connections,
+            write_timeout: positive("RELAY_WRITE_TIMEOUT", self.write_timeout)?,
         };
         if limits.directory_ttl <= limits.ping_interval {
             return err(format!(

@@ -9,6 +9,10 @@
 //!   channels included, until they end). Over it a new connection is closed at once and
 //!   counted (`relay_connections_refused_total`), rather than accepted into a process
 //!   that runs out of file descriptors for Redis, peers and its own accept loop.
+//! - **A write that makes no progress for [`Limits::write_timeout`] drops the
+//!   connection** ([`WriteTimeout`]): a client that stops reading a response, a client
+//!   WebSocket that stops reading its channel, a host that stops reading its tunnel.
+//!   Upgraded connections keep the bound, since the upgrade hands over this same socket.
 //! - Accept errors (out of descriptors) back off briefly and are logged at most once per
 //!   [`crate::limits::ERROR_LOG_INTERVAL`], with how many there were.
 //!
@@ -16,7 +20,11 @@
 //! runs, configured.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -24,8 +32,10 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -71,9 +81,10 @@ pub async fn serve(
         let builder = builder.clone();
         let finish = finish.clone();
         let head_timeout = limits.header_read_timeout;
+        let write_timeout = limits.write_timeout;
         connections.spawn(async move {
             // Held until the connection (or the tunnel or channel it became) ends.
-            let _permit = permit;
+            let _open = Open::new(permit);
             let started = tokio::select! {
                 started = first_bytes(&stream, head_timeout) => started,
                 // Finishing: a connection that has not said anything yet is done.
@@ -83,7 +94,8 @@ pub async fn serve(
                 debug!(%addr, "connection closed: nothing (or no HTTP/2 preface) in time");
                 return;
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+            let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -101,6 +113,24 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// A connection's place under the limit, counted in `relay_connections_open` while held.
+struct Open {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Open {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Open {
+        telemetry::connection_open(1.0);
+        Open { _permit: permit }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        telemetry::connection_open(-1.0);
+    }
 }
 
 /// Waits, at most `limit`, for the first bytes of a connection: enough to tell HTTP/1.1
@@ -137,4 +167,172 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .enable_connect_protocol();
     builder
+}
+
+/// A socket whose writes fail with [`io::ErrorKind::TimedOut`] once one has been waiting
+/// (the peer's receive window and our send buffer full) for `limit` without a byte
+/// going out. Reads are untouched: waiting for a peer to speak is bounded elsewhere
+/// (head timeout, pings), and is not a stall.
+#[derive(Debug)]
+pub struct WriteTimeout<T> {
+    io: T,
+    limit: Duration,
+    /// When the write now waiting started waiting; `None` while writes go through.
+    stalled_since: Option<Instant>,
+    /// Wakes the task at the deadline. Allocated on the first stall and reset after:
+    /// a busy connection stalls for a moment at every full send buffer.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> WriteTimeout<T> {
+    /// `io` with writes bounded by `limit`.
+    pub fn new(io: T, limit: Duration) -> Self {
+        WriteTimeout {
+            io,
+            limit,
+            stalled_since: None,
+            timer: None,
+        }
+    }
+
+    /// Passes on what a write returned, or an error once it has waited too long.
+    fn guard<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled_since = None;
+            return polled;
+        }
+        let now = Instant::now();
+        let deadline = *self.stalled_since.get_or_insert(now) + self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                telemetry::write_timed_out();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    WriteTimedOut(self.limit),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The error inside the [`io::Error`] of a [`WriteTimeout`] (to tell it from others).
+#[derive(Debug, thiserror::Error)]
+#[error("the peer took no bytes for {0:?} (write timeout)")]
+pub struct WriteTimedOut(Duration);
+
+/// Whether `err`, or an error it wraps, is a [`WriteTimeout`]'s.
+pub fn is_write_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if err.is::<WriteTimedOut>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<WriteTimedOut>())
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.guard(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.guard(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.guard(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.guard(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_takes_fails_after_the_limit() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut ours = WriteTimeout::new(ours, Duration::from_millis(50));
+        let started = Instant::now();
+        let err = ours.write_all(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(is_write_timeout(&err), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // Nothing was lost on the way: the peer can still read what went out.
+        let mut buf = [0u8; 1024];
+        assert_eq!(theirs.read(&mut buf).await.unwrap(), 1024);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_keeps_reading_slowly_is_never_cut() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut ours = WriteTimeout::new(ours, Duration::from_millis(100));
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            let mut buf = [0u8; 64];
+            while total < 64 * 20 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                total += theirs.read(&mut buf).await.unwrap();
+            }
+            total
+        });
+        // 20 reads 30 ms apart: 600 ms in all, far past the limit, each stall under it.
+        ours.write_all(&[1u8; 64 * 20]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 64 * 20);
+    }
 }

@@ -104,6 +104,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// See [`max_connections`]; 0 derives it from the open file limit.
     pub max_connections: usize,
+    /// See [`WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -122,6 +124,7 @@ impl Default for Limits {
             h2_idle_connection: h2::IDLE_CONNECTION,
             header_read_timeout: HEADER_READ_TIMEOUT,
             max_connections: 0,
+            write_timeout: WRITE_TIMEOUT,
         }
     }
 }
@@ -225,6 +228,16 @@ pub mod h2 {
 /// socket that connects and says nothing holds its descriptor for seconds, not forever.
 /// `--header-read-timeout`.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a write to any peer (a client, a client's WebSocket, a host's tunnel) may
+/// make no progress before the connection is dropped: 30 s. A peer that stops reading
+/// would otherwise hold what the relay has for it (a buffered response, queued frames)
+/// and its descriptor for ever, and a tunnel whose socket takes no bytes is dead whether
+/// or not its pongs are due yet (the ping check alone takes 90 s). A slow reader that
+/// keeps reading, however slowly, is not cut; the byte budgets bound what it can hold.
+/// 30 s is the exchange timeout: no answer a client waits for outlives it anyway.
+/// `--write-timeout`.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// File descriptors kept free below the open file limit when deriving
 /// [`max_connections`]: 256, for Redis, peer relays, the listener's own accepts and the

@@ -136,6 +136,18 @@ pub fn connection_refused(reason: &'static str) {
     metrics::counter!("relay_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// A connection was accepted (`1.0`) or ended (`-1.0`), upgraded ones included:
+/// `relay_connections_open`, what counts against [`crate::limits::max_connections`].
+pub fn connection_open(delta: f64) {
+    metrics::gauge!("relay_connections_open").increment(delta);
+}
+
+/// A write to a peer made no progress for the write timeout and its connection was
+/// dropped ([`crate::connections::WriteTimeout`]).
+pub fn write_timed_out() {
+    metrics::counter!("relay_write_timeouts_total").increment(1);
+}
+
 /// A drained tunnel was closed with streams still open (after the wait for answers in
 /// flight): they are cut, and the clients see a failed answer, a cut body or a closed
 /// WebSocket. Counted (`relay_drain_cut_total{kind}`) and logged, so an operator can tell
