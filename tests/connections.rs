@@ -216,7 +216,8 @@ async fn a_client_that_stops_reading_its_response_is_dropped_after_the_write_tim
         .send();
     let answer = async {
         let request = host.expect("http").await;
-        host.respond(&msg_id(&request), 200, json!({}), "fine").await;
+        host.respond(&msg_id(&request), 200, json!({}), "fine")
+            .await;
     };
     let (response, ()) = tokio::join!(ok, answer);
     response.assert_status(200);

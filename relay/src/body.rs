@@ -6,17 +6,23 @@
 //!   the answer starts then, not while a long upload is still on its way.
 //! - [`Handoff`]: a body handed to a hop lazily, so a hop that failed before reading it
 //!   (a refused connection) gives it back for another try.
+//! - [`Paced`]: a client's request body that must keep arriving at a minimum rate, so a
+//!   trickling upload cannot hold a connection, a stream or buffered bytes for ever.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
-/// A body that holds `guard` until it ends (or is dropped).
+/// A body that holds `guard` until it ends (or is dropped): until whoever sends it has
+/// asked for more after its last chunk.
 pub struct Guarded<B, G> {
     body: B,
     guard: Option<G>,
@@ -52,7 +58,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        // Not while the guard is held: a server that sees the end would drop the body
+        // (and the guard) as soon as it has the last chunk in its buffer, not once the
+        // chunk is written; it polls once more instead, when its buffer has room.
+        self.guard.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -157,6 +166,121 @@ impl http_body::Body for Handoff {
     }
 }
 
+/// A client's request body that fails ([`UploadTooSlow`]) once the time spent waiting
+/// for it passes `grace` plus one second for every `rate` bytes received: a client
+/// uploading at `rate` or faster is never cut, one that trickles a byte every few
+/// seconds is cut after about `grace`. Only the time the body is asked for and has
+/// nothing counts: while the host's side is not reading (flow control), the client is
+/// not to blame. A `rate` of 0 turns the check off.
+pub struct Paced<B> {
+    body: B,
+    grace: Duration,
+    rate: u64,
+    received: u64,
+    /// Time spent waiting for the client so far, and since when it is waited for now.
+    waited: Duration,
+    waiting_since: Option<Instant>,
+    /// Wakes the reader at the deadline of the wait in progress.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error of a [`Paced`] body whose client sent too slowly.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent its request body too slowly")]
+pub struct UploadTooSlow;
+
+/// Whether `err`, or an error it wraps, is [`UploadTooSlow`].
+pub fn is_upload_too_slow(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if err.is::<UploadTooSlow>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+impl<B> Paced<B> {
+    /// `body`, which must arrive at `rate` bytes a second after `grace`.
+    pub fn new(body: B, grace: Duration, rate: u64) -> Paced<B> {
+        Paced {
+            body,
+            grace,
+            rate,
+            received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            timer: None,
+        }
+    }
+
+    /// How long the client may have been waited for, given what it sent.
+    fn allowed(&self) -> Duration {
+        self.grace + Duration::from_secs_f64(self.received as f64 / self.rate as f64)
+    }
+}
+
+impl<B> http_body::Body for Paced<B>
+where
+    B: http_body::Body<Data = Bytes, Error = axum::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if self.rate == 0 {
+            return polled;
+        }
+        let now = Instant::now();
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += now - since;
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other),
+            Poll::Pending => {
+                let allowed = self.allowed();
+                let Some(left) = allowed.checked_sub(self.waited).filter(|d| !d.is_zero()) else {
+                    return Poll::Ready(Some(Err(axum::Error::new(UploadTooSlow))));
+                };
+                self.waiting_since = Some(now);
+                let deadline = now + left;
+                let timer = match &mut self.timer {
+                    Some(timer) => {
+                        timer.as_mut().reset(deadline);
+                        timer
+                    }
+                    None => self
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(axum::Error::new(UploadTooSlow))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +317,47 @@ mod tests {
         let (handoff, slot) = Handoff::new(Body::from("payload"));
         assert_eq!(handoff.collect().await.unwrap().to_bytes(), "payload");
         assert!(Handoff::reclaim(&slot).is_none(), "read by the hop");
+    }
+
+    /// A body that sends `chunks`, each after `gap`.
+    fn trickle(chunks: usize, size: usize, gap: Duration) -> Body {
+        let stream = futures_util::stream::iter(0..chunks).then(move |_| async move {
+            tokio::time::sleep(gap).await;
+            Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; size]))
+        });
+        Body::from_stream(stream)
+    }
+
+    use futures_util::StreamExt as _;
+
+    #[tokio::test]
+    async fn a_trickling_upload_is_cut_after_the_grace() {
+        let body = Paced::new(
+            trickle(100, 1, Duration::from_millis(40)),
+            Duration::from_millis(200),
+            1024,
+        );
+        let started = Instant::now();
+        let Err(err) = body.collect().await else {
+            panic!("a trickling upload was read whole");
+        };
+        assert!(is_upload_too_slow(&err), "{err}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upload_at_the_minimum_rate_is_never_cut() {
+        // 20 chunks of 100 bytes, 50 ms apart: 2,000 bytes a second against a minimum of
+        // 1,000, for a second, five times the grace.
+        let body = Paced::new(
+            trickle(20, 100, Duration::from_millis(50)),
+            Duration::from_millis(200),
+            1000,
+        );
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 2_000);
     }
 }

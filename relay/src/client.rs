@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Role, bearer_token};
+use crate::body::Paced;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
@@ -147,14 +148,25 @@ fn client_ip(peer: SocketAddr) -> IpAddr {
 }
 
 /// The request the host gets: the client's method, the host-local path, the headers of
-/// [`headers::to_host`], and the body (streamed or not: the tunnel decides).
+/// [`headers::to_host`], and the body (streamed or not: the tunnel decides), which must
+/// keep arriving ([`Paced`]).
 fn host_request_of(
     parts: &http::request::Parts,
     body: Body,
     path_and_query: &str,
     peer: SocketAddr,
+    limits: &crate::limits::Limits,
 ) -> Result<Request, ClientError> {
     let uri: Uri = path_and_query.parse().map_err(|_| ClientError::BadPath)?;
+    let body = if http_body::Body::is_end_stream(&body) {
+        body
+    } else {
+        Body::new(Paced::new(
+            body,
+            limits.upload_grace,
+            limits.min_upload_rate,
+        ))
+    };
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -175,7 +187,7 @@ async fn exchange(
     let timeout = relay.config().limits.exchange_timeout;
     // Refuse before reading a byte of body if the tunnel is full.
     let permit = tunnel.reserve()?;
-    let request = host_request_of(&parts, body, &path_and_query, peer)?;
+    let request = host_request_of(&parts, body, &path_and_query, peer, &relay.config().limits)?;
     match tunnel.exchange(permit, request, timeout).await {
         Ok(response) => Ok(response),
         Err(ExchangeFailure::Failed(err)) => Err(err.into()),

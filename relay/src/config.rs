@@ -207,6 +207,27 @@ pub struct ServeArgs {
           default_value = "20s")]
     pub header_read_timeout: Duration,
 
+    /// How long in all a client's request body may arrive slower than the minimum rate
+    /// before it is cut.
+    #[arg(long, env = "RELAY_UPLOAD_GRACE", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub upload_grace: Duration,
+
+    /// Slowest average rate of a client's request body, in bytes a second, past the
+    /// grace (408 / stream reset below it). 0: no minimum.
+    #[arg(long, env = "RELAY_MIN_UPLOAD_RATE", default_value_t = limits::MIN_UPLOAD_RATE)]
+    pub min_upload_rate: u64,
+
+    /// Bytes one v1 tunnel's buffered bodies and queued frames may hold (503 / close
+    /// 1013 above).
+    #[arg(long, env = "RELAY_TUNNEL_BUDGET", default_value_t = limits::TUNNEL_BUDGET)]
+    pub tunnel_budget: usize,
+
+    /// Bytes all tunnels' buffered bodies and queued frames may hold together (503 /
+    /// close 1013 above). 0: half the machine's (or the cgroup's) memory.
+    #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value_t = 0)]
+    pub memory_budget: usize,
+
     /// How long a write to a peer (client, channel, tunnel) may make no progress before
     /// the connection is dropped.
     #[arg(long, env = "RELAY_WRITE_TIMEOUT", value_parser = humantime::parse_duration,
@@ -438,6 +459,10 @@ impl ServeArgs {
             header_read_timeout: positive("RELAY_HEADER_READ_TIMEOUT", self.header_read_timeout)?,
             max_connections: self.max_connections,
             write_timeout: positive("RELAY_WRITE_TIMEOUT", self.write_timeout)?,
+            tunnel_budget: at_least("RELAY_TUNNEL_BUDGET", self.tunnel_budget, 64 * 1024)?,
+            memory_budget: self.memory_budget,
+            upload_grace: self.upload_grace,
+            min_upload_rate: self.min_upload_rate,
         };
         if limits.directory_ttl <= limits.ping_interval {
             return err(format!(

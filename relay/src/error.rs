@@ -57,6 +57,8 @@ impl ClientError {
                 }
                 ExchangeError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ExchangeError::BodyUnreadable => StatusCode::BAD_REQUEST,
+                ExchangeError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+                ExchangeError::OverBudget(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
     }

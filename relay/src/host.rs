@@ -194,6 +194,7 @@ async fn serve_tunnel(
         protocol,
         socket,
         limits,
+        relay.memory(),
         relay.shutdown_token(),
         relay.tracker(),
     );

@@ -31,6 +31,9 @@
 //! - [`routing`]: where a request goes, and reaching the machine that holds a host's
 //!   tunnel (proxy, fly-replay).
 //! - [`peers`]: pooled connections to peer relays.
+//! - [`budget`]: byte budgets of what peers make the relay hold, per tunnel and in all.
+//! - [`connections`]: the accept loop and the bounds every connection gets.
+//! - [`query`]: query strings: the token parameter found, stripped and redacted.
 //! - [`body`]: wrappers around streamed bodies (guards, end signals, hand-offs).
 //! - [`headers`]: which headers cross which hop (client, host, peer, local service).
 //! - [`websocket`]: WebSocket plumbing shared by tunnels, channels and bridges.
@@ -46,6 +49,7 @@ pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod body;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;

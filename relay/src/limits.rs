@@ -51,6 +51,64 @@ pub const CHANNEL_QUEUE_BYTES: usize = 1024 * 1024;
 /// and allocation, so a flood of empty frames is bounded too.
 pub const QUEUED_FRAME_OVERHEAD: usize = 64;
 
+/// A client's request body may arrive slower than [`MIN_UPLOAD_RATE`] for this long in
+/// all before it is cut: 10 s, so a client that pauses (a phone between cells, a user
+/// picking the next file) is not, while one trickling a byte every few seconds holds
+/// its connection, stream and buffered bytes for seconds, not for ever.
+/// `--upload-grace`.
+pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
+
+/// Slowest average a client's request body may arrive at, past [`UPLOAD_GRACE`]: 8 KiB
+/// a second (a 64 kbit/s link; a 10 MiB body in 21 minutes). A body that falls behind
+/// is cut: 408 before the host saw anything (v1 reads it whole first), a reset stream on
+/// `h2`. Only time spent waiting for the client counts, not time the host's side takes
+/// to read. `--min-upload-rate` (0: off).
+pub const MIN_UPLOAD_RATE: u64 = 8 * 1024;
+
+/// Bytes one v1 tunnel's buffers may hold in the relay at once (see [`crate::budget`]):
+/// request bodies read and waiting to be written to the host, the host's answers until
+/// their clients have them, and WebSocket frames queued either way. 64 MiB: six maximal
+/// bodies at once, which no v1 host carrying ordinary traffic reaches, while one tenant
+/// that uploads, answers or floods without end holds no more than this, and the others
+/// go on. Over it the request gets 503 and a channel is closed (1013).
+/// `--tunnel-budget`.
+pub const TUNNEL_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Share of the machine's memory the relay may hold in peers' buffers, when
+/// [`memory_budget`] derives it: a half, leaving the rest for the process itself (an
+/// idle tunnel's ~20 KiB, socket buffers, the allocator's slack).
+pub const MEMORY_SHARE: f64 = 0.5;
+
+/// Bytes all tunnels' buffers together may hold ([`crate::budget`]): the configured
+/// value, or [`MEMORY_SHARE`] of the machine's memory (the cgroup's limit when there
+/// is one, else the memory the kernel reports): 256 MiB on Fly's 512 MB machine.
+/// `--memory-budget` sets it (0: this).
+pub fn memory_budget(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let memory = machine_memory().unwrap_or(512 * 1024 * 1024);
+    ((memory as f64) * MEMORY_SHARE) as usize
+}
+
+/// The memory this process may use: its cgroup's limit (v2, then v1), or the machine's.
+fn machine_memory() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|limit| limit.trim().parse::<usize>().ok());
+    let total = read("/proc/meminfo").and_then(|info| {
+        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    match (cgroup, total) {
+        // cgroup v1 reports "no limit" as a huge number.
+        (Some(limit), Some(total)) => Some(limit.min(total)),
+        (limit, total) => limit.or(total),
+    }
+}
+
 /// Lifetime of a directory entry without a heartbeat. Heartbeats ride on pongs, so the
 /// default lets three ping rounds go missing before a host is forgotten.
 pub const DIRECTORY_TTL: Duration = Duration::from_secs(90);
@@ -106,6 +164,14 @@ pub struct Limits {
     pub max_connections: usize,
     /// See [`WRITE_TIMEOUT`].
     pub write_timeout: Duration,
+    /// See [`TUNNEL_BUDGET`].
+    pub tunnel_budget: usize,
+    /// See [`UPLOAD_GRACE`].
+    pub upload_grace: Duration,
+    /// See [`MIN_UPLOAD_RATE`].
+    pub min_upload_rate: u64,
+    /// See [`memory_budget`]; 0 derives it from the machine's memory.
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -125,6 +191,10 @@ impl Default for Limits {
             header_read_timeout: HEADER_READ_TIMEOUT,
             max_connections: 0,
             write_timeout: WRITE_TIMEOUT,
+            tunnel_budget: TUNNEL_BUDGET,
+            upload_grace: UPLOAD_GRACE,
+            min_upload_rate: MIN_UPLOAD_RATE,
+            memory_budget: 0,
         }
     }
 }

@@ -84,7 +84,12 @@ pub async fn serve(
     let finish_connections = CancellationToken::new();
     let mut limits = relay.config().limits.clone();
     limits.max_connections = crate::limits::max_connections(limits.max_connections);
-    info!(max_connections = limits.max_connections, "connection limit");
+    info!(
+        max_connections = limits.max_connections,
+        memory_budget = relay.memory().size(),
+        tunnel_budget = limits.tunnel_budget,
+        "connection and memory limits"
+    );
     let mut server = tokio::spawn({
         let app = app(relay.clone());
         let finish = finish_connections.clone();

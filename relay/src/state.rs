@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
+use crate::budget::Budget;
 use crate::config::{Config, ConfigError, DirectoryConfig};
 use crate::directory::{Directory, Instrumented, MemoryDirectory, RedisDirectory};
 use crate::peers::Peers;
@@ -51,6 +52,8 @@ struct Inner {
     admission: DefaultDirectRateLimiter,
     /// Woken when a tunnel's directory write failed: the reconciler retries soon.
     unsynced: Notify,
+    /// What all tunnels' buffers may hold together ([`crate::budget`]).
+    memory: Budget,
 }
 
 impl Relay {
@@ -106,9 +109,15 @@ impl Relay {
                     Quota::per_second(config.admission_rate).allow_burst(config.admission_burst),
                 ),
                 unsynced: Notify::new(),
+                memory: Budget::new(crate::limits::memory_budget(config.limits.memory_budget)),
                 config,
             }),
         })
+    }
+
+    /// The process-wide byte budget every tunnel's buffers are charged against.
+    pub fn memory(&self) -> &Budget {
+        &self.inner.memory
     }
 
     /// The configuration in force.

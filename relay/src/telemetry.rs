@@ -148,6 +148,18 @@ pub fn write_timed_out() {
     metrics::counter!("relay_write_timeouts_total").increment(1);
 }
 
+/// Bytes charged against the byte budgets changed by `delta`
+/// (`relay_budget_bytes_in_use`, see [`crate::budget`]).
+pub fn budget_in_use(delta: f64) {
+    metrics::gauge!("relay_budget_bytes_in_use").increment(delta);
+}
+
+/// A buffer was refused because a byte budget was full: the request got 503, or the
+/// channel was closed (`relay_budget_refusals_total{scope}`).
+pub fn budget_refused(scope: crate::budget::Scope) {
+    metrics::counter!("relay_budget_refusals_total", "scope" => scope.as_str()).increment(1);
+}
+
 /// A drained tunnel was closed with streams still open (after the wait for answers in
 /// flight): they are cut, and the clients see a failed answer, a cut body or a closed
 /// WebSocket. Counted (`relay_drain_cut_total{kind}`) and logged, so an operator can tell

@@ -332,7 +332,9 @@ impl Link {
 
 /// What a failed HTTP/2 request means for the client.
 fn exchange_error(err: &hyper::Error) -> ExchangeError {
-    if err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
+    if crate::body::is_upload_too_slow(err) {
+        ExchangeError::BodyTooSlow
+    } else if err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
         ExchangeError::TunnelClosed
     } else {
         ExchangeError::InvalidResponse(format!("HTTP/2 stream failed: {err}"))

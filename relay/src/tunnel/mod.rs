@@ -29,6 +29,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budget;
 use crate::host_id::HostId;
 use crate::limits::Limits;
 use crate::protocol::{Frame, close_code};
@@ -103,6 +104,14 @@ pub enum ExchangeError {
     /// Client: the body could not be read (the client went away mid-upload): 400.
     #[error("could not read the request body")]
     BodyUnreadable,
+    /// Client: the body arrived slower than the minimum upload rate
+    /// ([`crate::limits::MIN_UPLOAD_RATE`]): 408.
+    #[error("request body sent too slowly")]
+    BodyTooSlow,
+    /// Relay: holding this request or its answer would pass a byte budget (the host's
+    /// share, or the whole relay's; see [`crate::budget`]): 503, try again.
+    #[error("relay busy: no room to buffer this exchange ({} budget full)", .0.as_str())]
+    OverBudget(crate::budget::Scope),
 }
 
 /// How an exchange ended without a response, as the tunnel reports it.
@@ -287,7 +296,8 @@ impl TunnelHandle {
     }
 
     /// A new tunnel for `host` over `socket` speaking `protocol`: the handle, and the
-    /// session that must be run. `cancel` is the parent token (the relay's shutdown);
+    /// session that must be run. `memory` is the process's byte budget (v1 tunnels
+    /// charge their buffers to it). `cancel` is the parent token (the relay's shutdown);
     /// tasks the tunnel spawns (`h2` connections and streams) are tracked by `tracker`.
     /// An `h2` tunnel starts its HTTP/2 connection on its first stream.
     pub fn open(
@@ -295,12 +305,13 @@ impl TunnelHandle {
         protocol: Protocol,
         socket: WebSocket,
         limits: &Limits,
+        memory: &Budget,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> (TunnelHandle, Session) {
         match protocol {
             Protocol::V1 => {
-                let (handle, session) = TunnelHandle::new_v1(host, limits, cancel);
+                let (handle, session) = TunnelHandle::new_v1(host, limits, memory, cancel);
                 (handle, Session::V1(session, socket))
             }
             Protocol::H2 => {
@@ -314,12 +325,14 @@ impl TunnelHandle {
     }
 
     /// A new v1 tunnel for `host`: the handle, and the session to run with the socket.
+    /// Its buffers are charged against `memory` (the process's budget) and its own.
     pub fn new_v1(
         host: HostId,
         limits: &Limits,
+        memory: &Budget,
         cancel: &CancellationToken,
     ) -> (TunnelHandle, v1::Session) {
-        let (link, rx) = v1::Link::new(limits);
+        let (link, rx) = v1::Link::new(limits, memory);
         let handle = TunnelHandle::with_link(host, Protocol::V1, limits, cancel, Link::V1(link));
         let session = v1::Session::new(handle.clone(), rx, limits.clone());
         (handle, session)
@@ -472,7 +485,7 @@ impl TunnelHandle {
         timeout: Duration,
     ) -> Result<Response<Body>, ExchangeFailure> {
         match &self.inner.link {
-            Link::V1(link) => link.exchange(permit, request, timeout).await,
+            Link::V1(link) => link.exchange(self, permit, request, timeout).await,
             Link::H2(link) => link.exchange(permit, request, timeout).await,
         }
     }
@@ -621,6 +634,7 @@ mod tests {
         let (handle, _session) = TunnelHandle::new_v1(
             HostId::parse("web-1").unwrap(),
             &Limits::default(),
+            &Budget::new(usize::MAX),
             &CancellationToken::new(),
         );
         let permit = handle.reserve().unwrap();

@@ -22,6 +22,8 @@ use super::{
     ChannelEvent, ChannelInner, ChannelRequest, ExchangeError, ExchangeFailure, Opened, Permit,
     TunnelHandle,
 };
+use crate::body::Guarded;
+use crate::budget::{Budget, Charge, TunnelBudget};
 use crate::headers;
 use crate::limits::Limits;
 use crate::protocol::v1::Headers;
@@ -35,6 +37,8 @@ pub use session::Session;
 pub(crate) struct HttpRequest {
     parts: http::request::Parts,
     body: String,
+    /// The body's bytes, and its message's while it is written, against the budgets.
+    charge: Charge,
 }
 
 impl HttpRequest {
@@ -88,8 +92,12 @@ pub(crate) enum Command {
         query: Option<String>,
         to_client: ChannelSender,
     },
-    /// A frame from the client of a channel.
-    ChannelFrame { id: StreamId, frame: Frame },
+    /// A frame from the client of a channel, charged until it is written.
+    ChannelFrame {
+        id: StreamId,
+        frame: Frame,
+        charge: Charge,
+    },
     /// The client side of a channel closed (or must be closed with this code).
     CloseChannel { id: StreamId, code: Option<u16> },
     /// The relay closed a channel on its own (slow client): tell the host. The stream is
@@ -104,12 +112,21 @@ pub(crate) enum Command {
 /// The session's side of a channel: where host frames for the client go.
 #[derive(Debug)]
 pub(crate) struct ChannelSender {
-    frames: mpsc::Sender<Frame>,
+    frames: mpsc::Sender<Queued>,
     closed: oneshot::Sender<Option<u16>>,
     /// Bytes queued in `frames` (see [`queued_cost`]), shared with the receiving side.
     queued: Arc<AtomicUsize>,
     /// Most bytes that may be queued ([`crate::limits::CHANNEL_QUEUE_BYTES`]).
-    budget: usize,
+    queue_bytes: usize,
+    /// The tunnel's budgets, which queued frames are charged against too.
+    budget: TunnelBudget,
+}
+
+/// A host frame waiting for its client, charged against the budgets until taken.
+#[derive(Debug)]
+pub(super) struct Queued {
+    frame: Frame,
+    _charge: Charge,
 }
 
 /// An upper bound on the size of the `http` message that carries a request: the body as
@@ -158,10 +175,12 @@ pub(crate) struct Link {
     max_message: usize,
     channel_queue: usize,
     channel_queue_bytes: usize,
+    /// What this tunnel's buffers are charged against ([`crate::budget`]).
+    budget: TunnelBudget,
 }
 
 impl Link {
-    pub(crate) fn new(limits: &Limits) -> (Link, mpsc::Receiver<Command>) {
+    pub(crate) fn new(limits: &Limits, memory: &Budget) -> (Link, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(limits.tunnel_queue);
         let link = Link {
             tx,
@@ -170,6 +189,7 @@ impl Link {
             max_message: limits.max_frame_bytes,
             channel_queue: limits.channel_queue,
             channel_queue_bytes: limits.channel_queue_bytes,
+            budget: TunnelBudget::new(limits.tunnel_budget, memory),
         };
         (link, rx)
     }
@@ -203,16 +223,24 @@ impl Link {
 
     /// See [`TunnelHandle::exchange`]: the body is read whole first (v1 has no other
     /// way), and `timeout` bounds the wait for the whole answer, queueing included.
+    ///
+    /// The body is read holding no place of the tunnel's (`permit` is given back, and
+    /// one taken again once the body is in): clients uploading slowly cannot take every
+    /// place of a host they have not even reached yet. What is read is charged against
+    /// the byte budgets, and so is the answer, until its client has it.
     pub(crate) async fn exchange(
         &self,
-        _permit: Permit,
+        tunnel: &TunnelHandle,
+        permit: Permit,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Body>, ExchangeFailure> {
+        drop(permit);
         let (mut parts, body) = request.into_parts();
         // v1 carries no trailers: asking for them means nothing to a v1 host.
         parts.headers.remove(header::TE);
-        let body = read_body(&parts.headers, body, self.max_body_bytes).await?;
+        let (body, mut charge) =
+            read_body(&parts.headers, body, self.max_body_bytes, &self.budget).await?;
         let body = String::from_utf8(body.into()).map_err(|_| ExchangeError::BodyNotText)?;
         if encoded_len(&parts, &body) > self.max_message {
             return Err(ExchangeError::BodyTooLargeEncoded {
@@ -220,6 +248,13 @@ impl Link {
             }
             .into());
         }
+        // The message the session writes is a second copy of the body, for a moment.
+        charge.merge(
+            self.budget
+                .try_charge(json_escaped_len(&body))
+                .map_err(ExchangeError::OverBudget)?,
+        );
+        let _permit = tunnel.reserve()?;
         telemetry::bytes("to_host", body.len());
         let id = self.next_stream_id();
         let (respond, response) = oneshot::channel();
@@ -230,7 +265,11 @@ impl Link {
         };
         let command = Command::Http {
             id,
-            request: Box::new(HttpRequest { parts, body }),
+            request: Box::new(HttpRequest {
+                parts,
+                body,
+                charge,
+            }),
             respond,
         };
         let result = tokio::time::timeout(timeout, async {
@@ -254,7 +293,12 @@ impl Link {
         match result {
             Ok(response) => {
                 telemetry::bytes("from_host", response.body.len());
-                into_response(response).map_err(ExchangeFailure::Failed)
+                // Read already, but kept only if there is room until the client has it.
+                let charge = self
+                    .budget
+                    .try_charge(response.body.len())
+                    .map_err(ExchangeError::OverBudget)?;
+                into_response(response, charge).map_err(ExchangeFailure::Failed)
             }
             Err(Failure::Failed(err)) => Err(ExchangeFailure::Failed(err)),
             Err(Failure::NotDelivered(request)) => Err(ExchangeFailure::NotDelivered(Box::new(
@@ -282,7 +326,8 @@ impl Link {
                 frames: frames_tx,
                 closed: closed_tx,
                 queued: Arc::clone(&queued),
-                budget: self.channel_queue_bytes,
+                queue_bytes: self.channel_queue_bytes,
+                budget: self.budget.clone(),
             },
         })
         .await?;
@@ -321,35 +366,52 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
-/// Reads a request body whole, refusing it (413) past `limit` before reading further.
+/// Reads a request body whole, refusing it (413) past `limit` before reading further,
+/// and charging it to `budget` as it arrives (503 when there is no room).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
-) -> Result<Bytes, ExchangeError> {
-    if let Some(length) = headers
+    budget: &TunnelBudget,
+) -> Result<(Bytes, Charge), ExchangeError> {
+    use http_body_util::BodyExt as _;
+    let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && length > limit as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|length| length > limit as u64) {
         return Err(ExchangeError::BodyTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        if std::error::Error::source(&err)
-            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
-        {
-            ExchangeError::BodyTooLarge { limit }
-        } else {
-            ExchangeError::BodyUnreadable
+    let mut charge = Charge::default();
+    let mut whole = bytes::BytesMut::with_capacity(length.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            if crate::body::is_upload_too_slow(&err) {
+                ExchangeError::BodyTooSlow
+            } else {
+                ExchangeError::BodyUnreadable
+            }
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if whole.len() + data.len() > limit {
+            return Err(ExchangeError::BodyTooLarge { limit });
         }
-    })
+        charge.merge(
+            budget
+                .try_charge(data.len())
+                .map_err(ExchangeError::OverBudget)?,
+        );
+        whole.extend_from_slice(&data);
+    }
+    Ok((whole.freeze(), charge))
 }
 
 /// The client's response from the host's v1 answer: a final status (1xx cannot be
 /// carried), headers HTTP can carry, and the whole body (framed by the relay, so the
 /// host's `content-length` is dropped).
-fn into_response(response: HttpResponse) -> Result<Response<Body>, ExchangeError> {
+fn into_response(response: HttpResponse, charge: Charge) -> Result<Response<Body>, ExchangeError> {
     let status = StatusCode::from_u16(response.status)
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
@@ -370,7 +432,8 @@ fn into_response(response: HttpResponse) -> Result<Response<Body>, ExchangeError
     let body = if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
         Body::empty()
     } else {
-        Body::from(response.body)
+        // The charge is given back once the body is sent (or the client goes).
+        Body::new(Guarded::new(Body::from(response.body), charge))
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
@@ -384,7 +447,7 @@ pub(crate) struct Channel {
     id: StreamId,
     tunnel: TunnelHandle,
     /// Frames from the host, in order. Ends when the channel or tunnel ends.
-    frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Queued>,
     /// Bytes queued in `frames`, given back as they are taken.
     queued: Arc<AtomicUsize>,
     /// Resolves with the host's close code; errors when the tunnel went without a word.
@@ -396,11 +459,11 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    /// Gives a frame's share of the byte budget back as it leaves the queue.
-    fn taken(&self, frame: Frame) -> Frame {
+    /// Gives a frame's share of the byte budgets back as it leaves the queue.
+    fn taken(&self, queued: Queued) -> Frame {
         self.queued
-            .fetch_sub(queued_cost(&frame), Ordering::Relaxed);
-        frame
+            .fetch_sub(queued_cost(&queued.frame), Ordering::Relaxed);
+        queued.frame
     }
 
     fn link(&self) -> &Link {
@@ -438,7 +501,7 @@ impl Channel {
                 self.host_closed = Some(code);
                 self.closed_sent = true;
                 match self.frames.try_recv() {
-                    Ok(frame) => ChannelEvent::Frame(frame),
+                    Ok(queued) => ChannelEvent::Frame(self.taken(queued)),
                     Err(_) => ChannelEvent::Closed(code),
                 }
             }
@@ -448,7 +511,11 @@ impl Channel {
     /// See [`super::Channel::send`].
     pub(crate) async fn send(&mut self, frame: Frame) -> Result<(), ExchangeError> {
         let id = self.id;
-        self.link().send(Command::ChannelFrame { id, frame }).await
+        let link = self.link();
+        // Waits while the tunnel's buffers are full: a client writing faster than its
+        // host reads is slowed down (its socket is not read meanwhile).
+        let charge = link.budget.charge(queued_cost(&frame)).await;
+        link.send(Command::ChannelFrame { id, frame, charge }).await
     }
 
     /// See [`super::Channel::close`].
@@ -519,7 +586,12 @@ mod tests {
 
     fn tunnel() -> (TunnelHandle, Session) {
         let host = HostId::parse("web-1").unwrap();
-        TunnelHandle::new_v1(host, &Limits::default(), &CancellationToken::new())
+        TunnelHandle::new_v1(
+            host,
+            &Limits::default(),
+            &Budget::new(usize::MAX),
+            &CancellationToken::new(),
+        )
     }
 
     fn request(path: &str) -> Request<Body> {
@@ -636,7 +708,7 @@ mod tests {
             body: Vec::new(),
         };
         assert!(matches!(
-            into_response(response),
+            into_response(response, Charge::default()),
             Err(ExchangeError::InvalidResponse(_))
         ));
     }

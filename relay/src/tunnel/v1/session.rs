@@ -12,7 +12,8 @@ use tracing::{debug, warn};
 use std::borrow::Cow;
 
 use super::streams::{Delivery, Stream, StreamTable};
-use super::{Command, Failure, HttpResponse};
+use super::{Command, Failure, HttpRequest, HttpResponse};
+use crate::budget::Charge;
 use crate::limits::{CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
 use crate::protocol::v1::{Decoded, Headers, HostMessage, Payload, RelayMessage};
 use crate::protocol::{StreamId, close_code};
@@ -184,8 +185,10 @@ where
                 };
                 let mut batch = 0;
                 let mut next = Some(command);
+                // What the batch's messages were charged, given back once they are out.
+                let mut written = Charge::default();
                 while let Some(command) = next {
-                    if let Some(text) = apply(command, shared)
+                    if let Some(text) = apply(command, shared, &mut written)
                         && let Err(err) = sink.feed(Message::Text(text.into())).await
                     {
                         return SessionEnd::HostGone(format!("write failed: {err}"));
@@ -200,6 +203,7 @@ where
                 if let Err(err) = sink.flush().await {
                     return SessionEnd::HostGone(format!("write failed: {err}"));
                 }
+                drop(written);
             }
             _ = ping.tick() => {
                 if shared.unanswered_pings.fetch_add(1, Ordering::Relaxed) >= limits.max_missed_pongs {
@@ -217,8 +221,9 @@ where
     }
 }
 
-/// Applies one command to the stream table; returns the v1 message to send, if any.
-fn apply(command: Command, shared: &Shared) -> Option<String> {
+/// Applies one command to the stream table; returns the v1 message to send, if any, and
+/// adds what its payload was charged to `written`.
+fn apply(command: Command, shared: &Shared, written: &mut Charge) -> Option<String> {
     match command {
         Command::Http {
             id,
@@ -229,13 +234,18 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
                 // The client gave up while the command waited in the queue.
                 return None;
             }
-            let parts = &request.parts;
+            let HttpRequest {
+                parts,
+                body,
+                charge,
+            } = *request;
+            written.merge(charge);
             let text = RelayMessage::Http {
                 id: Cow::Owned(id.to_string()),
                 method: Cow::Borrowed(parts.method.as_str()),
                 path: Cow::Borrowed(parts.uri.path_and_query().map_or("/", |p| p.as_str())),
                 headers: Cow::Owned(Headers::from_map(&parts.headers)),
-                body: Payload::Text(Cow::Borrowed(&request.body)),
+                body: Payload::Text(Cow::Borrowed(&body)),
             }
             .to_json();
             shared.streams().insert(id, Stream::Exchange(respond));
@@ -261,7 +271,8 @@ fn apply(command: Command, shared: &Shared) -> Option<String> {
                 .to_json(),
             )
         }
-        Command::ChannelFrame { id, frame } => {
+        Command::ChannelFrame { id, frame, charge } => {
+            written.merge(charge);
             if !shared.streams().has_channel(id) {
                 // The host closed it first; the client is being told.
                 return None;

@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::sync::atomic::Ordering;
 
-use super::{ChannelSender, Failure, HttpResponse, queued_cost};
+use super::{ChannelSender, Failure, HttpResponse, Queued, queued_cost};
 use crate::protocol::{Frame, StreamId, close_code};
 use crate::tunnel::ExchangeError;
 
@@ -82,13 +82,21 @@ impl StreamTable {
         let Some(Stream::Channel(channel)) = self.streams.get(&id) else {
             return Delivery::UnknownId;
         };
-        // The byte budget first (the receiver only ever lowers the count meanwhile).
+        // The channel's byte budget first (the receiver only ever lowers the count
+        // meanwhile), then the tunnel's and the process's.
         let cost = queued_cost(&frame);
-        if channel.queued.load(Ordering::Relaxed) + cost > channel.budget {
+        if channel.queued.load(Ordering::Relaxed) + cost > channel.queue_bytes {
             self.close_channel(id, Some(close_code::TRY_AGAIN_LATER));
             return Delivery::Overflowed;
         }
-        match channel.frames.try_send(frame) {
+        let Ok(charge) = channel.budget.try_charge(cost) else {
+            self.close_channel(id, Some(close_code::TRY_AGAIN_LATER));
+            return Delivery::Overflowed;
+        };
+        match channel.frames.try_send(Queued {
+            frame,
+            _charge: charge,
+        }) {
             Ok(()) => {
                 channel.queued.fetch_add(cost, Ordering::Relaxed);
                 Delivery::Delivered

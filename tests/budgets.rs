@@ -1,0 +1,290 @@
+//! What peers make the relay hold is budgeted in bytes (per tunnel and for the whole
+//! process), and a client's upload must keep arriving: a tenant that uploads to a host
+//! that never answers, answers with more than there is room for, or trickles its bodies
+//! gets 503 / 408 for its own requests while every other host is served.
+//!
+//! Memory each case may cost the relay: at most the budget set for it here (a few MiB),
+//! plus socket buffers; the default budgets are 64 MiB per tunnel and half the machine's
+//! memory in all (BENCHMARKS.md has the peak RSS of each attack at the defaults).
+
+use std::time::Duration;
+
+use relay_tests::{DEADLINE, HttpResponse, RawHost, TestRelay, msg_id, within};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: usize = 1024 * 1024;
+
+/// POSTs `body` to `/hosts/<host>/<path>` and returns the answer (without panicking on
+/// a refusal).
+async fn post(relay: &TestRelay, host: &str, path: &str, body: String) -> HttpResponse {
+    relay
+        .http()
+        .request(
+            http::Method::POST,
+            relay.http_url(&format!("/hosts/{host}/{path}")),
+        )
+        .bearer(&relay.client_token(&[host]))
+        .body(body)
+        .timeout(DEADLINE)
+        .send()
+        .await
+}
+
+/// One request through `host`, answered with `body`: proves the host is served.
+async fn served(relay: &TestRelay, host: &mut RawHost, host_id: &str, body: &str) -> HttpResponse {
+    let request = post(relay, host_id, "ping", "hello".into());
+    let answer = async {
+        let msg = host.expect("http").await;
+        host.respond(&msg_id(&msg), 200, json!({}), body).await;
+    };
+    let (response, ()) = tokio::join!(request, answer);
+    response
+}
+
+#[tokio::test]
+async fn uploads_to_a_host_that_stops_reading_get_503_past_its_tunnel_budget_while_other_hosts_are_served()
+ {
+    const UPLOADS: usize = 24;
+    let relay = TestRelay::builder()
+        .env("RELAY_TUNNEL_BUDGET", &(4 * MIB).to_string())
+        .spawn()
+        .await;
+    // `stuck` reads nothing once registered: what is sent to it piles up in the relay.
+    let _stuck = RawHost::connect(&relay, "stuck-1").await;
+    let mut other = RawHost::connect(&relay, "other-1").await;
+
+    // 24 MiB of uploads at once: more than the socket buffers between relay and host
+    // can take, and far more than the 4 MiB the host may make the relay hold.
+    let token = relay.client_token(&["stuck-1"]);
+    let uploads = (0..UPLOADS).map(|i| {
+        relay
+            .http()
+            .request(http::Method::POST, relay.http_url("/hosts/stuck-1/upload"))
+            .bearer(&token)
+            .body(format!("{i:x}").repeat(MIB / 2))
+            .timeout(Duration::from_secs(3))
+            .try_send()
+    });
+    let answers = futures_util::future::join_all(uploads).await;
+    let refused: Vec<_> = answers
+        .iter()
+        .filter_map(|answer| answer.as_ref().ok())
+        .filter(|response| response.status == 503)
+        .collect();
+    assert!(
+        !refused.is_empty(),
+        "all {UPLOADS} uploads were taken in for a host that reads nothing"
+    );
+    assert!(
+        refused[0].error().contains("budget"),
+        "{}",
+        refused[0].error()
+    );
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "tunnel")])
+            .await
+            >= 1.0
+    );
+    let in_use = relay.counter("relay_budget_bytes_in_use", &[]).await;
+    assert!(in_use <= (4 * MIB) as f64, "{in_use} bytes held");
+
+    // Another tenant's host is untouched by it.
+    let response = served(&relay, &mut other, "other-1", "fine").await;
+    response.assert_status(200);
+    assert_eq!(response.text(), "fine");
+}
+
+/// A client that asks `host_id` for `/download` and reads nothing of the answer.
+async fn stalled_download(
+    relay: &TestRelay,
+    host: &mut RawHost,
+    host_id: &str,
+    size: usize,
+) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(relay.addr()).await.unwrap();
+    let head = format!(
+        "GET /hosts/{host_id}/download HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\n\r\n",
+        relay.client_token(&[host_id])
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let msg = host.expect("http").await;
+    host.respond(&msg_id(&msg), 200, json!({}), &"d".repeat(size))
+        .await;
+    stream
+}
+
+#[tokio::test]
+async fn past_the_process_budget_answers_get_503_and_the_room_comes_back_when_their_clients_go() {
+    // Each answer is larger than the socket buffers can take off the relay's hands, so
+    // it stays charged while its client reads nothing.
+    const ANSWER: usize = 8 * MIB;
+    let relay = TestRelay::builder()
+        .env("RELAY_MEMORY_BUDGET", &(20 * MIB).to_string())
+        .spawn()
+        .await;
+    let mut first = RawHost::connect(&relay, "first-1").await;
+    let mut second = RawHost::connect(&relay, "second-1").await;
+
+    let stalled_first = stalled_download(&relay, &mut first, "first-1", ANSWER).await;
+    let stalled_second = stalled_download(&relay, &mut second, "second-1", ANSWER).await;
+    within("both answers are held", DEADLINE, async {
+        while relay.counter("relay_budget_bytes_in_use", &[]).await < (2 * ANSWER) as f64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A third answer of that size, from either host, does not fit: the relay is full.
+    let refused = served(&relay, &mut second, "second-1", &"x".repeat(ANSWER)).await;
+    refused.assert_status(503);
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "process")])
+            .await
+            >= 1.0
+    );
+
+    // The stalled clients go: their answers are dropped and the room comes back.
+    drop((stalled_first, stalled_second));
+    within("the budget is given back", DEADLINE, async {
+        while relay.counter("relay_budget_bytes_in_use", &[]).await > 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let response = served(&relay, &mut first, "first-1", &"y".repeat(ANSWER)).await;
+    response.assert_status(200);
+    assert_eq!(response.text().len(), ANSWER);
+}
+
+#[tokio::test]
+async fn an_answer_there_is_no_room_for_gets_503_and_the_tunnel_keeps_serving() {
+    let relay = TestRelay::builder()
+        .env("RELAY_TUNNEL_BUDGET", &(2 * MIB).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "big-1").await;
+
+    let response = served(&relay, &mut host, "big-1", &"x".repeat(3 * MIB)).await;
+    response.assert_status(503);
+    assert!(response.error().contains("budget"), "{}", response.error());
+
+    // Nothing else on the tunnel failed with it.
+    let response = served(&relay, &mut host, "big-1", "small").await;
+    response.assert_status(200);
+    assert_eq!(response.text(), "small");
+}
+
+#[tokio::test]
+async fn a_channel_whose_frames_pass_the_tunnel_budget_is_closed_1013_and_others_stay_open() {
+    let relay = TestRelay::builder()
+        .env("RELAY_TUNNEL_BUDGET", &(MIB).to_string())
+        // The channel's own queue would take it all: the tunnel's budget is what ends it.
+        .env("RELAY_CHANNEL_QUEUE_BYTES", &(64 * MIB).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let _stalled =
+        relay_tests::WsClient::connect_ok(&relay.ws_url("/hosts/raw-1/stalled"), Some(&token))
+            .await;
+    let stalled = host.expect("ws:open").await;
+    let mut reading =
+        relay_tests::WsClient::connect_ok(&relay.ws_url("/hosts/raw-1/reading"), Some(&token))
+            .await;
+    let open = host.expect("ws:open").await;
+
+    let chunk = "s".repeat(64 * 1024);
+    let close = loop {
+        host.send_json(&json!({"type": "ws:frame", "id": stalled["id"], "data": chunk}))
+            .await;
+        if let Some(msg) = host.try_recv_json(Duration::from_millis(1)).await {
+            break msg;
+        }
+    };
+    assert_eq!(close["type"], "ws:close", "{close}");
+    assert_eq!(close["id"], stalled["id"]);
+    assert_eq!(close["code"], 1013);
+
+    host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": "still here"}))
+        .await;
+    assert_eq!(reading.recv_text().await, "still here");
+}
+
+/// Sends a request head announcing a 1,000-byte body, then one byte of it every 300 ms;
+/// what the relay answered, once it closes or answers.
+async fn trickle(relay: &TestRelay, host: &str) -> String {
+    let mut stream = TcpStream::connect(relay.addr()).await.unwrap();
+    let head = format!(
+        "POST /hosts/{host}/upload HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 1000\r\n\r\n",
+        relay.client_token(&[host])
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    for _ in 0..1000 {
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    break;
+                }
+            },
+            () = tokio::time::sleep(Duration::from_millis(300)) => {
+                if stream.write_all(b"t").await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn trickling_uploads_hold_no_place_of_the_host_and_are_cut_with_408() {
+    let relay = TestRelay::builder()
+        .max_pending(2)
+        .env("RELAY_UPLOAD_GRACE", "1s")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "slow-1").await;
+
+    // Five uploads trickling at 3 bytes a second, against a host with two places.
+    let tricklers: Vec<_> = (0..5)
+        .map(|_| {
+            let relay = &relay;
+            async move { trickle(relay, "slow-1").await }
+        })
+        .collect();
+    let tricklers = futures_util::future::join_all(tricklers);
+    let others = async {
+        // Meanwhile a client with its whole request is served at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        served(&relay, &mut host, "slow-1", "not blocked").await
+    };
+    let (answers, response) = within("the trickling uploads are cut", DEADLINE, async {
+        tokio::join!(tricklers, others)
+    })
+    .await;
+    response.assert_status(200);
+    assert_eq!(response.text(), "not blocked");
+    for answer in answers {
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "a trickling upload was answered: {answer}"
+        );
+    }
+    // The host never saw them.
+    assert!(
+        host.try_recv_json(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+}
