@@ -284,3 +284,58 @@ async fn a_tunnel_whose_host_stops_reading_ends_after_the_write_timeout_before_a
     let (_, ()) = tokio::join!(waiting, relay.wait_host_disconnected("raw-1"));
     assert!(relay.counter("relay_write_timeouts_total", &[]).await >= 1.0);
 }
+
+/// A connection from `source` (any 127/8 address) that sends half a head, so it stays
+/// open and silent; `None` when the relay closed it at once.
+async fn hold_connection_from(relay: &TestRelay, source: &str) -> Option<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(relay.addr()).await.unwrap();
+    let _ = stream.write_all(b"GET /health HTTP/1.1\r\n").await;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+        Err(_) => Some(stream),
+        Ok(Ok(0) | Err(_)) => None,
+        Ok(Ok(n)) => panic!(
+            "half a head was answered: {}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+    }
+}
+
+#[tokio::test]
+async fn one_address_holding_its_connection_limit_is_refused_while_other_addresses_are_served() {
+    let relay = TestRelay::builder()
+        .env("RELAY_MAX_CONNECTIONS_PER_IP", "3")
+        .spawn()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            hold_connection_from(&relay, "127.0.0.2")
+                .await
+                .expect("within the address's limit"),
+        );
+    }
+    assert!(
+        hold_connection_from(&relay, "127.0.0.2").await.is_none(),
+        "a fourth connection from the same address was kept"
+    );
+    assert!(
+        relay
+            .counter(
+                "relay_connections_refused_total",
+                &[("reason", "per_ip_limit")]
+            )
+            .await
+            >= 1.0
+    );
+    // Another address is served.
+    assert!(hold_connection_from(&relay, "127.0.0.3").await.is_some());
+    // Once one closes, the address has room again.
+    drop(held.pop());
+    within("the address gets its place back", DEADLINE, async {
+        while hold_connection_from(&relay, "127.0.0.2").await.is_none() {}
+    })
+    .await;
+}

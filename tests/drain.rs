@@ -906,6 +906,45 @@ async fn a_flood_of_bad_token_upgrades_spends_no_admission_and_is_logged_as_one_
 }
 
 #[tokio::test]
+async fn refused_registrations_from_one_address_past_its_rate_get_a_bare_429_and_a_good_agent_still_registers()
+ {
+    let relay = TestRelay::spawn().await;
+    let forged = relay_tests::Claims::host("h1").sign("not-the-relay-secret");
+    let url = relay.tunnel_url("h1", &forged);
+    let mut closed_1008 = 0;
+    let mut bare_429 = 0;
+    // The burst (50) gets the full answer, an upgrade closed with the reason; past it,
+    // refusals from this address cost the relay no upgrade.
+    for _ in 0..60 {
+        match relay_tests::WsClient::connect(&url, None).await {
+            Ok(mut ws) => {
+                assert_eq!(ws.recv_close_code(DEADLINE).await, 1008);
+                closed_1008 += 1;
+            }
+            Err(err) => {
+                assert_eq!(rejection_status(&err), Some(429), "{err}");
+                bare_429 += 1;
+            }
+        }
+    }
+    assert!(
+        (50..60).contains(&closed_1008) && bare_429 > 0,
+        "{closed_1008} closed with 1008, {bare_429} answered 429"
+    );
+    assert!(
+        relay
+            .counter(
+                "relay_admission_rejections_total",
+                &[("reason", "refusals")]
+            )
+            .await
+            >= 1.0
+    );
+    // A good token from the same address is not refused: only refusals are limited.
+    let _agent = RawHost::connect(&relay, "h1").await;
+}
+
+#[tokio::test]
 async fn streams_cut_at_the_end_of_a_drain_are_counted_and_logged_and_the_relay_still_exits_0() {
     for protocol in ["h2", "v1"] {
         let mut relay = TestRelay::builder()

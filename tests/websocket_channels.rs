@@ -407,3 +407,66 @@ async fn a_client_that_stops_reading_is_closed_1013_once_its_bytes_not_its_frame
     assert_eq!(close["type"], "ws:close", "unexpected message: {close}");
     assert_eq!(close["code"], 1013);
 }
+
+#[tokio::test]
+async fn a_tunnel_carries_at_most_its_channel_limit_and_refuses_more_with_503_before_the_upgrade() {
+    let relay = TestRelay::builder()
+        .env("RELAY_MAX_CHANNELS", "2")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (first, _) = open_raw_channel(&relay, &mut host, "/a").await;
+    let (_second, _) = open_raw_channel(&relay, &mut host, "/b").await;
+
+    let token = relay.client_token(&["raw-1"]);
+    let err = WsClient::connect(&relay.ws_url("/hosts/raw-1/c"), Some(&token))
+        .await
+        .err()
+        .expect("a third channel is refused");
+    assert_eq!(relay_tests::rejection_status(&err), Some(503), "{err}");
+    // The host never heard of it.
+    assert!(
+        host.try_recv_json(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+
+    // One closes: there is room again.
+    drop(first);
+    let closed = host.expect("ws:close").await;
+    assert_eq!(closed["type"], "ws:close");
+    let (_third, open) = open_raw_channel(&relay, &mut host, "/c").await;
+    assert_eq!(open["path"], "/c");
+}
+
+#[tokio::test]
+async fn one_client_address_holds_at_most_its_channel_limit_and_gets_429_while_others_are_served() {
+    let relay = TestRelay::builder()
+        .env("RELAY_MAX_CHANNELS_PER_CLIENT", "2")
+        // The test's clients are all on 127.0.0.1: the header tells them apart.
+        .env("RELAY_CLIENT_IP_HEADER", "x-client-ip")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let url = relay.ws_url("/hosts/raw-1/feed");
+    let from = |ip: &'static str| {
+        let url = url.clone();
+        let token = token.clone();
+        async move {
+            WsClient::connect_with_headers(&url, Some(&token), &[], &[("x-client-ip", ip)])
+                .await
+                .map(|(ws, _)| ws)
+        }
+    };
+
+    let _a = from("203.0.113.1").await.expect("first channel");
+    host.expect("ws:open").await;
+    let _b = from("203.0.113.1").await.expect("second channel");
+    host.expect("ws:open").await;
+    let err = from("203.0.113.1").await.err().expect("a third is refused");
+    assert_eq!(relay_tests::rejection_status(&err), Some(429), "{err}");
+
+    let _c = from("203.0.113.2").await.expect("another client is served");
+    host.expect("ws:open").await;
+}

@@ -5,7 +5,7 @@
 //! authorized first (role `client`, host listed in the token) on the machine that
 //! serves the request. Nothing here knows which protocol the tunnel speaks.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Role, bearer_token};
 use crate::body::Paced;
+use crate::clients::{IpSlot, peer_ip};
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
@@ -101,7 +102,7 @@ async fn serve(
                 &relay,
                 &host,
                 owner,
-                client_ip(peer),
+                peer_ip(peer),
                 &parts,
                 what,
             ))
@@ -128,23 +129,21 @@ async fn serve(
         let request = ChannelRequest {
             path,
             query,
-            headers: headers::to_host(&parts.headers, client_ip(peer)),
+            headers: headers::to_host(&parts.headers, peer_ip(peer)),
         };
-        return Box::pin(open_channel(relay, tunnel, upgrade, request)).await;
+        // Held for the life of the channel.
+        let client = relay.client_ip(&parts.headers, peer);
+        let slot = relay
+            .channels_per_client()
+            .try_take(client)
+            .ok_or(ClientError::TooManyClientChannels)?;
+        return Box::pin(open_channel(relay, tunnel, upgrade, request, slot)).await;
     }
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
         None => path,
     };
     exchange(relay, tunnel, peer, parts, body, path_and_query, hop).await
-}
-
-/// The client's address, with IPv4-mapped IPv6 (from the dual-stack socket) unmapped.
-fn client_ip(peer: SocketAddr) -> IpAddr {
-    match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// The request the host gets: the client's method, the host-local path, the headers of
@@ -170,7 +169,7 @@ fn host_request_of(
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
-    *request.headers_mut() = headers::to_host(&parts.headers, client_ip(peer));
+    *request.headers_mut() = headers::to_host(&parts.headers, peer_ip(peer));
     Ok(request)
 }
 
@@ -228,7 +227,7 @@ async fn redeliver(
         }
         Ok(Route::Remote(owner)) => {
             let body = Forward::Http(request.into_body());
-            routing::forward(relay, host, owner, client_ip(peer), parts, body).await
+            routing::forward(relay, host, owner, peer_ip(peer), parts, body).await
         }
         Err(ClientError::HostNotConnected) if hop.is_hopped() => Ok(hop.host_not_here()),
         Err(err) => Err(err),
@@ -243,6 +242,7 @@ async fn open_channel(
     tunnel: TunnelHandle,
     upgrade: WebSocketUpgrade,
     request: ChannelRequest,
+    client_slot: IpSlot,
 ) -> Result<Response, ClientError> {
     let span = debug_span!("channel", host = %tunnel.host(), path = %request.path);
     let timeout = relay.config().limits.exchange_timeout;
@@ -259,6 +259,7 @@ async fn open_channel(
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
+                    let _client_slot = client_slot;
                     telemetry::channel_open(1.0);
                     run_channel(socket, channel).await;
                     telemetry::channel_open(-1.0);

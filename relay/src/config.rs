@@ -207,6 +207,25 @@ pub struct ServeArgs {
           default_value = "20s")]
     pub header_read_timeout: Duration,
 
+    /// Connections one client IP may hold at once (0: no limit). Not applied when
+    /// `--client-ip-header` is set (every connection comes from the proxy then).
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = limits::MAX_CONNECTIONS_PER_IP)]
+    pub max_connections_per_ip: usize,
+
+    /// WebSocket channels one tunnel carries at once (503 above).
+    #[arg(long, env = "RELAY_MAX_CHANNELS", default_value_t = limits::MAX_CHANNELS)]
+    pub max_channels: usize,
+
+    /// WebSocket channels one client IP may hold open at once (429 above; 0: no limit).
+    #[arg(long, env = "RELAY_MAX_CHANNELS_PER_CLIENT", default_value_t = limits::MAX_CHANNELS_PER_CLIENT)]
+    pub max_channels_per_client: usize,
+
+    /// Header that carries the client's IP address, set by the platform's proxy in
+    /// front of the relay (on Fly: `Fly-Client-IP`). Only set it behind such a proxy:
+    /// anyone can send the header to a relay that is reached directly.
+    #[arg(long, env = "RELAY_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+
     /// How long in all a client's request body may arrive slower than the minimum rate
     /// before it is cut.
     #[arg(long, env = "RELAY_UPLOAD_GRACE", value_parser = humantime::parse_duration,
@@ -363,6 +382,9 @@ pub struct Config {
     pub admission_burst: std::num::NonZeroU32,
     /// Bearer token of the admin endpoint; `None` disables it.
     pub admin_token: Option<Secret>,
+    /// The header the platform's proxy sets to the client's IP, if trusted
+    /// ([`crate::clients`]).
+    pub client_ip_header: Option<http::HeaderName>,
 }
 
 /// A configuration error: the operator's fault; exits 64.
@@ -439,6 +461,14 @@ impl ServeArgs {
                 Ok(v)
             }
         };
+        let client_ip_header = match self.client_ip_header.filter(|h| !h.is_empty()) {
+            Some(name) => Some(http::HeaderName::try_from(name.as_str()).map_err(|_| {
+                ConfigError(format!(
+                    "RELAY_CLIENT_IP_HEADER {name:?} is not a header name"
+                ))
+            })?),
+            None => None,
+        };
         let limits = Limits {
             ping_interval: positive("RELAY_PING_INTERVAL", self.ping_interval)?,
             max_missed_pongs: at_least("RELAY_MAX_MISSED_PONGS", self.max_missed_pongs as usize, 1)?
@@ -461,6 +491,13 @@ impl ServeArgs {
             write_timeout: positive("RELAY_WRITE_TIMEOUT", self.write_timeout)?,
             tunnel_budget: at_least("RELAY_TUNNEL_BUDGET", self.tunnel_budget, 64 * 1024)?,
             memory_budget: self.memory_budget,
+            max_connections_per_ip: if client_ip_header.is_some() {
+                0
+            } else {
+                self.max_connections_per_ip
+            },
+            max_channels: at_least("RELAY_MAX_CHANNELS", self.max_channels, 1)?,
+            max_channels_per_client: self.max_channels_per_client,
             upload_grace: self.upload_grace,
             min_upload_rate: self.min_upload_rate,
         };
@@ -536,6 +573,7 @@ impl ServeArgs {
             admission_burst: std::num::NonZeroU32::new(self.admission_burst)
                 .ok_or_else(|| ConfigError("RELAY_ADMISSION_BURST must be at least 1".into()))?,
             admin_token: self.admin_token.filter(|t| !t.0.is_empty()),
+            client_ip_header,
         };
         if let Some(token) = &config.admin_token
             && token.0.len() < MIN_SECRET_BYTES

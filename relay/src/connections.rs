@@ -13,6 +13,9 @@
 //!   connection** ([`WriteTimeout`]): a client that stops reading a response, a client
 //!   WebSocket that stops reading its channel, a host that stops reading its tunnel.
 //!   Upgraded connections keep the bound, since the upgrade hands over this same socket.
+//! - **At most [`Limits::max_connections_per_ip`] of them from one client address**
+//!   (when the relay sees clients' own addresses, see [`crate::clients`]); over it a new
+//!   connection from that address is closed at once, and the others are served.
 //! - Accept errors (out of descriptors) back off briefly and are logged at most once per
 //!   [`crate::limits::ERROR_LOG_INTERVAL`], with how many there were.
 //!
@@ -41,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
+use crate::clients::PerIp;
 use crate::limits::Limits;
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::telemetry;
@@ -56,6 +60,7 @@ pub async fn serve(
 ) {
     let builder = builder(limits);
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = PerIp::new(limits.max_connections_per_ip);
     let connections = TaskTracker::new();
     loop {
         let (stream, addr) = tokio::select! {
@@ -72,6 +77,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let Some(ip_slot) = per_ip.try_take(crate::clients::peer_ip(addr)) else {
+            telemetry::connection_refused("per_ip_limit");
+            debug!(%addr, "connection refused: its address holds its limit of connections");
+            drop(stream);
+            continue;
+        };
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
@@ -85,6 +96,7 @@ pub async fn serve(
         connections.spawn(async move {
             // Held until the connection (or the tunnel or channel it became) ends.
             let _open = Open::new(permit);
+            let _ip_slot = ip_slot;
             let started = tokio::select! {
                 started = first_bytes(&stream, head_timeout) => started,
                 // Finishing: a connection that has not said anything yet is done.

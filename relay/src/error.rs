@@ -31,6 +31,10 @@ pub enum ClientError {
     /// The relay that holds the host's tunnel failed mid-request.
     #[error("the relay holding this host failed to answer")]
     PeerFailed,
+    /// Client: its address holds its limit of open WebSocket channels
+    /// ([`crate::limits::MAX_CHANNELS_PER_CLIENT`]): 429.
+    #[error("too many open WebSocket channels from this client")]
+    TooManyClientChannels,
     /// The exchange with the host failed (overloaded, timeout, tunnel closed, bad answer,
     /// or a request body the tunnel cannot carry).
     #[error("{0}")]
@@ -46,6 +50,7 @@ impl ClientError {
             ClientError::NotWebSocket => StatusCode::UPGRADE_REQUIRED,
             ClientError::HostNotConnected => StatusCode::SERVICE_UNAVAILABLE,
             ClientError::PeerFailed => StatusCode::BAD_GATEWAY,
+            ClientError::TooManyClientChannels => StatusCode::TOO_MANY_REQUESTS,
             ClientError::Exchange(err) => match err {
                 ExchangeError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                 ExchangeError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -58,7 +63,9 @@ impl ClientError {
                 ExchangeError::BodyNotText => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ExchangeError::BodyUnreadable => StatusCode::BAD_REQUEST,
                 ExchangeError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
-                ExchangeError::OverBudget(_) => StatusCode::SERVICE_UNAVAILABLE,
+                ExchangeError::OverBudget(_) | ExchangeError::TooManyChannels => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
             },
         }
     }

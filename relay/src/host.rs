@@ -90,6 +90,18 @@ pub(crate) async fn accept(
             if let Refusal::Auth(err) = &refusal {
                 telemetry::auth_failed("tunnel", err.kind());
             }
+            if !relay.refusals().record(relay.client_ip(&headers, peer)) {
+                // A flood from one address: the cheapest answer, no upgrade, no log line.
+                telemetry::admission_rejected("refusals");
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, HeaderValue::from_static("60"))],
+                    axum::Json(
+                        json!({"error": "too many refused registrations from this address"}),
+                    ),
+                )
+                    .into_response();
+            }
             telemetry::tunnel_refused(&peer, &refusal);
             upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, refusal)))
         }

@@ -31,6 +31,7 @@
 //! - [`routing`]: where a request goes, and reaching the machine that holds a host's
 //!   tunnel (proxy, fly-replay).
 //! - [`peers`]: pooled connections to peer relays.
+//! - [`clients`]: who a client is (its IP) and what one client may hold at once.
 //! - [`budget`]: byte budgets of what peers make the relay hold, per tunnel and in all.
 //! - [`connections`]: the accept loop and the bounds every connection gets.
 //! - [`query`]: query strings: the token parameter found, stripped and redacted.
@@ -52,6 +53,7 @@ pub mod body;
 pub mod budget;
 pub mod cli;
 pub mod client;
+pub mod clients;
 pub mod config;
 pub mod connections;
 pub mod directory;

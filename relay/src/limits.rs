@@ -166,6 +166,13 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// See [`TUNNEL_BUDGET`].
     pub tunnel_budget: usize,
+    /// See [`MAX_CONNECTIONS_PER_IP`]; 0: no limit (forced when a client-IP header is
+    /// configured).
+    pub max_connections_per_ip: usize,
+    /// See [`MAX_CHANNELS`].
+    pub max_channels: usize,
+    /// See [`MAX_CHANNELS_PER_CLIENT`]; 0: no limit.
+    pub max_channels_per_client: usize,
     /// See [`UPLOAD_GRACE`].
     pub upload_grace: Duration,
     /// See [`MIN_UPLOAD_RATE`].
@@ -192,6 +199,9 @@ impl Default for Limits {
             max_connections: 0,
             write_timeout: WRITE_TIMEOUT,
             tunnel_budget: TUNNEL_BUDGET,
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            max_channels: MAX_CHANNELS,
+            max_channels_per_client: MAX_CHANNELS_PER_CLIENT,
             upload_grace: UPLOAD_GRACE,
             min_upload_rate: MIN_UPLOAD_RATE,
             memory_budget: 0,
@@ -313,6 +323,32 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`max_connections`]: 256, for Redis, peer relays, the listener's own accepts and the
 /// log, so that a flood of connections is refused at the limit instead of starving them.
 pub const FD_RESERVE: usize = 256;
+
+/// Connections one client IP may hold at once: 1,000, a tenth of [`MAX_CONNECTIONS`],
+/// so one address cannot take every connection of the relay, while an office or a
+/// carrier NAT with hundreds of users (or a fleet of agents behind one address) fits.
+/// Counted at accept from the socket's address, so only when no client-IP header is
+/// configured: behind a proxy every connection comes from the proxy.
+/// `--max-connections-per-ip` (0: no limit).
+pub const MAX_CONNECTIONS_PER_IP: usize = 1_000;
+
+/// WebSocket channels one tunnel carries at once: 1,024. Each holds a client socket and,
+/// at the host, a local one; past this a new channel is refused (503) before the
+/// client's upgrade, instead of silent upgrades piling up at the host (whose agent
+/// refuses past 4,096 anyway). `--max-channels`.
+pub const MAX_CHANNELS: usize = 1_024;
+
+/// WebSocket channels one client IP may hold open at once, over all hosts: 256. Past it
+/// the upgrade is refused with 429. `--max-channels-per-client` (0: no limit).
+pub const MAX_CHANNELS_PER_CLIENT: usize = 256;
+
+/// Refused tunnel registrations (bad token, bad hostId) per client IP and second, and
+/// the burst: 10 and 50. A refusal within the rate gets the whole answer (an upgrade,
+/// then close 1008 with the reason, which agents read); past it, a bare 429 that costs
+/// the relay no upgrade and no log line. An agent with a bad token retries far slower.
+pub const REFUSALS_PER_IP: u32 = 10;
+/// See [`REFUSALS_PER_IP`].
+pub const REFUSALS_BURST: u32 = 50;
 
 /// Pause after a failed accept (out of file descriptors, most often): 50 ms, so the
 /// accept loop does not spin while connections end and free descriptors.

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::budget::Budget;
+use crate::clients::{PerIp, Refusals};
 use crate::config::{Config, ConfigError, DirectoryConfig};
 use crate::directory::{Directory, Instrumented, MemoryDirectory, RedisDirectory};
 use crate::peers::Peers;
@@ -54,6 +55,10 @@ struct Inner {
     unsynced: Notify,
     /// What all tunnels' buffers may hold together ([`crate::budget`]).
     memory: Budget,
+    /// Channels open per client IP ([`crate::clients`]).
+    channels_per_client: Arc<PerIp>,
+    /// Refused tunnel registrations per client IP.
+    refusals: Refusals,
 }
 
 impl Relay {
@@ -110,6 +115,13 @@ impl Relay {
                 ),
                 unsynced: Notify::new(),
                 memory: Budget::new(crate::limits::memory_budget(config.limits.memory_budget)),
+                channels_per_client: PerIp::new(config.limits.max_channels_per_client),
+                refusals: Refusals::new(
+                    std::num::NonZeroU32::new(crate::limits::REFUSALS_PER_IP)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                    std::num::NonZeroU32::new(crate::limits::REFUSALS_BURST)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
                 config,
             }),
         })
@@ -118,6 +130,26 @@ impl Relay {
     /// The process-wide byte budget every tunnel's buffers are charged against.
     pub fn memory(&self) -> &Budget {
         &self.inner.memory
+    }
+
+    /// Channels open per client IP.
+    pub fn channels_per_client(&self) -> &Arc<PerIp> {
+        &self.inner.channels_per_client
+    }
+
+    /// Refused tunnel registrations per client IP.
+    pub fn refusals(&self) -> &Refusals {
+        &self.inner.refusals
+    }
+
+    /// The client's IP address for `headers` arriving from `peer` (see
+    /// [`crate::clients::client_ip`]).
+    pub fn client_ip(
+        &self,
+        headers: &http::HeaderMap,
+        peer: std::net::SocketAddr,
+    ) -> std::net::IpAddr {
+        crate::clients::client_ip(headers, peer, self.inner.config.client_ip_header.as_ref())
     }
 
     /// The configuration in force.

@@ -67,6 +67,21 @@ impl WsClient {
         bearer: Option<&str>,
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), tungstenite::Error> {
+        Self::connect_with_headers(url, bearer, protocols, &[]).await
+    }
+
+    /// Like [`connect_with_protocols`](Self::connect_with_protocols), also sending
+    /// `headers` with the handshake.
+    ///
+    /// # Errors
+    ///
+    /// The handshake's error, as for [`connect`](Self::connect).
+    pub async fn connect_with_headers(
+        url: &str,
+        bearer: Option<&str>,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+    ) -> Result<(Self, Option<String>), tungstenite::Error> {
         let mut request = url
             .into_client_request()
             .unwrap_or_else(|err| panic!("bad WebSocket url {url:?}: {err}"));
@@ -74,6 +89,12 @@ impl WsClient {
             let value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .expect("token is a valid header value");
             request.headers_mut().insert("authorization", value);
+        }
+        for (name, value) in headers {
+            let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .expect("a valid header name");
+            let value = HeaderValue::from_str(value).expect("a valid header value");
+            request.headers_mut().insert(name, value);
         }
         if !protocols.is_empty() {
             let value = HeaderValue::from_str(&protocols.join(", "))

@@ -108,6 +108,10 @@ pub enum ExchangeError {
     /// ([`crate::limits::MIN_UPLOAD_RATE`]): 408.
     #[error("request body sent too slowly")]
     BodyTooSlow,
+    /// The tunnel carries its maximum of WebSocket channels
+    /// ([`crate::limits::MAX_CHANNELS`]): 503.
+    #[error("host has too many open WebSocket channels")]
+    TooManyChannels,
     /// Relay: holding this request or its answer would pass a byte budget (the host's
     /// share, or the whole relay's; see [`crate::budget`]): 503, try again.
     #[error("relay busy: no room to buffer this exchange ({} budget full)", .0.as_str())]
@@ -217,6 +221,7 @@ pub(crate) struct Inner {
     pending: Arc<Semaphore>,
     max_pending: usize,
     open_channels: AtomicUsize,
+    max_channels: usize,
     /// Woken when the last channel closes (a draining `h2` tunnel waits for it).
     channels_closed: Notify,
     /// Whether the directory is known to name this machine for the host. False while
@@ -286,6 +291,7 @@ impl TunnelHandle {
                 pending: Arc::new(Semaphore::new(limits.max_pending)),
                 max_pending: limits.max_pending,
                 open_channels: AtomicUsize::new(0),
+                max_channels: limits.max_channels,
                 channels_closed: Notify::new(),
                 synced: AtomicBool::new(false),
                 moved: AtomicBool::new(false),
@@ -503,14 +509,20 @@ impl TunnelHandle {
         request: ChannelRequest,
         timeout: Duration,
     ) -> Result<Opened, ExchangeError> {
-        let opened = match &self.inner.link {
-            Link::V1(link) => link.open_channel(self, request).await?,
-            Link::H2(link) => link.open_channel(self, request, timeout).await?,
-        };
-        if let Opened::Channel { .. } = opened {
-            self.inner.open_channels.fetch_add(1, Ordering::Relaxed);
+        // Counted before it is opened, so channels opening at once cannot pass the cap
+        // together; given back if it does not open.
+        if self.inner.open_channels.fetch_add(1, Ordering::Relaxed) >= self.inner.max_channels {
+            self.channel_closed();
+            return Err(ExchangeError::TooManyChannels);
         }
-        Ok(opened)
+        let opened = match &self.inner.link {
+            Link::V1(link) => link.open_channel(self, request).await,
+            Link::H2(link) => link.open_channel(self, request, timeout).await,
+        };
+        if !matches!(opened, Ok(Opened::Channel { .. })) {
+            self.channel_closed();
+        }
+        opened
     }
 
     /// Resolves once no exchange is in flight and no channel is open. Only for a tunnel
