@@ -553,9 +553,15 @@ async fn stale_self_ownership_answers_503_at_once_without_forwarding() {
     );
 }
 
+/// Where the relays of a directory keep their hop key, and one a test sets there.
+const HOP_KEY_NAME: &str = "relay:hop-key";
+const HOP_KEY: &str = "7e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e";
+
 #[tokio::test]
 async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forwarded() {
     let redis = TestRedis::spawn().await;
+    // The relays' shared hop key, set before they make one: the test passes for a relay.
+    redis.set(HOP_KEY_NAME, HOP_KEY).await;
     let a = relay_on(&redis, "ams", "relay-a").await;
     let b = relay_on(&redis, "fra", "relay-b").await;
     let upstream = Upstream::spawn().await;
@@ -567,6 +573,7 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
         .get(host_url(&b, "web-1", "/echo/hop"))
         .bearer(&b.client_token(&["web-1"]))
         .header("x-relay-hop", "test")
+        .header("x-relay-hop-auth", HOP_KEY)
         .send()
         .await;
 
@@ -596,6 +603,7 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
     let bearer = format!("Bearer {}", b.client_token(&["web-1"]));
     headers.insert("authorization", bearer.parse().expect("header value"));
     headers.insert("x-relay-hop", "test".parse().expect("header value"));
+    headers.insert("x-relay-hop-auth", HOP_KEY.parse().expect("header value"));
     let refused = within(
         "B to answer a hopped WebSocket upgrade",
         DEADLINE,
@@ -618,6 +626,60 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
         a.counter(CLIENT_REQUESTS, &[]).await,
         a_requests,
         "B forwarded a request that had already made its one hop"
+    );
+}
+
+#[tokio::test]
+async fn a_hop_marker_without_the_relays_key_is_ignored_and_the_request_served_as_a_clients() {
+    let redis = TestRedis::spawn().await;
+    redis.set(HOP_KEY_NAME, HOP_KEY).await;
+    let a = relay_on(&redis, "ams", "relay-a").await;
+    let b = relay_on(&redis, "fra", "relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+
+    for forged in [None, Some("guessed"), Some(&HOP_KEY[1..])] {
+        let mut request = b
+            .http()
+            .get(host_url(&b, "web-1", "/echo/forged"))
+            .bearer(&b.client_token(&["web-1"]))
+            .header("x-relay-hop", "ams:relay-a");
+        if let Some(auth) = forged {
+            request = request.header("x-relay-hop-auth", auth);
+        }
+        let resp = request.send().await;
+        // Taken for a client's request: routed to the owner and served.
+        resp.assert_status(200);
+        assert_eq!(resp.header("x-relay-not-here"), None);
+        // Nothing the relays say to one another reaches the host either.
+        let seen = resp.json();
+        let headers = seen["headers"].as_object().expect("echoed headers");
+        assert!(
+            headers.keys().all(|name| !name.starts_with("x-relay-")),
+            "relay-only headers reached the host: {headers:?}"
+        );
+    }
+    // For a host nobody holds, a forged marker gets what any client gets.
+    let resp = b
+        .http()
+        .get(host_url(&b, "nobody", "/x"))
+        .bearer(&b.client_token(&["nobody"]))
+        .header("x-relay-hop", "ams:relay-a")
+        .send()
+        .await;
+    resp.assert_status(503);
+    assert_eq!(
+        resp.header("x-relay-not-here"),
+        None,
+        "clients never see the marker"
+    );
+    assert!(
+        b.counter(
+            "relay_hops_total",
+            &[("mode", "peer"), ("outcome", "forged")]
+        )
+        .await
+            >= 4.0
     );
 }
 

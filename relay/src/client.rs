@@ -72,7 +72,12 @@ async fn serve(
         .authorize(&token, Role::Client, &host)
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
 
-    let hop = Hop::of(request.headers());
+    let key = if request.headers().contains_key(crate::headers::HOP) {
+        relay.hop_key().await
+    } else {
+        None
+    };
+    let hop = Hop::of(request.headers(), key.as_deref());
     let route_found = match routing::route(&relay, &host, hop.is_hopped()).await {
         Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
         other => other?,
@@ -131,12 +136,17 @@ async fn serve(
             query,
             headers: headers::to_host(&parts.headers, peer_ip(peer)),
         };
-        // Held for the life of the channel.
-        let client = relay.client_ip(&parts.headers, peer);
-        let slot = relay
-            .channels_per_client()
-            .try_take(client)
-            .ok_or(ClientError::TooManyClientChannels)?;
+        // Held for the life of the channel. A channel bridged from a peer relay was
+        // counted there, against the real client.
+        let slot = if hop == Hop::Peer {
+            IpSlot::uncounted()
+        } else {
+            let client = relay.client_ip(&parts.headers, peer);
+            relay
+                .channels_per_client()
+                .try_take(client)
+                .ok_or(ClientError::TooManyClientChannels)?
+        };
         return Box::pin(open_channel(relay, tunnel, upgrade, request, slot)).await;
     }
     let path_and_query = match &query {

@@ -60,6 +60,16 @@ pub struct IpSlot {
     ip: IpAddr,
 }
 
+impl IpSlot {
+    /// A place counted nowhere: for what another relay counted already.
+    pub fn uncounted() -> IpSlot {
+        IpSlot {
+            table: None,
+            ip: IpAddr::from([0, 0, 0, 0]),
+        }
+    }
+}
+
 impl PerIp {
     /// A table allowing `max` per IP (0: no limit, nothing counted).
     pub fn new(max: usize) -> Arc<PerIp> {

@@ -13,8 +13,9 @@
 //!   `100 Continue` when it first reads the body), so it does not cross;
 //! - the client's credentials (`Authorization`) are for the relay, never the host; a peer
 //!   relay gets them unchanged, since it authorizes the client again;
-//! - headers only relays may set ([`HOP`], [`NOT_HERE`]) are dropped where they would
-//!   reach a host or a client, so neither can forge them to another relay;
+//! - headers only relays may set ([`HOP`], [`HOP_AUTH`], [`NOT_HERE`]) are dropped
+//!   where they would reach a host or a client, and a hop marker counts only with the
+//!   relays' shared key in [`HOP_AUTH`], so neither can pass for a relay;
 //! - `X-Forwarded-For` gets the peer's address appended at every relay, also when the
 //!   peer is another relay: a client can send a hop marker too, so trusting it to skip
 //!   the append would let a client forge the whole chain. `X-Forwarded-Proto` and
@@ -26,6 +27,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Marks a request forwarded by a peer relay; its value is the forwarding machine.
 pub const HOP: &str = "x-relay-hop";
+
+/// On a forwarded request: the secret shared by the relays of one directory
+/// ([`crate::directory::Directory::hop_key`]), proving [`HOP`] comes from a relay.
+pub const HOP_AUTH: &str = "x-relay-hop-auth";
 
 /// On a 503 to a forwarded request: this machine does not hold the host, and nothing was
 /// sent to any host, so the forwarding relay may try the current owner instead. Never
@@ -63,7 +68,16 @@ fn is_websocket_handshake(name: &HeaderName) -> bool {
 
 /// Headers only relays may set.
 fn is_relay_only(name: &HeaderName) -> bool {
-    name == HOP || name == NOT_HERE
+    name == HOP || name == HOP_AUTH || name == NOT_HERE
+}
+
+/// Whether `headers` carry the relays' hop key `key` (compared in constant time).
+pub fn hop_authenticated(headers: &HeaderMap, key: Option<&str>) -> bool {
+    let (Some(key), Some(sent)) = (key, headers.get(HOP_AUTH)) else {
+        return false;
+    };
+    let (key, sent) = (key.as_bytes(), sent.as_bytes());
+    key.len() == sent.len() && key.iter().zip(sent).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// The names the `Connection` header lists: they are hop-by-hop too.
@@ -152,16 +166,19 @@ pub fn to_host(headers: &HeaderMap, peer: IpAddr) -> HeaderMap {
 /// The request headers a peer relay gets for a client request forwarded by `me` (this
 /// machine): the client's, credentials included (the peer authorizes again), minus what
 /// never crosses a hop, plus the hop marker and the forwarding chain.
-pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str) -> HeaderMap {
+pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str, key: Option<&str>) -> HeaderMap {
     let mut out = copy_end_to_end(headers, |name| {
         name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::EXPECT
             || name == "x-forwarded-for"
-            || name == HOP
+            || is_relay_only(name)
     });
     if let Ok(me) = HeaderValue::from_str(me) {
         out.insert(HOP, me);
+    }
+    if let Some(Ok(key)) = key.map(HeaderValue::from_str) {
+        out.insert(HOP_AUTH, key);
     }
     add_forwarded(&mut out, headers, peer);
     out
@@ -221,6 +238,7 @@ mod tests {
         headers.append(header::ACCEPT, "b".parse().unwrap());
         headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         headers.insert(HOP, "ams:a".parse().unwrap());
+        headers.insert(HOP_AUTH, "key".parse().unwrap());
         headers.insert(NOT_HERE, "1".parse().unwrap());
         headers.insert("sec-websocket-key", "k".parse().unwrap());
         headers.insert("sec-websocket-protocol", "chat".parse().unwrap());
@@ -234,6 +252,7 @@ mod tests {
             "transfer-encoding",
             "content-length",
             HOP,
+            HOP_AUTH,
             NOT_HERE,
             "sec-websocket-key",
             "te",
@@ -264,9 +283,19 @@ mod tests {
         headers.insert(header::AUTHORIZATION, "Bearer c".parse().unwrap());
         headers.insert(HOP, "forged".parse().unwrap());
         headers.insert(header::HOST, "relay.example".parse().unwrap());
-        let out = to_peer(&headers, client_ip(), "ams:m1");
+        headers.insert(HOP_AUTH, "forged-key".parse().unwrap());
+        let out = to_peer(&headers, client_ip(), "ams:m1", Some("the-key"));
         assert_eq!(out[header::AUTHORIZATION], "Bearer c");
         assert_eq!(out[HOP], "ams:m1");
+        assert_eq!(out[HOP_AUTH], "the-key", "the client's value is replaced");
+        assert!(hop_authenticated(&out, Some("the-key")));
+        assert!(!hop_authenticated(&out, Some("the-kez")));
+        assert!(!hop_authenticated(&out, Some("the-key-longer")));
+        assert!(
+            !hop_authenticated(&out, None),
+            "no key known: nothing is a hop"
+        );
+        assert!(!hop_authenticated(&headers, Some("the-key")));
         assert_eq!(out["x-forwarded-for"], "192.0.2.7");
         assert_eq!(out["x-forwarded-host"], "relay.example");
         assert!(!out.contains_key(header::HOST));

@@ -73,11 +73,18 @@ pub enum Hop {
 }
 
 impl Hop {
-    /// How the request with these headers arrived.
-    pub fn of(headers: &HeaderMap) -> Hop {
+    /// How the request with these headers arrived. A hop marker counts only with the
+    /// relays' shared `key` ([`crate::headers::HOP_AUTH`]): one a client sent is
+    /// ignored (counted as `relay_hops_total{outcome="forged"}`), so a client can neither
+    /// see the relays' internal answers nor pass for a relay.
+    pub fn of(headers: &HeaderMap, key: Option<&str>) -> Hop {
         if headers.contains_key(HOP_HEADER) {
-            Hop::Peer
-        } else if headers.contains_key(FLY_REPLAY_SRC) {
+            if headers::hop_authenticated(headers, key) {
+                return Hop::Peer;
+            }
+            telemetry::hop("peer", "forged");
+        }
+        if headers.contains_key(FLY_REPLAY_SRC) {
             Hop::Replay
         } else {
             Hop::Direct
@@ -229,9 +236,17 @@ async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
     }
 }
 
-/// Headers for the hop: see [`headers::to_peer`].
-fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
-    headers::to_peer(headers, client_ip, &relay.config().owner.to_string())
+/// Headers for the hop: see [`headers::to_peer`]. Without the hop key (the directory
+/// could not give it yet) the peer takes the request for a client's: it is still served
+/// if the peer holds the host, only not marked as already routed.
+async fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
+    let key = relay.hop_key().await;
+    headers::to_peer(
+        headers,
+        client_ip,
+        &relay.config().owner.to_string(),
+        key.as_deref(),
+    )
 }
 
 /// Forwards one HTTP request to the owner and streams its response back; the body
@@ -274,7 +289,7 @@ async fn proxy_http(
                 break;
             }
         };
-        *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers);
+        *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers).await;
         // The deadline for the answer starts once the request body is sent whole.
         let deadline = async {
             let _ = ended.await;
@@ -415,7 +430,7 @@ async fn bridge_websocket(
             Ok(request) => request,
             Err(_) => break,
         };
-        let headers = hop_headers(relay, client_ip, &parts.headers);
+        let headers = hop_headers(relay, client_ip, &parts.headers).await;
         for (name, value) in &headers {
             if name != header::CONNECTION && name != header::UPGRADE {
                 request.headers_mut().append(name.clone(), value.clone());

@@ -59,6 +59,8 @@ struct Inner {
     channels_per_client: Arc<PerIp>,
     /// Refused tunnel registrations per client IP.
     refusals: Refusals,
+    /// The relays' shared hop key, once the directory gave it.
+    hop_key: tokio::sync::OnceCell<String>,
 }
 
 impl Relay {
@@ -116,6 +118,7 @@ impl Relay {
                 unsynced: Notify::new(),
                 memory: Budget::new(crate::limits::memory_budget(config.limits.memory_budget)),
                 channels_per_client: PerIp::new(config.limits.max_channels_per_client),
+                hop_key: tokio::sync::OnceCell::new(),
                 refusals: Refusals::new(
                     std::num::NonZeroU32::new(crate::limits::REFUSALS_PER_IP)
                         .unwrap_or(std::num::NonZeroU32::MIN),
@@ -135,6 +138,35 @@ impl Relay {
     /// Channels open per client IP.
     pub fn channels_per_client(&self) -> &Arc<PerIp> {
         &self.inner.channels_per_client
+    }
+
+    /// The key relays of this directory prove their hops with
+    /// ([`crate::directory::Directory::hop_key`]): read once, then kept. `None` while
+    /// the directory cannot give it (asked again next time).
+    pub async fn hop_key(&self) -> Option<String> {
+        let key = self
+            .inner
+            .hop_key
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(
+                    crate::limits::DIRECTORY_TIMEOUT,
+                    self.inner.directory.hop_key(),
+                )
+                .await
+                {
+                    Ok(Ok(key)) => Ok(key),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                }
+            })
+            .await;
+        match key {
+            Ok(key) => Some(key.clone()),
+            Err(err) => {
+                crate::telemetry::directory_error("hop_key", &"this relay", &err);
+                None
+            }
+        }
     }
 
     /// Refused tunnel registrations per client IP.

@@ -94,4 +94,8 @@ impl Directory for Instrumented {
     async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError> {
         measured("address_of", self.inner.address_of(owner)).await
     }
+
+    async fn hop_key(&self) -> Result<String, DirectoryError> {
+        measured("hop_key", self.inner.hop_key()).await
+    }
 }

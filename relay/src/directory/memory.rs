@@ -16,6 +16,8 @@ use crate::host_id::HostId;
 #[derive(Debug)]
 pub struct MemoryDirectory {
     ttl: Duration,
+    /// See [`Directory::hop_key`]: one per process.
+    hop_key: String,
     /// std Mutex: every critical section is a few map operations and never awaits.
     state: Mutex<State>,
 }
@@ -41,6 +43,7 @@ impl MemoryDirectory {
     pub fn new(ttl: Duration) -> MemoryDirectory {
         MemoryDirectory {
             ttl,
+            hop_key: super::new_hop_key(),
             state: Mutex::new(State::default()),
         }
     }
@@ -238,6 +241,10 @@ impl Directory for MemoryDirectory {
             .addresses
             .insert(owner.clone(), (addr.to_owned(), expires_at));
         Ok(())
+    }
+
+    async fn hop_key(&self) -> Result<String, DirectoryError> {
+        Ok(self.hop_key.clone())
     }
 
     async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError> {

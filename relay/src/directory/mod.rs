@@ -188,4 +188,18 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
 
     /// The address `owner` advertised, if it has not expired.
     async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError>;
+
+    /// The secret every relay sharing this directory puts on the requests it forwards to
+    /// another ([`crate::headers::HOP_AUTH`]), so that a client cannot pass for a relay:
+    /// made (at random) by the first relay that asks, then the same for all. Embedded: one
+    /// per process (there are no peers).
+    async fn hop_key(&self) -> Result<String, DirectoryError>;
+}
+
+/// A new random hop key: 32 bytes, hex.
+pub(crate) fn new_hop_key() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -9,6 +9,7 @@
 //! | `relay:host:<hostId>` | string | owner, `region:machineId` | `PX ttl`, refreshed by heartbeats |
 //! | `relay:owned:<region:machineId>` | set | hostIds that owner registered | none (see the sweep) |
 //! | `relay:addr:<region:machineId>` | string | address peers forward to | `PX ttl` of the advertisement |
+//! | `relay:hop-key` | string | the relays' hop key ([`Directory::hop_key`]) | none |
 //!
 //! hostIds and owners are restricted to `[A-Za-z0-9._-]` (plus the one `:` of an owner),
 //! so keys need no escaping.
@@ -110,6 +111,7 @@ struct Scripts {
     clear_owned: Script,
     reassert: Script,
     sweep: Script,
+    hop_key: Script,
 }
 
 impl Scripts {
@@ -121,6 +123,7 @@ impl Scripts {
             clear_owned: Script::new(include_str!("clear_owned.lua")),
             reassert: Script::new(include_str!("reassert.lua")),
             sweep: Script::new(include_str!("sweep.lua")),
+            hop_key: Script::new(include_str!("hop_key.lua")),
         }
     }
 }
@@ -522,6 +525,18 @@ impl Directory for RedisDirectory {
             .arg("PX")
             .arg(millis(ttl));
         self.query("advertise", &cmd).await
+    }
+
+    async fn hop_key(&self) -> Result<String, DirectoryError> {
+        let key = format!("{}hop-key", self.prefix);
+        let mut script = self.scripts.hop_key.prepare_invoke();
+        script.key(&key).arg(super::new_hop_key());
+        let value: Option<Vec<u8>> = self.eval("hop_key", &script).await?;
+        let value = value.ok_or_else(|| DirectoryError::Corrupt(format!("{key}: missing")))?;
+        String::from_utf8(value)
+            .ok()
+            .filter(|key| key.len() >= 32)
+            .ok_or_else(|| DirectoryError::Corrupt(format!("{key}: not a hop key")))
     }
 
     async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError> {

@@ -642,3 +642,17 @@ async fn invalid_urls_are_rejected_up_front() {
         .unwrap_err();
     assert!(matches!(err, DirectoryError::Unavailable(_)), "{err}");
 }
+
+#[tokio::test]
+async fn every_relay_of_one_directory_gets_the_same_hop_key_and_another_prefix_its_own() {
+    let redis = TestRedis::spawn().await;
+    let ttl = Duration::from_secs(60);
+    let first = redis.directory(ttl);
+    let second = redis.directory(ttl);
+    let key = first.hop_key().await.unwrap();
+    assert_eq!(key.len(), 64, "32 random bytes, hex: {key}");
+    assert_eq!(second.hop_key().await.unwrap(), key);
+    assert_eq!(first.hop_key().await.unwrap(), key, "made once, then kept");
+    let other = RedisDirectory::new(&redis.url(), "other:", ttl).unwrap();
+    assert_ne!(other.hop_key().await.unwrap(), key);
+}
