@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use relay_tests::{
-    DEADLINE, HttpClient, RawHost, TestHost, TestRedis, TestRelay, Upstream, WsClient, addr_key,
-    host_key, owned_key, unused_port, wait_until, wait_until_async, within,
+    DEADLINE, FaultyProxy, HttpClient, RawHost, TestHost, TestRedis, TestRelay, Upstream, WsClient,
+    addr_key, host_key, owned_key, unused_port, wait_until, wait_until_async, within,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -444,5 +444,83 @@ async fn reconciler_restores_lost_entries_but_never_takes_a_host_back_from_anoth
         redis.get(&host_key("taken-over")).await.as_deref(),
         Some("syd:newer-owner"),
         "the reconciler took a host back from the machine that registered it later"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_moved_while_redis_connections_were_reset_is_found_on_its_new_relay_within_seconds_not_the_ttl()
+ {
+    let redis = TestRedis::spawn().await;
+    // The relays reach Redis through a proxy that can reset their connections.
+    let link = FaultyProxy::spawn(([127, 0, 0, 1], redis.port()).into()).await;
+    let through_link = format!("redis://{}", link.addr());
+    let on = |region: &'static str, machine: &'static str| {
+        TestRelay::builder()
+            .region(region)
+            .machine_id(machine)
+            .redis(&through_link)
+            .routing("proxy")
+            .reconcile_interval(RECONCILE_INTERVAL)
+            .spawn()
+    };
+    let a = on("ams", "relay-a").await;
+    let b = on("fra", "relay-b").await;
+    redis.wait_advertised(&a).await;
+    redis.wait_advertised(&b).await;
+    let upstream = Upstream::spawn().await;
+    let on_a = TestHost::connect(&a, "web-1", &upstream).await;
+    redis.wait_host_owner("web-1", &a).await;
+
+    // For 3.5 s every Redis connection is reset and new ones fail, and meanwhile the host
+    // moves from A to B: A's removal of its entry and B's registration are both lost.
+    link.cut();
+    let cut_at = Instant::now();
+    drop(on_a);
+    a.wait_host_disconnected("web-1").await;
+    let _on_b = TestHost::connect(&b, "web-1", &upstream).await;
+    tokio::time::sleep_until(cut_at + Duration::from_millis(3_500)).await;
+    link.restore();
+    assert_eq!(
+        redis.get(&host_key("web-1")).await.as_deref(),
+        Some(a.owner().as_str()),
+        "the fault left the entry naming A"
+    );
+
+    // Within seconds, not the entry's 90 s: B's reconciler asks A, which says it no
+    // longer holds the host, and takes the entry over; clients of either relay are served.
+    redis
+        .wait_value(&host_key("web-1"), &b.owner(), RESTORE_DEADLINE)
+        .await;
+    assert!(
+        b.counter("relay_stale_entries_total", &[("action", "taken_over")])
+            .await
+            >= 1.0
+    );
+    assert_served(&a, "web-1", "after-a").await;
+    assert_served(&b, "web-1", "after-b").await;
+}
+
+#[tokio::test]
+async fn a_relay_asked_for_a_host_the_directory_wrongly_says_it_holds_removes_that_entry() {
+    let redis = TestRedis::spawn().await;
+    let a = relay_on(&redis, "ams", "relay-a").await;
+    // What an outage can leave behind: an entry naming A, which holds no such tunnel.
+    redis.set(&host_key("ghost"), &a.owner()).await;
+
+    let resp = a
+        .http()
+        .get(a.http_url("/hosts/ghost/x"))
+        .bearer(&a.client_token(&["ghost"]))
+        .send()
+        .await;
+    resp.assert_status(503);
+    wait_until_async("A removes the stale entry", DEADLINE, || async {
+        redis.get(&host_key("ghost")).await.is_none()
+    })
+    .await;
+    assert_eq!(
+        a.counter("relay_stale_entries_total", &[("action", "removed")])
+            .await,
+        1.0
     );
 }

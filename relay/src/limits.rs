@@ -409,6 +409,15 @@ pub const STARTUP_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);
 /// after a fresh lookup.
 pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Bound on asking a peer relay whether it still holds a host (the reconciler's
+/// take-over, [`crate::ownership`]): connect and answer, on the private network.
+pub const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Peers asked per reconcile pass about entries that name them for hosts held here: a
+/// partition that left thousands of such entries heals over a few passes, without one
+/// pass taking minutes.
+pub const CLAIMS_PER_PASS: usize = 100;
+
 /// Largest request body a relay keeps while forwarding it to a peer relay, so that a hop
 /// that found the host gone (or its connection refused after the body was read) can be
 /// tried again on the new owner: 64 KiB covers the requests of ordinary API calls.

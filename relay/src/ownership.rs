@@ -13,11 +13,12 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::config::RoutingMode;
 use crate::directory::{Directory, Owner};
 use crate::host_id::HostId;
 use crate::limits::{
-    DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT, RECONCILE_BATCH,
-    RESYNC_FIRST_RETRY, STARTUP_CLEAR_TIMEOUT,
+    CLAIMS_PER_PASS, DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT,
+    PEER_PROBE_TIMEOUT, RECONCILE_BATCH, RESYNC_FIRST_RETRY, STARTUP_CLEAR_TIMEOUT,
 };
 use crate::state::Relay;
 use crate::telemetry;
@@ -199,6 +200,128 @@ async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Where peers reach `owner`: on Fly its private address, else the one it advertised.
+pub(crate) async fn address_of(relay: &Relay, owner: &Owner) -> Option<String> {
+    match (relay.config().routing, &relay.config().app_name) {
+        (RoutingMode::FlyReplay, Some(app)) => Some(format!(
+            "{}.vm.{app}.internal:{}",
+            owner.machine_id,
+            relay.config().listen.port()
+        )),
+        _ => match timeout(
+            crate::limits::DIRECTORY_TIMEOUT,
+            relay.directory().address_of(owner),
+        )
+        .await
+        {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(err)) => {
+                telemetry::directory_error("address_of", owner, &err);
+                None
+            }
+            Err(_) => {
+                telemetry::directory_error("address_of", owner, &"timed out");
+                None
+            }
+        },
+    }
+}
+
+/// Asks `owner` whether it holds `host`'s tunnel (`GET /relay/holds/{hostId}`, with the
+/// hop key): `None` when it cannot be asked or does not answer in time.
+pub(crate) async fn peer_holds(relay: &Relay, owner: &Owner, host: &HostId) -> Option<bool> {
+    use http_body_util::BodyExt as _;
+    let addr = address_of(relay, owner).await?;
+    let key = relay.hop_key().await?;
+    let mut request = http::Request::new(axum::body::Body::empty());
+    *request.uri_mut() = format!("http://{addr}/relay/holds/{host}").parse().ok()?;
+    request
+        .headers_mut()
+        .insert(crate::headers::HOP_AUTH, key.parse().ok()?);
+    let answer = timeout(PEER_PROBE_TIMEOUT, async {
+        let response = relay.peers().client.request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()?
+            .get("holds")?
+            .as_bool()
+    })
+    .await;
+    answer.ok().flatten()
+}
+
+/// Removes this machine's entry for `host`, in the background, if it names this
+/// machine while no tunnel for it is here (see [`crate::routing::route`]).
+pub(crate) fn remove_stale(relay: &Relay, host: &HostId) {
+    if relay.registry().contains(host) {
+        return;
+    }
+    let tracker = relay.tracker().clone();
+    let relay = relay.clone();
+    let host = host.clone();
+    tracker.spawn(async move {
+        let owner = &relay.config().owner;
+        if let Ok(Ok(true)) = timeout(
+            DIRECTORY_TIMEOUT,
+            relay.directory().unregister(&host, owner),
+        )
+        .await
+        {
+            info!(%host, "removed a stale directory entry naming this machine");
+            telemetry::stale_entry("removed");
+        }
+        // A tunnel for the host may have registered here meanwhile: put it back.
+        if relay.registry().contains(&host) {
+            publish(&relay, &host).await;
+        }
+    });
+}
+
+/// For hosts of `handles` whose entries the reconciler could not write because they
+/// name another machine: asks that machine whether it still holds the host, and takes
+/// the entry over when it says it does not (its removal was lost to an outage while the
+/// agent moved here). A machine that holds it, or cannot be asked, keeps it: it may
+/// have registered the host later. At most [`CLAIMS_PER_PASS`] are asked per pass.
+async fn claim_from_stale_owners(relay: &Relay, owner: &Owner, handles: &[TunnelHandle]) {
+    let hosts: Vec<HostId> = handles.iter().map(|h| h.host().clone()).collect();
+    let Ok(Ok(recorded)) = timeout(DIRECTORY_TIMEOUT, relay.directory().lookup_many(&hosts)).await
+    else {
+        return;
+    };
+    let elsewhere = handles
+        .iter()
+        .zip(recorded)
+        .filter_map(|(handle, recorded)| match recorded {
+            Some(recorded) if recorded != *owner && !handle.has_moved() && !handle.is_closed() => {
+                Some((handle.host().clone(), recorded))
+            }
+            _ => None,
+        })
+        .take(CLAIMS_PER_PASS);
+    for (host, recorded) in elsewhere {
+        if peer_holds(relay, &recorded, &host).await != Some(false) {
+            continue;
+        }
+        match timeout(
+            DIRECTORY_TIMEOUT,
+            relay.directory().take_over(&host, &recorded, owner),
+        )
+        .await
+        {
+            Ok(Ok(true)) => {
+                info!(%host, previous = %recorded, "took over a directory entry whose owner no longer holds the host");
+                telemetry::stale_entry("taken_over");
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => telemetry::directory_error("take_over", &host, &err),
+            Err(_) => telemetry::directory_error("take_over", &host, &"timed out"),
+        }
+    }
+}
+
 /// Publishes this machine's peer address for three reconcile intervals.
 async fn advertise(relay: &Relay, owner: &Owner, interval: Duration) {
     let Some(addr) = relay.advertise_addr() else {
@@ -230,6 +353,9 @@ async fn reassert(relay: &Relay, owner: &Owner, handles: &[TunnelHandle]) -> usi
                 written += n;
                 for handle in batch {
                     handle.set_synced(true);
+                }
+                if n < batch.len() {
+                    claim_from_stale_owners(relay, owner, batch).await;
                 }
             }
             Ok(Err(err)) => {

@@ -24,6 +24,7 @@ pub fn app(relay: Relay) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/tunnels", get(crate::admin::tunnels))
         .route("/tunnel", get(host::accept))
+        .route("/relay/holds/{host}", get(crate::routing::holds))
         .route("/hosts/{host}", any(client::host_request))
         .route("/hosts/{host}/", any(client::host_request))
         .route("/hosts/{host}/{*rest}", any(client::host_request))

@@ -138,17 +138,41 @@ pub async fn route(relay: &Relay, host: &HostId, hopped: bool) -> Result<Route, 
         return Ok(Route::Local(tunnel));
     }
     if hopped {
+        // The peer's directory named this machine: if it still does, that entry is
+        // stale (its removal was lost to an outage), and is removed so the machine
+        // that holds the host can take its place.
         debug!(%host, "routed here by a peer but not held here; not forwarding again");
+        ownership::remove_stale(relay, host);
         return Err(ClientError::HostNotConnected);
     }
     match ownership::lookup(relay, host).await {
         Some(owner) if owner == relay.config().owner => {
             debug!(%host, "directory names this machine but the tunnel is gone (stale)");
+            ownership::remove_stale(relay, host);
             Err(ClientError::HostNotConnected)
         }
         Some(owner) => Ok(Route::Remote(owner)),
         None => Err(ClientError::HostNotConnected),
     }
+}
+
+/// `GET /relay/holds/{hostId}`: whether this machine holds the host's tunnel, asked by
+/// a peer relay whose reconciler found the directory naming this machine for a host it
+/// holds itself ([`ownership::peer_holds`]). Only relays may ask (the hop key); to anyone
+/// else the route does not exist.
+pub(crate) async fn holds(
+    axum::extract::State(relay): axum::extract::State<Relay>,
+    axum::extract::Path(host): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let key = relay.hop_key().await;
+    if !headers::hop_authenticated(&headers, key.as_deref()) {
+        return http::StatusCode::NOT_FOUND.into_response();
+    }
+    let Ok(host) = HostId::parse(&host) else {
+        return http::StatusCode::BAD_REQUEST.into_response();
+    };
+    axum::Json(json!({"holds": relay.registry().contains(&host)})).into_response()
 }
 
 /// What a forwarded request is.
@@ -200,33 +224,6 @@ fn replay(owner: &Owner) -> Response {
     response
 }
 
-/// Where peers reach `owner`.
-async fn address_of(relay: &Relay, owner: &Owner) -> Option<String> {
-    match (relay.config().routing, &relay.config().app_name) {
-        (RoutingMode::FlyReplay, Some(app)) => Some(format!(
-            "{}.vm.{app}.internal:{}",
-            owner.machine_id,
-            relay.config().listen.port()
-        )),
-        _ => match timeout(
-            crate::limits::DIRECTORY_TIMEOUT,
-            relay.directory().address_of(owner),
-        )
-        .await
-        {
-            Ok(Ok(addr)) => addr,
-            Ok(Err(err)) => {
-                telemetry::directory_error("address_of", owner, &err);
-                None
-            }
-            Err(_) => {
-                telemetry::directory_error("address_of", owner, &"timed out");
-                None
-            }
-        },
-    }
-}
-
 /// After a failed connect: the owner once more, if it is still another machine.
 async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
     match route(relay, host, false).await {
@@ -266,7 +263,7 @@ async fn proxy_http(
     let timeout_after_body = relay.config().limits.exchange_timeout + PEER_EXCHANGE_MARGIN;
     let mut body = HopBody::of(body, &parts.headers).await?;
     for attempt in 0..2 {
-        let Some(addr) = address_of(relay, &owner).await else {
+        let Some(addr) = ownership::address_of(relay, &owner).await else {
             debug!(%owner, "owner has no advertised address");
             if attempt == 0
                 && let Some(next) = owner_again(relay, host).await
@@ -415,7 +412,7 @@ async fn bridge_websocket(
     config.max_message_size = Some(limits.max_frame_bytes);
     config.max_frame_size = Some(limits.max_frame_bytes);
     for attempt in 0..2 {
-        let Some(addr) = address_of(relay, &owner).await else {
+        let Some(addr) = ownership::address_of(relay, &owner).await else {
             if attempt == 0
                 && let Some(next) = owner_again(relay, host).await
             {

@@ -160,6 +160,13 @@ pub fn budget_refused(scope: crate::budget::Scope) {
     metrics::counter!("relay_budget_refusals_total", "scope" => scope.as_str()).increment(1);
 }
 
+/// A stale directory entry was repaired: `removed` (it named this machine, which holds
+/// no tunnel for the host) or `taken_over` (it named a machine that said it no longer
+/// holds the host, held here): `relay_stale_entries_total{action}`.
+pub fn stale_entry(action: &'static str) {
+    metrics::counter!("relay_stale_entries_total", "action" => action).increment(1);
+}
+
 /// A drained tunnel was closed with streams still open (after the wait for answers in
 /// flight): they are cut, and the clients see a failed answer, a cut body or a closed
 /// WebSocket. Counted (`relay_drain_cut_total{kind}`) and logged, so an operator can tell

@@ -95,6 +95,15 @@ impl Directory for Instrumented {
         measured("address_of", self.inner.address_of(owner)).await
     }
 
+    async fn take_over(
+        &self,
+        host: &HostId,
+        from: &Owner,
+        to: &Owner,
+    ) -> Result<bool, DirectoryError> {
+        measured("take_over", self.inner.take_over(host, from, to)).await
+    }
+
     async fn hop_key(&self) -> Result<String, DirectoryError> {
         measured("hop_key", self.inner.hop_key()).await
     }

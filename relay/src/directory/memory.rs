@@ -243,6 +243,21 @@ impl Directory for MemoryDirectory {
         Ok(())
     }
 
+    async fn take_over(
+        &self,
+        host: &HostId,
+        from: &Owner,
+        to: &Owner,
+    ) -> Result<bool, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        if state.live_owner(host, now) != Some(from) {
+            return Ok(false);
+        }
+        state.insert(host, to, now + self.ttl);
+        Ok(true)
+    }
+
     async fn hop_key(&self) -> Result<String, DirectoryError> {
         Ok(self.hop_key.clone())
     }
@@ -270,6 +285,18 @@ mod tests {
     }
     fn owner(s: &str) -> Owner {
         s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn take_over_moves_only_an_entry_that_still_names_the_previous_owner() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let (a, b, c) = (owner("ams:a"), owner("fra:b"), owner("syd:c"));
+        dir.register(&host("h"), &a).await.unwrap();
+        assert!(!dir.take_over(&host("h"), &c, &b).await.unwrap());
+        assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(a.clone()));
+        assert!(dir.take_over(&host("h"), &a, &b).await.unwrap());
+        assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(b.clone()));
+        assert!(!dir.take_over(&host("nobody"), &a, &b).await.unwrap());
     }
 
     #[tokio::test]

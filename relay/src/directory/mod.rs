@@ -186,6 +186,17 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> Result<(), DirectoryError>;
 
+    /// Writes `to` as the owner of `host` if, and only if, `from` is the owner recorded
+    /// (compare-and-set): for a machine that holds the host's tunnel while the entry still
+    /// names one that said it no longer does (its removal was lost to an outage). Returns
+    /// whether it was written.
+    async fn take_over(
+        &self,
+        host: &HostId,
+        from: &Owner,
+        to: &Owner,
+    ) -> Result<bool, DirectoryError>;
+
     /// The address `owner` advertised, if it has not expired.
     async fn address_of(&self, owner: &Owner) -> Result<Option<String>, DirectoryError>;
 

@@ -112,6 +112,7 @@ struct Scripts {
     reassert: Script,
     sweep: Script,
     hop_key: Script,
+    take_over: Script,
 }
 
 impl Scripts {
@@ -124,6 +125,7 @@ impl Scripts {
             reassert: Script::new(include_str!("reassert.lua")),
             sweep: Script::new(include_str!("sweep.lua")),
             hop_key: Script::new(include_str!("hop_key.lua")),
+            take_over: Script::new(include_str!("take_over.lua")),
         }
     }
 }
@@ -525,6 +527,24 @@ impl Directory for RedisDirectory {
             .arg("PX")
             .arg(millis(ttl));
         self.query("advertise", &cmd).await
+    }
+
+    async fn take_over(
+        &self,
+        host: &HostId,
+        from: &Owner,
+        to: &Owner,
+    ) -> Result<bool, DirectoryError> {
+        let mut script = self.scripts.take_over.prepare_invoke();
+        script
+            .key(self.host_key(host))
+            .key(self.owned_key(to))
+            .key(self.owned_key(from))
+            .arg(from.to_string())
+            .arg(to.to_string())
+            .arg(self.ttl_ms)
+            .arg(host.as_str());
+        self.eval("take_over", &script).await
     }
 
     async fn hop_key(&self) -> Result<String, DirectoryError> {

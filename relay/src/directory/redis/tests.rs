@@ -656,3 +656,22 @@ async fn every_relay_of_one_directory_gets_the_same_hop_key_and_another_prefix_i
     let other = RedisDirectory::new(&redis.url(), "other:", ttl).unwrap();
     assert_ne!(other.hop_key().await.unwrap(), key);
 }
+
+#[tokio::test]
+async fn take_over_moves_only_an_entry_that_still_names_the_previous_owner_and_both_indexes() {
+    let redis = TestRedis::spawn().await;
+    let dir = redis.directory(Duration::from_secs(60));
+    let mut conn = redis.raw().await;
+    let (a, b, c) = (owner("ams:a"), owner("fra:b"), owner("syd:c"));
+    dir.register(&host("h"), &a).await.unwrap();
+    assert!(!dir.take_over(&host("h"), &c, &b).await.unwrap());
+    assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(a.clone()));
+    assert!(dir.take_over(&host("h"), &a, &b).await.unwrap());
+    assert_eq!(dir.lookup(&host("h")).await.unwrap(), Some(b.clone()));
+    assert!(is_member(&mut conn, "fra:b", "h").await);
+    assert!(!is_member(&mut conn, "ams:a", "h").await);
+    assert!(
+        pttl(&mut conn, "test:host:h").await > 0,
+        "it expires like any entry"
+    );
+}
