@@ -69,7 +69,8 @@ impl FaultyProxy {
         self.addr
     }
 
-    /// Resets every connection and refuses new ones until [`FaultyProxy::restore`].
+    /// Ends every connection (what was in flight is lost) and refuses new ones until
+    /// [`FaultyProxy::restore`].
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
