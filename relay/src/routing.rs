@@ -147,6 +147,11 @@ pub async fn route(relay: &Relay, host: &HostId, hopped: bool) -> Result<Route, 
     }
     match ownership::lookup(relay, host).await {
         Some(owner) if owner == relay.config().owner => {
+            // The tunnel may have registered (and published) while the lookup was on
+            // its way: then it is here now.
+            if let Some(tunnel) = relay.registry().get(host) {
+                return Ok(Route::Local(tunnel));
+            }
             debug!(%host, "directory names this machine but the tunnel is gone (stale)");
             ownership::remove_stale(relay, host);
             Err(ClientError::HostNotConnected)
