@@ -945,6 +945,43 @@ async fn refused_registrations_from_one_address_past_its_rate_get_a_bare_429_and
 }
 
 #[tokio::test]
+async fn an_answer_that_comes_within_the_close_wait_after_the_grace_reaches_its_client_through_relay_agent()
+ {
+    for protocol in ["v1", "h2"] {
+        let mut relay = TestRelay::builder()
+            .arg("--drain-grace", "300ms")
+            .spawn()
+            .await;
+        let upstream = Upstream::spawn().await;
+        let agent = TestAgent::for_relay(&relay, "web-1", &upstream)
+            .protocol(protocol)
+            .spawn();
+        agent.wait_connected_to(&relay).await;
+        let client = relay.http().clone();
+        // Answered 1.2 s after it starts: after the 300 ms grace, within the 1.5 s the
+        // relay then waits for answers in flight.
+        let url = relay.http_url("/hosts/web-1/slow?ms=1200");
+        let token = relay.client_token(&["web-1"]);
+        let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+        wait_until("the slow request reaches the upstream", DEADLINE, || {
+            upstream.requests() == 1
+        })
+        .await;
+
+        relay.send_sigterm();
+        let answer = within("the slow answer", DEADLINE, request)
+            .await
+            .expect("client task")
+            .unwrap_or_else(|err| panic!("{protocol}: the answer was lost: {err}"));
+        assert_eq!(answer.status, 200, "{protocol}: {}", answer.text());
+        assert_eq!(answer.text(), "slow done");
+        let status = relay.wait_exit(DEADLINE).await;
+        assert_eq!(status.code(), Some(0), "{protocol}: exit status {status}");
+        drop(agent);
+    }
+}
+
+#[tokio::test]
 async fn streams_cut_at_the_end_of_a_drain_are_counted_and_logged_and_the_relay_still_exits_0() {
     for protocol in ["h2", "v1"] {
         let mut relay = TestRelay::builder()

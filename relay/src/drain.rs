@@ -31,7 +31,9 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{info, warn};
 
 use crate::host_id::HostId;
-use crate::limits::{DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT, DRAIN_MOVED_POLL, LOOKUP_BATCH};
+use crate::limits::{
+    CLOSE_TIMEOUT, DIRECTORY_TIMEOUT, DRAIN_CLOSE_WAIT, DRAIN_MOVED_POLL, LOOKUP_BATCH,
+};
 use crate::protocol::{DRAIN_REASON, close_code};
 use crate::state::Relay;
 use crate::telemetry;
@@ -161,10 +163,11 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
         handle.close(close_code::DRAINING);
     }
     drop(handles);
-    // Each session waits up to DRAIN_CLOSE_WAIT for answers in flight and the close
-    // handshake, then unregisters; a little slack covers the unregistering itself.
+    // Each session waits up to DRAIN_CLOSE_WAIT for answers in flight, then up to
+    // CLOSE_TIMEOUT for the close handshake, then unregisters; a little slack covers the
+    // unregistering itself.
     let closed = timeout(
-        DRAIN_CLOSE_WAIT + Duration::from_millis(250),
+        DRAIN_CLOSE_WAIT + CLOSE_TIMEOUT + Duration::from_millis(250),
         relay.registry().wait_empty(),
     )
     .await

@@ -453,8 +453,10 @@ pub const LOOKUP_BATCH: usize = 1_000;
 /// `kill_timeout`, so the relay always leaves by itself with its entries removed.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
-/// At the end of a drain, how long tunnels closed with 4001 may still deliver answers to
-/// exchanges already in flight, and finish their close handshakes.
+/// At the end of a drain, how long a tunnel waits for answers to exchanges already in
+/// flight (and for its channels to end) before its Close 4001; then the close handshake
+/// takes at most [`CLOSE_TIMEOUT`] more. The wait is before the Close because an agent's
+/// WebSocket library sends nothing after it has read one.
 pub const DRAIN_CLOSE_WAIT: Duration = Duration::from_millis(1_500);
 
 /// Tunnel registrations admitted per second (token bucket refill), and the bucket size.

@@ -110,10 +110,15 @@ impl Session {
         end
     }
 
-    /// The end of a drained tunnel: `drain` (if the host missed it), Close 4001, then for
-    /// at most [`DRAIN_CLOSE_WAIT`] answers to exchanges already in flight are still
-    /// delivered, until the host's Close. Whatever is left then fails, and channels close
-    /// with 1001.
+    /// The end of a drained tunnel: `drain` (if the host missed it); then, for at most
+    /// [`DRAIN_CLOSE_WAIT`], answers to exchanges already in flight are still delivered
+    /// until none is left; then Close 4001, and answers still arriving before the host's
+    /// Close (at most [`CLOSE_TIMEOUT`]) are delivered too. Whatever is left then fails,
+    /// and channels close with 1001.
+    ///
+    /// The wait comes before the Close, not after it: a host's WebSocket library answers
+    /// a Close at once and sends nothing after it (tungstenite, browsers' and Node's `ws`
+    /// all do), so answers are only ever possible before it.
     async fn finish_draining<W, R>(
         &self,
         sink: &mut W,
@@ -124,7 +129,7 @@ impl Session {
         W: Sink<Message, Error = axum::Error> + Unpin,
         R: FutStream<Item = Result<Message, axum::Error>> + Unpin,
     {
-        let _ = timeout(DRAIN_CLOSE_WAIT, async {
+        let host_closed = timeout(DRAIN_CLOSE_WAIT, async {
             // The contract: a host always reads `drain` before a 4001 close, so it knows
             // to reconnect at once (and elsewhere) even if the close frame is lost.
             if !shared.drain_sent.load(Ordering::Relaxed) {
@@ -133,6 +138,25 @@ impl Session {
                 };
                 sink.send(Message::Text(drain.to_json().into())).await?;
             }
+            while !shared.streams().is_idle() {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        on_text(text.as_str(), &self.handle, shared, on_pong);
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(true),
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return Err(err),
+                }
+            }
+            Ok::<_, axum::Error>(false)
+        })
+        .await;
+        if matches!(host_closed, Ok(Ok(true) | Err(_))) {
+            let (exchanges, channels) = shared.streams().fail_all(close_code::GOING_AWAY);
+            telemetry::drain_cut(exchanges, channels);
+            return;
+        }
+        let _ = timeout(CLOSE_TIMEOUT, async {
             let (code, reason) = SessionEnd::Closed(close_code::DRAINING)
                 .close_frame()
                 .unwrap_or((close_code::DRAINING, ""));

@@ -71,6 +71,11 @@ impl StreamTable {
         }
     }
 
+    /// Whether nothing is in flight: no exchange waits for its answer, no channel is open.
+    pub(super) fn is_idle(&self) -> bool {
+        self.streams.is_empty()
+    }
+
     /// Whether `id` is an open channel.
     pub(super) fn has_channel(&self, id: StreamId) -> bool {
         matches!(self.streams.get(&id), Some(Stream::Channel(_)))
