@@ -11,6 +11,10 @@
 #                              idle memory. Installs what it needs when missing: wrk
 #                              (apt-get, needs root or sudo) and rathole (cargo install
 #                              into <target>/bench-tools).
+#   scripts/bench.sh attacks   tests/bench/attacks.rs: each attack of issue 11 against a
+#                              fresh relay at its default limits: peak RSS, what the
+#                              relay did, and whether another tenant was served meanwhile.
+#                              BENCH_ATTACKS=name,name picks some.
 #
 # Knobs (environment) of proxy: BENCH_SECS (measured seconds per 64-client run, default
 # 10), BENCH_WARMUP_SECS, BENCH_CLIENTS (64), BENCH_TUNNELS (1000,5000),
@@ -27,9 +31,9 @@ cd "$(dirname "$0")/.."
 
 bench="${1:-proxy}"
 case "$bench" in
-  proxy | tunnels) ;;
+  proxy | tunnels | attacks) ;;
   *)
-    echo "usage: scripts/bench.sh [proxy|tunnels]" >&2
+    echo "usage: scripts/bench.sh [proxy|tunnels|attacks]" >&2
     exit 64
     ;;
 esac
