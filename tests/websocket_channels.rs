@@ -470,3 +470,21 @@ async fn one_client_address_holds_at_most_its_channel_limit_and_gets_429_while_o
     let _c = from("203.0.113.2").await.expect("another client is served");
     host.expect("ws:open").await;
 }
+
+#[tokio::test]
+async fn one_frame_larger_than_the_channel_budget_still_reaches_a_client_that_reads() {
+    let relay = TestRelay::builder()
+        .env("RELAY_CHANNEL_QUEUE_BYTES", &(256 * 1024).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let (mut client, open) = open_raw_channel(&relay, &mut host, "/big").await;
+    let big = "b".repeat(1024 * 1024);
+    host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": big}))
+        .await;
+    assert_eq!(client.recv_text().await.len(), big.len());
+    // And the channel is still open.
+    host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": "after"}))
+        .await;
+    assert_eq!(client.recv_text().await, "after");
+}

@@ -330,7 +330,7 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
                         return;
                     }
                 };
-                telemetry::bytes("to_host", frame_len(&frame));
+                telemetry::bytes("to_host", frame.len());
                 if channel.send(frame).await.is_err() {
                     close_client(socket, Some(close_code::GOING_AWAY)).await;
                     return;
@@ -341,17 +341,10 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
 }
 
 fn to_message(frame: Frame) -> Message {
-    telemetry::bytes("from_host", frame_len(&frame));
+    telemetry::bytes("from_host", frame.len());
     match frame {
         Frame::Text(text) => Message::Text(text.into()),
         Frame::Binary(bytes) => Message::Binary(bytes),
-    }
-}
-
-fn frame_len(frame: &Frame) -> usize {
-    match frame {
-        Frame::Text(text) => text.len(),
-        Frame::Binary(bytes) => bytes.len(),
     }
 }
 

@@ -68,6 +68,28 @@ pub enum Frame {
     Binary(bytes::Bytes),
 }
 
+impl Frame {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(text) => text.len(),
+            Frame::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What the frame costs while it waits in a queue, counted against a byte budget: its
+    /// payload and [`crate::limits::QUEUED_FRAME_OVERHEAD`] for its slot and allocation,
+    /// so a flood of empty frames is bounded too.
+    pub fn queued_cost(&self) -> usize {
+        self.len() + crate::limits::QUEUED_FRAME_OVERHEAD
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,7 +114,7 @@ pub(crate) enum Command {
 pub(crate) struct ChannelSender {
     frames: mpsc::Sender<Queued>,
     closed: oneshot::Sender<Option<u16>>,
-    /// Bytes queued in `frames` (see [`queued_cost`]), shared with the receiving side.
+    /// Bytes queued in `frames` (see [`Frame::queued_cost`]), shared with the receiving side.
     queued: Arc<AtomicUsize>,
     /// Most bytes that may be queued ([`crate::limits::CHANNEL_QUEUE_BYTES`]).
     queue_bytes: usize,
@@ -154,15 +154,6 @@ fn json_escaped_len(text: &str) -> usize {
             _ => 1,
         })
         .sum::<usize>()
-}
-
-/// What a frame waiting for its client counts against the channel's byte budget.
-pub(super) fn queued_cost(frame: &Frame) -> usize {
-    let payload = match frame {
-        Frame::Text(text) => text.len(),
-        Frame::Binary(data) => data.len(),
-    };
-    payload + crate::limits::QUEUED_FRAME_OVERHEAD
 }
 
 /// The handle's side of a v1 tunnel.
@@ -382,8 +373,16 @@ pub(crate) async fn read_body(
     if length.is_some_and(|length| length > limit as u64) {
         return Err(ExchangeError::BodyTooLarge { limit });
     }
-    let mut charge = Charge::default();
-    let mut whole = bytes::BytesMut::with_capacity(length.unwrap_or(0) as usize);
+    // A body of known length is charged whole before a byte of it is read: one that
+    // does not fit is refused at once, instead of being read in part and dropped.
+    let mut charge = match length {
+        Some(length) => budget
+            .try_charge(length as usize)
+            .map_err(ExchangeError::OverBudget)?,
+        None => Charge::default(),
+    };
+    let prepaid = charge.bytes();
+    let mut whole = bytes::BytesMut::with_capacity(prepaid);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|err| {
             if crate::body::is_upload_too_slow(&err) {
@@ -398,9 +397,11 @@ pub(crate) async fn read_body(
         if whole.len() + data.len() > limit {
             return Err(ExchangeError::BodyTooLarge { limit });
         }
+        // Past what was paid up front (all of it, for a body of known length).
+        let unpaid = (whole.len() + data.len()).saturating_sub(prepaid.max(whole.len()));
         charge.merge(
             budget
-                .try_charge(data.len())
+                .try_charge(unpaid)
                 .map_err(ExchangeError::OverBudget)?,
         );
         whole.extend_from_slice(&data);
@@ -462,7 +463,7 @@ impl Channel {
     /// Gives a frame's share of the byte budgets back as it leaves the queue.
     fn taken(&self, queued: Queued) -> Frame {
         self.queued
-            .fetch_sub(queued_cost(&queued.frame), Ordering::Relaxed);
+            .fetch_sub(queued.frame.queued_cost(), Ordering::Relaxed);
         queued.frame
     }
 
@@ -514,7 +515,7 @@ impl Channel {
         let link = self.link();
         // Waits while the tunnel's buffers are full: a client writing faster than its
         // host reads is slowed down (its socket is not read meanwhile).
-        let charge = link.budget.charge(queued_cost(&frame)).await;
+        let charge = link.budget.charge(frame.queued_cost()).await;
         link.send(Command::ChannelFrame { id, frame, charge }).await
     }
 

@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::sync::atomic::Ordering;
 
-use super::{ChannelSender, Failure, HttpResponse, Queued, queued_cost};
+use super::{ChannelSender, Failure, HttpResponse, Queued};
 use crate::protocol::{Frame, StreamId, close_code};
 use crate::tunnel::ExchangeError;
 
@@ -88,9 +88,12 @@ impl StreamTable {
             return Delivery::UnknownId;
         };
         // The channel's byte budget first (the receiver only ever lowers the count
-        // meanwhile), then the tunnel's and the process's.
-        let cost = queued_cost(&frame);
-        if channel.queued.load(Ordering::Relaxed) + cost > channel.queue_bytes {
+        // meanwhile), then the tunnel's and the process's. A frame larger than the whole
+        // budget still goes to an empty queue: a client that reads is never closed for
+        // one large frame.
+        let cost = frame.queued_cost();
+        let queued = channel.queued.load(Ordering::Relaxed);
+        if queued > 0 && queued + cost > channel.queue_bytes {
             self.close_channel(id, Some(close_code::TRY_AGAIN_LATER));
             return Delivery::Overflowed;
         }
