@@ -43,8 +43,9 @@ pub const CHANNEL_QUEUE: usize = 4_096;
 
 /// Bytes of host frames that may wait for one client channel (v1 tunnels): 1 MiB, each
 /// frame counted with [`QUEUED_FRAME_OVERHEAD`]. A client that falls this far behind is
-/// closed (1013). So a channel whose client stops reading costs the relay at most
-/// 1 MiB + 4,096 × 64 B ≈ 1.25 MiB, and a healthy client absorbs bursts of that size.
+/// closed (1013); a single larger frame still goes to an empty queue. So a channel whose
+/// client stops reading costs the relay at most 1 MiB + 4,096 × 64 B ≈ 1.25 MiB, or one
+/// frame, and a healthy client absorbs bursts of that size.
 pub const CHANNEL_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// What a queued frame costs besides its payload, in [`CHANNEL_QUEUE_BYTES`]: its slot
@@ -606,9 +607,16 @@ pub mod agent {
 
     /// Relay frames that may wait for one slow local WebSocket: 256. v1 has no flow
     /// control, so a channel this far behind is closed (1013), as the relay does the
-    /// other way. (The relay's own queue is larger and budgeted in bytes; the agent's
-    /// local service is on the same machine and reads at memory speed.)
+    /// other way. (The relay's own queue is larger; the agent's local service is on the
+    /// same machine and reads at memory speed.)
     pub const CHANNEL_QUEUE: usize = 256;
+
+    /// Bytes of relay frames that may wait for one slow local WebSocket: 4 MiB, each
+    /// frame counted with [`super::QUEUED_FRAME_OVERHEAD`]; a single larger frame still
+    /// goes to an empty queue. Past it the channel is closed (1013). Without it, 256
+    /// frames of up to 12 MiB each (a maximal v1 message, decoded) could wait for a local
+    /// service that stopped reading: 3 GiB of the host's memory, sent by a client.
+    pub const CHANNEL_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
     /// Messages that may wait for the tunnel's writer. When full, upstream readers wait
     /// (backpressure), and the reader drops a `pong` rather than stall.

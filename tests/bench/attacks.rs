@@ -5,7 +5,8 @@
 //! every 200 ms.
 //!
 //! Run with `scripts/bench.sh attacks`. Figures only, no pass/fail; they are recorded in
-//! BENCHMARKS.md. `BENCH_ATTACKS` picks some (comma-separated names from the table).
+//! BENCHMARKS.md. `BENCH_ATTACKS` picks some (comma-separated names from the table);
+//! `BENCH_RELAY_ENV` (`NAME=value,...`) sets relay settings, e.g. the budgets.
 
 #[allow(
     dead_code,
@@ -400,6 +401,13 @@ async fn main() -> ExitCode {
 async fn bench() -> Result<()> {
     let binary = relay_tests::release_relay_binary("scripts/bench.sh attacks")?;
     let only = std::env::var("BENCH_ATTACKS").ok();
+    // `BENCH_RELAY_ENV="RELAY_TUNNEL_BUDGET=33554432,..."`: settings for every relay.
+    let extra_env: Vec<(String, String)> = std::env::var("BENCH_RELAY_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     println!("| attack | what the relay did | peak RSS | growth | victim answered / failed |");
     println!("|---|---|---|---|---|");
     for attack in ATTACKS {
@@ -411,14 +419,12 @@ async fn bench() -> Result<()> {
         }
         // The per-address limits would refuse the attacker's own connections (all from
         // 127.0.0.1) before the limit under test: one address plays many clients here.
-        let relay = RelayChild::start_with(
-            &binary,
-            &[
-                ("RELAY_MAX_CONNECTIONS_PER_IP", "0"),
-                ("RELAY_MAX_CHANNELS_PER_CLIENT", "0"),
-            ],
-        )
-        .await?;
+        let mut env = vec![
+            ("RELAY_MAX_CONNECTIONS_PER_IP", "0"),
+            ("RELAY_MAX_CHANNELS_PER_CLIENT", "0"),
+        ];
+        env.extend(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let relay = RelayChild::start_with(&binary, &env).await?;
         let sampler = RssSampler::start(relay.pid());
         let victim = Victim::start(relay.addr).await;
         let started = Instant::now();

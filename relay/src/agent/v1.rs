@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -30,8 +31,8 @@ use super::tunnel::{Alarm, EndCause, InFlight, Shared, Socket, TunnelEnd, Watchd
 use super::upstream::{Failure, Upstream};
 use crate::headers;
 use crate::limits::agent::{
-    CHANNEL_QUEUE, CLOSE_GRACE, MAX_CHANNEL_MESSAGE, MAX_CHANNELS, MAX_IN_FLIGHT,
-    MAX_RESPONSE_BYTES, MAX_TUNNEL_MESSAGE, TUNNEL_QUEUE, UPSTREAM_CONNECT_TIMEOUT,
+    CHANNEL_QUEUE, CHANNEL_QUEUE_BYTES, CLOSE_GRACE, MAX_CHANNEL_MESSAGE, MAX_CHANNELS,
+    MAX_IN_FLIGHT, MAX_RESPONSE_BYTES, MAX_TUNNEL_MESSAGE, TUNNEL_QUEUE, UPSTREAM_CONNECT_TIMEOUT,
     UPSTREAM_TIMEOUT,
 };
 use crate::protocol::v1::{Decoded, Headers, HostMessage, Payload, RelayMessage};
@@ -58,6 +59,8 @@ pub(super) async fn serve(
 struct ChannelHandle {
     /// Client frames and close, in order; dropping it tells the channel the tunnel is gone.
     tx: mpsc::Sender<ChannelCommand>,
+    /// Bytes of frames in `tx` ([`Frame::queued_cost`]), shared with the channel's task.
+    queued: Arc<AtomicUsize>,
     /// Ends the channel out of band, with a code (its queue overflowed).
     kill: Option<oneshot::Sender<u16>>,
 }
@@ -233,9 +236,26 @@ impl Session {
                     debug!(channel = %id, "frame for an unknown channel");
                     return;
                 };
-                match handle.tx.try_send(ChannelCommand::Frame(data.into())) {
+                let frame: Frame = data.into();
+                let cost = frame.queued_cost();
+                let queued = handle.queued.load(Ordering::Relaxed);
+                // A frame larger than the whole budget still goes to an empty queue.
+                let full = queued > 0 && queued + cost > CHANNEL_QUEUE_BYTES;
+                let sent = if full {
+                    Err(Overflow::Full)
+                } else {
+                    match handle.tx.try_send(ChannelCommand::Frame(frame)) {
+                        Ok(()) => {
+                            handle.queued.fetch_add(cost, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => Err(Overflow::Full),
+                        Err(mpsc::error::TrySendError::Closed(_)) => Err(Overflow::Gone),
+                    }
+                };
+                match sent {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
+                    Err(Overflow::Full) => {
                         // v1 has no flow control: one slow local socket is closed rather
                         // than stalling every stream of the tunnel.
                         warn!(channel = %id, "local WebSocket fell behind; closed it with 1013");
@@ -249,7 +269,7 @@ impl Session {
                             .to_json(),
                         );
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(Overflow::Gone) => {
                         self.channels.remove(id.as_ref());
                     }
                 }
@@ -331,10 +351,12 @@ impl Session {
         }
         let (tx, commands) = mpsc::channel(CHANNEL_QUEUE);
         let (kill_tx, kill) = oneshot::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         self.channels.insert(
             id.clone(),
             ChannelHandle {
                 tx,
+                queued: Arc::clone(&queued),
                 kill: Some(kill_tx),
             },
         );
@@ -345,6 +367,7 @@ impl Session {
             kill,
             out: self.out_tx.clone(),
             cancel: self.work_cancel.clone(),
+            queued,
         };
         let in_flight = InFlight::new(&self.in_flight);
         self.shared.tasks.spawn(async move {
@@ -562,6 +585,14 @@ async fn exchange(upstream: &Upstream, request: Request<Body>) -> Answer {
     }
 }
 
+/// Why a frame could not be queued for its channel.
+enum Overflow {
+    /// The queue holds its frames or bytes: the local socket fell behind.
+    Full,
+    /// The channel's task is gone.
+    Gone,
+}
+
 /// What the tunnel tells one channel.
 #[derive(Debug)]
 enum ChannelCommand {
@@ -578,6 +609,8 @@ struct ChannelIo {
     id: String,
     /// Client frames and the client's close, in order.
     commands: mpsc::Receiver<ChannelCommand>,
+    /// Bytes of frames in `commands`, given back as they are taken.
+    queued: Arc<AtomicUsize>,
     /// Fires (with the code to close with) when the tunnel gives up on this channel out
     /// of band (its queue overflowed).
     kill: oneshot::Receiver<u16>,
@@ -638,6 +671,7 @@ async fn carry(socket: LocalSocket, io: &mut ChannelIo) {
             biased;
             command = io.commands.recv() => match command {
                 Some(ChannelCommand::Frame(frame)) => {
+                    io.queued.fetch_sub(frame.queued_cost(), Ordering::Relaxed);
                     let message = match frame {
                         Frame::Text(text) => Message::Text(text.into()),
                         Frame::Binary(bytes) => Message::Binary(bytes),

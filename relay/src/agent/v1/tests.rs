@@ -389,3 +389,49 @@ fn an_answer_too_large_for_a_frame_becomes_502() {
     assert_eq!(v["status"], 502);
     assert_eq!(v["id"], "1");
 }
+
+/// A local WebSocket server that accepts one upgrade and then never reads from it.
+async fn unread_websocket_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_local_websocket_that_stops_reading_is_closed_1013_once_its_bytes_pass_the_budget() {
+    let upstream = unread_websocket_upstream().await;
+    let mut h = spawn_session(Duration::from_secs(60), &upstream).await;
+    send(
+        &mut h.relay,
+        json!({"type": "ws:open", "id": "c1", "path": "/feed"}),
+    )
+    .await;
+    // 1 MiB frames: the frame count (256) is never near its bound, the bytes are (4 MiB,
+    // after what the local socket's buffers take).
+    let frame = "x".repeat(1024 * 1024);
+    let mut sent = 0;
+    let close = loop {
+        assert!(
+            sent < 64,
+            "{sent} frames of 1 MiB queued for a local socket that reads nothing"
+        );
+        send(
+            &mut h.relay,
+            json!({"type": "ws:frame", "id": "c1", "data": frame}),
+        )
+        .await;
+        sent += 1;
+        match tokio::time::timeout(Duration::from_millis(20), next_json(&mut h.relay)).await {
+            Ok(msg) if msg["type"] == "ws:close" => break msg,
+            _ => {}
+        }
+    };
+    assert_eq!(close["id"], "c1");
+    assert_eq!(close["code"], 1013);
+    h.cancel.cancel();
+}
