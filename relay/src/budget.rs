@@ -72,6 +72,47 @@ impl Budget {
         let bytes = u32::try_from(bytes).ok()?;
         Arc::clone(&self.bytes).try_acquire_many_owned(bytes).ok()
     }
+
+    /// `bytes` from this pool alone, waiting until there is room; a request larger than
+    /// the pool takes all of it. (`relay agent` budgets its tunnel this way: one pool.)
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is taken until it returns.
+    pub async fn take(&self, bytes: usize) -> Held {
+        let bytes = u32::try_from(bytes.min(self.size)).unwrap_or(u32::MAX);
+        if bytes == 0 {
+            return Held(None);
+        }
+        Held(Arc::clone(&self.bytes).acquire_many_owned(bytes).await.ok())
+    }
+
+    /// `bytes` from this pool alone if there is room now.
+    pub fn try_take_now(&self, bytes: usize) -> Option<Held> {
+        if bytes == 0 {
+            return Some(Held(None));
+        }
+        self.try_take(bytes).map(|permit| Held(Some(permit)))
+    }
+}
+
+/// Bytes held from one [`Budget`], given back on drop.
+#[derive(Debug, Default)]
+pub struct Held(Option<OwnedSemaphorePermit>);
+
+impl Held {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    /// Adds `other` to what this holds (both given back together).
+    pub fn merge(&mut self, other: Held) {
+        match (&mut self.0, other.0) {
+            (_, None) => {}
+            (None, Some(more)) => self.0 = Some(more),
+            (Some(held), Some(more)) => held.merge(more),
+        }
+    }
 }
 
 /// The budgets one tunnel's buffers are charged against: its own and the process's.

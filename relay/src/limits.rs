@@ -618,6 +618,15 @@ pub mod agent {
     /// service that stopped reading: 3 GiB of the host's memory, sent by a client.
     pub const CHANNEL_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
+    /// Bytes a v1 tunnel of the agent may hold for the relay at once: answers being read
+    /// from the upstream and their messages until written to the tunnel, and local
+    /// WebSocket frames until written: 128 MiB, five maximal answers (a 10 MiB binary
+    /// body and its base64 message) at once. An answer of known length is charged (three
+    /// times its length: body and message) before it is read, waiting its turn; one of
+    /// unknown length chunk by chunk, and gets 502 if there is no room. Local frames wait
+    /// (backpressure onto the local socket).
+    pub const ANSWER_BUDGET: usize = 128 * 1024 * 1024;
+
     /// Messages that may wait for the tunnel's writer. When full, upstream readers wait
     /// (backpressure), and the reader drops a `pong` rather than stall.
     pub const TUNNEL_QUEUE: usize = super::TUNNEL_QUEUE;

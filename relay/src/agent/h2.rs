@@ -304,6 +304,7 @@ mod tests {
             tasks: TaskTracker::new(),
             protocol: ProtocolChoice::H2,
             v1_only: std::sync::Mutex::default(),
+            answer_budget: crate::limits::agent::ANSWER_BUDGET,
         });
         let (events, _events_rx) = mpsc::unbounded_channel();
         let (_newest, newest_rx) = watch::channel(0);

@@ -161,6 +161,7 @@ impl Supervisor {
             tasks,
             protocol: config.protocol,
             v1_only: std::sync::Mutex::default(),
+            answer_budget: crate::limits::agent::ANSWER_BUDGET,
         });
         // Unbounded but bounded by construction: each tunnel sends at most one
         // `Registered` and one `Drain` (both guarded in the session), and the agent holds

@@ -76,6 +76,9 @@ pub struct Shared {
     /// Bounded by the number of relay URLs configured. A std Mutex held for one lookup
     /// or insert, never across an await.
     pub v1_only: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Bytes of answers and local frames a v1 tunnel may hold for the relay
+    /// ([`crate::limits::agent::ANSWER_BUDGET`]).
+    pub answer_budget: usize,
 }
 
 /// What a tunnel tells the agent's run loop while it runs (how it ended comes back as the

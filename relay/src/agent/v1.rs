@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 use super::config::RelayUrl;
 use super::tunnel::{Alarm, EndCause, InFlight, Shared, Socket, TunnelEnd, Watchdogs};
 use super::upstream::{Failure, Upstream};
+use crate::budget::{Budget, Held};
 use crate::headers;
 use crate::limits::agent::{
     CHANNEL_QUEUE, CHANNEL_QUEUE_BYTES, CLOSE_GRACE, MAX_CHANNEL_MESSAGE, MAX_CHANNELS,
@@ -73,6 +74,23 @@ impl ChannelHandle {
     }
 }
 
+/// A message for the tunnel's writer, with what it holds of the tunnel's answer budget
+/// ([`ANSWER_BUDGET`](crate::limits::agent::ANSWER_BUDGET)) until it is written.
+struct Outbound {
+    text: String,
+    _held: Held,
+}
+
+impl Outbound {
+    /// A message that holds nothing (the session's own: pongs, refusals, closes).
+    fn free(text: String) -> Outbound {
+        Outbound {
+            text,
+            _held: Held::default(),
+        }
+    }
+}
+
 /// The reader's state of one open tunnel. Owned by the tunnel's task; nothing here is
 /// shared, so nothing is locked.
 struct Session {
@@ -80,8 +98,10 @@ struct Session {
     relay: RelayUrl,
     watchdogs: Watchdogs,
     /// The writer's queue. The session keeps one sender, so the writer never sees it end.
-    out_tx: mpsc::Sender<String>,
-    out_rx: Option<mpsc::Receiver<String>>,
+    out_tx: mpsc::Sender<Outbound>,
+    out_rx: Option<mpsc::Receiver<Outbound>>,
+    /// What answers and local frames may hold until written.
+    answers: Budget,
     /// Exchanges in flight (bounded, like the relay's pending limit).
     exchanges: Arc<Semaphore>,
     /// Open channels by id. Bounded by [`MAX_CHANNELS`]; entries whose task ended are
@@ -98,6 +118,7 @@ struct Session {
 impl Session {
     fn new(shared: Arc<Shared>, relay: RelayUrl, mut watchdogs: Watchdogs) -> Session {
         let (out_tx, out_rx) = mpsc::channel(TUNNEL_QUEUE);
+        let answers = Budget::new(shared.answer_budget);
         let in_flight = Arc::new(watch::Sender::new(0));
         watchdogs.wait_for(in_flight.subscribe());
         Session {
@@ -106,6 +127,7 @@ impl Session {
             watchdogs,
             out_tx,
             out_rx: Some(out_rx),
+            answers,
             exchanges: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             channels: HashMap::new(),
             in_flight,
@@ -197,7 +219,7 @@ impl Session {
     /// writer is this far behind the socket is stuck, and the relay's ping timeout or our
     /// silence watchdog will replace it.
     fn send_now(&self, text: String) {
-        if self.out_tx.try_send(text).is_err() {
+        if self.out_tx.try_send(Outbound::free(text)).is_err() {
             debug!(relay = %self.relay, "tunnel queue full; dropped a message");
         }
     }
@@ -311,17 +333,20 @@ impl Session {
         let upstream = self.shared.upstream.clone();
         let out = self.out_tx.clone();
         let cancel = self.work_cancel.clone();
+        let answers = self.answers.clone();
         self.shared.tasks.spawn(async move {
             let _permit = permit;
             let _in_flight = in_flight;
             tokio::select! {
                 () = async {
-                    let answer = match request {
-                        Ok(request) => exchange(&upstream, request).await,
-                        Err(failure) => Answer::of(failure.response()).await,
+                    let (answer, held) = match request {
+                        Ok(request) => exchange(&upstream, request, &answers).await,
+                        Err(failure) => (Answer::of(failure.response()).await, Held::default()),
                     };
+                    let text = answer.to_json(&id);
+                    drop(answer);
                     // Waits while the writer is behind: backpressure.
-                    let _ = out.send(answer.to_json(&id)).await;
+                    let _ = out.send(Outbound { text, _held: held }).await;
                 } => {}
                 // The tunnel is gone: the relay already failed this exchange.
                 () = cancel.cancelled() => {}
@@ -366,6 +391,7 @@ impl Session {
             commands,
             kill,
             out: self.out_tx.clone(),
+            answers: self.answers.clone(),
             cancel: self.work_cancel.clone(),
             queued,
         };
@@ -381,7 +407,7 @@ impl Session {
 /// a drained tunnel (then it writes everything already queued first).
 async fn write_loop<W>(
     sink: &mut W,
-    out_rx: &mut mpsc::Receiver<String>,
+    out_rx: &mut mpsc::Receiver<Outbound>,
     finish: &Notify,
 ) -> EndCause
 where
@@ -405,9 +431,12 @@ where
         let mut next = Some(first);
         let mut batch = 0;
         let mut yielded = false;
+        // What the batch's messages hold of the budget, given back once they are out.
+        let mut written = Held::default();
         loop {
-            while let Some(text) = next {
+            while let Some(Outbound { text, _held: held }) = next {
                 debug_assert!(text.len() <= MAX_TUNNEL_MESSAGE);
+                written.merge(held);
                 if let Err(err) = sink.feed(Message::Text(text.into())).await {
                     return EndCause::Transport(format!("write failed: {err}"));
                 }
@@ -435,6 +464,7 @@ where
         if let Err(err) = sink.flush().await {
             return EndCause::Transport(format!("write failed: {err}"));
         }
+        drop(written);
         // Finishing: everything queued is written.
         if limit == usize::MAX {
             return EndCause::Drained;
@@ -447,7 +477,7 @@ where
 async fn close_gracefully<W, R>(
     sink: &mut W,
     stream: &mut R,
-    out_rx: &mut mpsc::Receiver<String>,
+    out_rx: &mut mpsc::Receiver<Outbound>,
     reason: &str,
 ) where
     W: Sink<Message, Error = tungstenite::Error> + Unpin,
@@ -455,8 +485,12 @@ async fn close_gracefully<W, R>(
 {
     let _ = timeout(CLOSE_GRACE, async {
         out_rx.close();
-        while let Ok(text) = out_rx.try_recv() {
-            if sink.feed(Message::Text(text.into())).await.is_err() {
+        while let Ok(outbound) = out_rx.try_recv() {
+            if sink
+                .feed(Message::Text(outbound.text.into()))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -516,6 +550,54 @@ impl Answer {
         }
     }
 
+    /// [`Answer::of`], with the answer charged to `answers` until its message is written:
+    /// three times its length (the body, and its message: base64 takes 4/3, escaping
+    /// more), before it is read when the length is known (waiting for room), else chunk by
+    /// chunk, and a 502 when there is no room.
+    async fn charged<B>(response: Response<B>, answers: &Budget) -> (Answer, Held)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display + Send + Sync + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        const PER_BYTE: usize = 3;
+        let length = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|length| *length <= MAX_RESPONSE_BYTES);
+        let (parts, mut body) = response.into_parts();
+        let mut held = match length {
+            Some(length) => answers.take(length * PER_BYTE).await,
+            None => Held::default(),
+        };
+        let mut whole = bytes::BytesMut::with_capacity(length.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                debug!("upstream answer unusable (reading the body failed); answered 502");
+                return (Answer::text(502, "upstream unavailable"), Held::default());
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if whole.len() + data.len() > MAX_RESPONSE_BYTES {
+                debug!("upstream answer over {MAX_RESPONSE_BYTES} bytes; answered 502");
+                return (Answer::text(502, "upstream unavailable"), Held::default());
+            }
+            if length.is_none() {
+                let Some(more) = answers.try_take_now(data.len() * PER_BYTE) else {
+                    warn!("answers waiting for the relay fill the agent's budget; answered 502");
+                    return (Answer::text(502, "agent busy"), Held::default());
+                };
+                held.merge(more);
+            }
+            whole.extend_from_slice(&data);
+        }
+        let whole = Response::from_parts(parts, http_body_util::Full::new(whole.freeze()));
+        (Answer::of(whole).await, held)
+    }
+
     fn text(status: u16, body: &str) -> Answer {
         Answer {
             status,
@@ -571,17 +653,20 @@ fn build_request(
 }
 
 /// One exchange with the upstream, answered whole; within [`UPSTREAM_TIMEOUT`] in all.
-async fn exchange(upstream: &Upstream, request: Request<Body>) -> Answer {
+async fn exchange(upstream: &Upstream, request: Request<Body>, answers: &Budget) -> (Answer, Held) {
     let answer = timeout(UPSTREAM_TIMEOUT, async {
         match upstream.send(request).await {
-            Ok(response) => Answer::of(response).await,
-            Err(failure) => Answer::of(failure.response()).await,
+            Ok(response) => Answer::charged(response, answers).await,
+            Err(failure) => (Answer::of(failure.response()).await, Held::default()),
         }
     })
     .await;
     match answer {
         Ok(answer) => answer,
-        Err(_) => Answer::of(Failure::TimedOut.response()).await,
+        Err(_) => (
+            Answer::of(Failure::TimedOut.response()).await,
+            Held::default(),
+        ),
     }
 }
 
@@ -615,7 +700,9 @@ struct ChannelIo {
     /// of band (its queue overflowed).
     kill: oneshot::Receiver<u16>,
     /// The tunnel's outbound queue.
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Outbound>,
+    /// The tunnel's answer budget: local frames hold it until written.
+    answers: Budget,
     /// Cancelled when the tunnel ends: close the local socket with 1001.
     cancel: CancellationToken,
 }
@@ -755,8 +842,12 @@ async fn forward(io: &ChannelIo, frame: Frame) -> Result<(), u16> {
         close_relay_side(io, Some(close_code::TOO_BIG)).await;
         return Err(close_code::TOO_BIG);
     }
-    // Waits while the tunnel's queue is full: backpressure onto the local socket.
-    io.out.send(text).await.map_err(|_| close_code::GOING_AWAY)
+    // Waits while the tunnel's budget or queue is full: backpressure onto the local socket.
+    let held = io.answers.take(text.len()).await;
+    io.out
+        .send(Outbound { text, _held: held })
+        .await
+        .map_err(|_| close_code::GOING_AWAY)
 }
 
 /// Tells the relay the local side of the channel closed.
@@ -766,7 +857,7 @@ async fn close_relay_side(io: &ChannelIo, code: Option<u16>) {
         code,
     }
     .to_json();
-    let _ = io.out.send(text).await;
+    let _ = io.out.send(Outbound::free(text)).await;
 }
 
 #[cfg(test)]

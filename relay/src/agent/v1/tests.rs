@@ -28,6 +28,10 @@ struct Harness {
 }
 
 async fn spawn_session(silence: Duration, upstream: &str) -> Harness {
+    spawn_session_with(silence, upstream, crate::limits::agent::ANSWER_BUDGET).await
+}
+
+async fn spawn_session_with(silence: Duration, upstream: &str, answer_budget: usize) -> Harness {
     let (a, b) = tokio::io::duplex(64 * 1024);
     let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
     let relay = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
@@ -41,6 +45,7 @@ async fn spawn_session(silence: Duration, upstream: &str) -> Harness {
         tasks: TaskTracker::new(),
         protocol: ProtocolChoice::V1,
         v1_only: std::sync::Mutex::default(),
+        answer_budget,
     });
     let (events_tx, events) = mpsc::unbounded_channel();
     let (newest, newest_rx) = watch::channel(0);
@@ -433,5 +438,78 @@ async fn a_local_websocket_that_stops_reading_is_closed_1013_once_its_bytes_pass
     };
     assert_eq!(close["id"], "c1");
     assert_eq!(close["code"], 1013);
+    h.cancel.cancel();
+}
+
+/// An upstream that answers every request with `size` bytes of `x` (with its length), and
+/// counts the answers it has written whole.
+async fn big_upstream(size: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        head.clear();
+                        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                        if stream.write_all(&vec![b'x'; size]).await.is_ok() {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), written)
+}
+
+#[tokio::test]
+async fn answers_past_the_budget_wait_unread_at_the_upstream_until_the_relay_takes_the_first() {
+    // Room for one 8 MiB answer (three times its length): while the relay reads nothing,
+    // the agent holds the first answer and leaves the others unread at the upstream,
+    // instead of reading them all into its queue.
+    const SIZE: usize = 8 * 1024 * 1024;
+    let (upstream, written) = big_upstream(SIZE).await;
+    let mut h = spawn_session_with(Duration::from_secs(60), &upstream, 3 * SIZE).await;
+    for id in ["1", "2", "3"] {
+        send(
+            &mut h.relay,
+            json!({"type":"http","id":id,"method":"GET","path":"/big","headers":{}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        before <= 1,
+        "{before} answers of 8 MiB were read while the relay read nothing, with room for one"
+    );
+    // The relay reads: every answer comes, whole and in turn.
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let v = next_json(&mut h.relay).await;
+        if v["type"] != "http:response" {
+            continue;
+        }
+        assert_eq!(v["status"], 200, "{}", v["id"]);
+        assert_eq!(v["body"].as_str().map(str::len), Some(SIZE));
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    ids.sort();
+    assert_eq!(ids, ["1", "2", "3"]);
     h.cancel.cancel();
 }
