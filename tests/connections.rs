@@ -339,3 +339,19 @@ async fn one_address_holding_its_connection_limit_is_refused_while_other_address
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_silent_http2_connection_that_answers_no_ping_is_closed() {
+    let relay = TestRelay::builder()
+        .env("RELAY_HEADER_READ_TIMEOUT", "500ms")
+        .spawn()
+        .await;
+    // The HTTP/2 preface and an empty SETTINGS frame, then silence: no ACK of anything,
+    // as a peer that vanished without a FIN (or one holding the socket on purpose) does.
+    let mut stream = TcpStream::connect(relay.addr()).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    until_closed(&mut stream, "the silent HTTP/2 connection is closed").await;
+}

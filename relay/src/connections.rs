@@ -4,7 +4,8 @@
 //! - **A request head must arrive whole within [`Limits::header_read_timeout`]** of the
 //!   connection being ready for it: a slowloris client (a byte a second) or one that
 //!   connects and says nothing is closed, and so is a keep-alive connection left idle
-//!   that long (hyper times the wait for the next head too).
+//!   that long (hyper times the wait for the next head too). An HTTP/2 connection gets a
+//!   PING every as long instead, and is closed when one goes unanswered as long.
 //! - **At most [`Limits::max_connections`] connections at once** (upgraded tunnels and
 //!   channels included, until they end). Over it a new connection is closed at once and
 //!   counted (`relay_connections_refused_total`), rather than accepted into a process
@@ -174,9 +175,13 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    // An HTTP/2 connection has no head to time: a PING every head-timeout interval,
+    // unanswered within as long, closes one whose peer vanished or holds it silently.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout)
         .enable_connect_protocol();
     builder
 }

@@ -307,7 +307,8 @@ pub mod h2 {
 /// times the wait for the next head the same way). Far longer than any real client
 /// needs on a slow link, short enough that a slowloris client (a byte a second) or a
 /// socket that connects and says nothing holds its descriptor for seconds, not forever.
-/// `--header-read-timeout`.
+/// An HTTP/2 client connection is pinged this often, and closed when a ping goes
+/// unanswered this long. `--header-read-timeout`.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a write to any peer (a client, a client's WebSocket, a host's tunnel) may
