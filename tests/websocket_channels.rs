@@ -488,3 +488,34 @@ async fn one_frame_larger_than_the_channel_budget_still_reaches_a_client_that_re
         .await;
     assert_eq!(client.recv_text().await, "after");
 }
+
+#[tokio::test]
+async fn a_client_that_answers_no_ping_for_two_intervals_is_closed_and_its_host_told_1001() {
+    let relay = TestRelay::builder()
+        .ping_interval("300ms")
+        // The test's host reads only now and then: its tunnel must outlive its pings.
+        .max_missed_pongs(100)
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    // A client that reads (and so answers pings) stays, however long it is silent.
+    let (mut alive, alive_open) = open_raw_channel(&relay, &mut host, "/alive").await;
+    // A client that never reads answers no ping: from the relay's side, a half-open
+    // socket whose peer vanished.
+    let (_gone, gone_open) = open_raw_channel(&relay, &mut host, "/gone").await;
+
+    assert!(alive.try_recv(Duration::from_millis(1_500)).await.is_none());
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], gone_open["id"], "{close}");
+    assert_eq!(close["code"], 1001);
+
+    host.send_json(&json!({"type": "ws:frame", "id": alive_open["id"], "data": "still here"}))
+        .await;
+    assert_eq!(alive.recv_text().await, "still here");
+    assert!(
+        host.try_recv_json(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "the client that answers pings was closed too"
+    );
+}

@@ -6,11 +6,13 @@
 //! serves the request. Nothing here knows which protocol the tunnel speaks.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::SinkExt as _;
 use http::header;
 use http::{Method, Uri};
@@ -265,13 +267,14 @@ async fn open_channel(
         upgrade = upgrade.protocols([protocol.to_owned()]);
     }
     let tracker = relay.tracker().clone();
+    let ping_interval = relay.config().limits.ping_interval;
     Ok(upgrade
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
                     let _client_slot = client_slot;
                     telemetry::channel_open(1.0);
-                    run_channel(socket, channel).await;
+                    run_channel(socket, channel, ping_interval).await;
                     telemetry::channel_open(-1.0);
                 }
                 .instrument(span),
@@ -282,7 +285,15 @@ async fn open_channel(
 
 /// Carries frames between the client socket and the channel until either side closes.
 /// Each side waits for the other to take a frame: a slow reader slows its writer.
-async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
+///
+/// The client is pinged every `ping_interval`; one that has sent nothing (no pong, no
+/// frame) for two intervals is gone (a NAT dropped it, it vanished without a FIN): the
+/// channel is closed and the host told 1001, instead of a half-open socket holding the
+/// channel, and the host's local socket, for ever.
+async fn run_channel(mut socket: WebSocket, mut channel: Channel, ping_interval: Duration) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
             // Host events first: everything the host sent before its close is delivered
@@ -305,7 +316,19 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel) {
                     return;
                 }
             },
+            _ = ping.tick() => {
+                if heard.elapsed() >= ping_interval * 2 {
+                    debug!("client silent for two ping intervals; closing its channel");
+                    channel.close(Some(close_code::GOING_AWAY)).await;
+                    return;
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    channel.close(Some(close_code::GOING_AWAY)).await;
+                    return;
+                }
+            }
             message = socket.recv() => {
+                heard = Instant::now();
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => Frame::Text(text.to_string()),
                     Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
