@@ -944,30 +944,54 @@ async fn refused_registrations_from_one_address_past_its_rate_get_a_bare_429_and
     let _agent = RawHost::connect(&relay, "h1").await;
 }
 
+/// A relay with a 300 ms drain grace and `relay agent` on a `protocol` tunnel, and a
+/// request for an upstream answer `ms` milliseconds away, in flight at the upstream.
+struct SlowRequest {
+    relay: TestRelay,
+    _agent: TestAgent,
+    _upstream: Upstream,
+    request: tokio::task::JoinHandle<Result<relay_tests::HttpResponse, String>>,
+}
+
+async fn slow_request_through_agent(protocol: &str, ms: u64) -> SlowRequest {
+    let relay = TestRelay::builder()
+        .arg("--drain-grace", "300ms")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&relay, "web-1", &upstream)
+        .protocol(protocol)
+        .spawn();
+    agent.wait_connected_to(&relay).await;
+    let client = relay.http().clone();
+    let url = relay.http_url(&format!("/hosts/web-1/slow?ms={ms}"));
+    let token = relay.client_token(&["web-1"]);
+    let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
+    wait_until("the slow request reaches the upstream", DEADLINE, || {
+        upstream.requests() == 1
+    })
+    .await;
+    SlowRequest {
+        relay,
+        _agent: agent,
+        _upstream: upstream,
+        request,
+    }
+}
+
 #[tokio::test]
 async fn an_answer_that_comes_within_the_close_wait_after_the_grace_reaches_its_client_through_relay_agent()
  {
     for protocol in ["v1", "h2"] {
-        let mut relay = TestRelay::builder()
-            .arg("--drain-grace", "300ms")
-            .spawn()
-            .await;
-        let upstream = Upstream::spawn().await;
-        let agent = TestAgent::for_relay(&relay, "web-1", &upstream)
-            .protocol(protocol)
-            .spawn();
-        agent.wait_connected_to(&relay).await;
-        let client = relay.http().clone();
         // Answered 1.2 s after it starts: after the 300 ms grace, within the 1.5 s the
         // relay then waits for answers in flight.
-        let url = relay.http_url("/hosts/web-1/slow?ms=1200");
-        let token = relay.client_token(&["web-1"]);
-        let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
-        wait_until("the slow request reaches the upstream", DEADLINE, || {
-            upstream.requests() == 1
-        })
-        .await;
-
+        // The agent and upstream are bound, not `..`: they must live to the end.
+        let SlowRequest {
+            mut relay,
+            request,
+            _agent,
+            _upstream,
+        } = slow_request_through_agent(protocol, 1_200).await;
         relay.send_sigterm();
         let answer = within("the slow answer", DEADLINE, request)
             .await
@@ -977,31 +1001,18 @@ async fn an_answer_that_comes_within_the_close_wait_after_the_grace_reaches_its_
         assert_eq!(answer.text(), "slow done");
         let status = relay.wait_exit(DEADLINE).await;
         assert_eq!(status.code(), Some(0), "{protocol}: exit status {status}");
-        drop(agent);
     }
 }
 
 #[tokio::test]
 async fn streams_cut_at_the_end_of_a_drain_are_counted_and_logged_and_the_relay_still_exits_0() {
     for protocol in ["h2", "v1"] {
-        let mut relay = TestRelay::builder()
-            .arg("--drain-grace", "300ms")
-            .spawn()
-            .await;
-        let upstream = Upstream::spawn().await;
-        let agent = TestAgent::for_relay(&relay, "web-1", &upstream)
-            .protocol(protocol)
-            .spawn();
-        agent.wait_connected_to(&relay).await;
-        let client = relay.http().clone();
-        let url = relay.http_url("/hosts/web-1/slow?ms=30000");
-        let token = relay.client_token(&["web-1"]);
-        let request = tokio::spawn(async move { client.get(url).bearer(&token).try_send().await });
-        wait_until("the long request reaches the upstream", DEADLINE, || {
-            upstream.requests() == 1
-        })
-        .await;
-
+        let SlowRequest {
+            mut relay,
+            request,
+            _agent,
+            _upstream,
+        } = slow_request_through_agent(protocol, 30_000).await;
         relay.send_sigterm();
         let status = relay.wait_exit(DEADLINE).await;
         assert_eq!(status.code(), Some(0), "{protocol}: exit status {status}");

@@ -557,15 +557,42 @@ async fn stale_self_ownership_answers_503_at_once_without_forwarding() {
 const HOP_KEY_NAME: &str = "relay:hop-key";
 const HOP_KEY: &str = "7e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e57e";
 
-#[tokio::test]
-async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forwarded() {
+/// Two relays on one Redis whose hop key the test set (so it can pass for a relay), and
+/// `web-1` held on A.
+struct HeldOnA {
+    a: TestRelay,
+    b: TestRelay,
+    upstream: Upstream,
+    _redis: TestRedis,
+    _host: TestHost,
+}
+
+async fn held_on_a_with_known_hop_key() -> HeldOnA {
     let redis = TestRedis::spawn().await;
-    // The relays' shared hop key, set before they make one: the test passes for a relay.
+    // Set before the relays make one: the first key written wins.
     redis.set(HOP_KEY_NAME, HOP_KEY).await;
     let a = relay_on(&redis, "ams", "relay-a").await;
     let b = relay_on(&redis, "fra", "relay-b").await;
     let upstream = Upstream::spawn().await;
-    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+    let host = host_on(&redis, &a, "web-1", &upstream).await;
+    HeldOnA {
+        a,
+        b,
+        upstream,
+        _redis: redis,
+        _host: host,
+    }
+}
+
+#[tokio::test]
+async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forwarded() {
+    let HeldOnA {
+        a,
+        b,
+        upstream,
+        _redis,
+        _host,
+    } = held_on_a_with_known_hop_key().await;
     let a_requests = a.counter(CLIENT_REQUESTS, &[]).await;
 
     let resp = b
@@ -631,12 +658,14 @@ async fn request_carrying_hop_marker_for_host_held_elsewhere_is_refused_not_forw
 
 #[tokio::test]
 async fn a_hop_marker_without_the_relays_key_is_ignored_and_the_request_served_as_a_clients() {
-    let redis = TestRedis::spawn().await;
-    redis.set(HOP_KEY_NAME, HOP_KEY).await;
-    let a = relay_on(&redis, "ams", "relay-a").await;
-    let b = relay_on(&redis, "fra", "relay-b").await;
-    let upstream = Upstream::spawn().await;
-    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+    // Everything bound, not `..`: A, its upstream and the host must live to the end.
+    let HeldOnA {
+        a: _a,
+        b,
+        upstream: _upstream,
+        _redis,
+        _host,
+    } = held_on_a_with_known_hop_key().await;
 
     for forged in [None, Some("guessed"), Some(&HOP_KEY[1..])] {
         let mut request = b
