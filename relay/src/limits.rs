@@ -420,6 +420,11 @@ pub const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// pass taking minutes.
 pub const CLAIMS_PER_PASS: usize = 100;
 
+/// Longest a reconcile pass spends asking peers about such entries (see
+/// [`CLAIMS_PER_PASS`]); a peer that cannot be asked is not asked again in that pass.
+/// The rest waits for the next pass: publishing this machine's own tunnels comes first.
+pub const CLAIMS_PASS_TIME: Duration = Duration::from_secs(5);
+
 /// Largest request body a relay keeps while forwarding it to a peer relay, so that a hop
 /// that found the host gone (or its connection refused after the body was read) can be
 /// tried again on the new owner: 64 KiB covers the requests of ordinary API calls.

@@ -17,8 +17,9 @@ use crate::config::RoutingMode;
 use crate::directory::{Directory, Owner};
 use crate::host_id::HostId;
 use crate::limits::{
-    CLAIMS_PER_PASS, DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL, DIRECTORY_TIMEOUT,
-    PEER_PROBE_TIMEOUT, RECONCILE_BATCH, RESYNC_FIRST_RETRY, STARTUP_CLEAR_TIMEOUT,
+    CLAIMS_PASS_TIME, CLAIMS_PER_PASS, DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL,
+    DIRECTORY_TIMEOUT, PEER_PROBE_TIMEOUT, RECONCILE_BATCH, RESYNC_FIRST_RETRY,
+    STARTUP_CLEAR_TIMEOUT,
 };
 use crate::state::Relay;
 use crate::telemetry;
@@ -301,9 +302,25 @@ async fn claim_from_stale_owners(relay: &Relay, owner: &Owner, handles: &[Tunnel
             _ => None,
         })
         .take(CLAIMS_PER_PASS);
+    // A machine that cannot be asked is not asked again this pass, and the pass stops
+    // asking at its deadline: a peer that is down must not hold the reconciler (and the
+    // tunnels it publishes) for a hundred probe timeouts.
+    let deadline = tokio::time::Instant::now() + CLAIMS_PASS_TIME;
+    let mut unreachable: Vec<Owner> = Vec::new();
     for (host, recorded) in elsewhere {
-        if peer_holds(relay, &recorded, &host).await != Some(false) {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if unreachable.contains(&recorded) {
             continue;
+        }
+        match peer_holds(relay, &recorded, &host).await {
+            Some(false) => {}
+            Some(true) => continue,
+            None => {
+                unreachable.push(recorded);
+                continue;
+            }
         }
         match timeout(
             DIRECTORY_TIMEOUT,
