@@ -524,3 +524,45 @@ async fn a_relay_asked_for_a_host_the_directory_wrongly_says_it_holds_removes_th
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_peer_that_accepts_but_never_answers_does_not_hold_up_the_reconciler() {
+    const HOSTS: usize = 20;
+    let redis = TestRedis::spawn().await;
+    let a = relay_on(&redis, "ams", "relay-a").await;
+    // A "peer" whose address takes connections and answers nothing: each question to it
+    // costs the whole probe timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    redis
+        .set(&addr_key("syd:silent"), &silent_addr.to_string())
+        .await;
+    let mut hosts = Vec::new();
+    for i in 0..HOSTS {
+        let host_id = format!("taken-{i}");
+        hosts.push(RawHost::connect(&a, &host_id).await);
+        redis.wait_host_owner(&host_id, &a).await;
+    }
+    let _canary = RawHost::connect(&a, "canary").await;
+    redis.wait_host_owner("canary", &a).await;
+
+    // Every entry but the canary's now names the silent peer, which the reconciler asks
+    // about each of them...
+    for i in 0..HOSTS {
+        redis
+            .set(&host_key(&format!("taken-{i}")), "syd:silent")
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // ...and meanwhile the canary's entry is lost: the next pass must still come soon.
+    let _: i64 = redis.query(redis::cmd("DEL").arg(host_key("canary"))).await;
+    redis
+        .wait_value(&host_key("canary"), &a.owner(), Duration::from_secs(8))
+        .await;
+}
