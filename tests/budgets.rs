@@ -288,3 +288,45 @@ async fn trickling_uploads_hold_no_place_of_the_host_and_are_cut_with_408() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_websocket_message_in_progress_past_the_process_budget_drops_its_socket_and_others_go_on()
+{
+    let relay = TestRelay::builder()
+        .env("RELAY_MEMORY_BUDGET", &(2 * MIB).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let url = relay.ws_url("/hosts/raw-1/feed");
+    let client = relay_tests::WsClient::connect_ok(&url, Some(&token)).await;
+    let open = host.expect("ws:open").await;
+
+    // A 3 MiB binary message, masked as a client's must be (with a zero key), of which
+    // 2.5 MiB are sent and the rest never: the relay would hold it all, unseen.
+    let mut stream = client.into_stream();
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stream.get_mut() else {
+        panic!("the test socket is plain TCP");
+    };
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(3 * MIB as u64).to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    tcp.write_all(&head).await.unwrap();
+    let _ = tcp.write_all(&vec![0u8; 5 * MIB / 2]).await;
+
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], open["id"], "{close}");
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "process")])
+            .await
+            >= 1.0
+    );
+    // Others go on: a new channel carries a message whole.
+    let mut other = relay_tests::WsClient::connect_ok(&url, Some(&token)).await;
+    let other_open = host.expect("ws:open").await;
+    other.send_text("small").await;
+    let frame = host.expect("ws:frame").await;
+    assert_eq!(frame["id"], other_open["id"]);
+    assert_eq!(frame["data"], "small");
+}

@@ -105,6 +105,18 @@ impl Held {
         self.0.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
     }
 
+    /// Gives back `bytes` of what this holds (all of it, if it holds less).
+    pub fn release(&mut self, bytes: usize) {
+        let Some(held) = &mut self.0 else {
+            return;
+        };
+        if bytes >= held.num_permits() {
+            self.0 = None;
+        } else {
+            drop(held.split(bytes));
+        }
+    }
+
     /// Adds `other` to what this holds (both given back together).
     pub fn merge(&mut self, other: Held) {
         match (&mut self.0, other.0) {

@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::auth::{Role, bearer_token};
 use crate::body::Paced;
 use crate::clients::{IpSlot, peer_ip};
+use crate::connections::ReadCharge;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
@@ -149,7 +150,13 @@ async fn serve(
                 .try_take(client)
                 .ok_or(ClientError::TooManyClientChannels)?
         };
-        return Box::pin(open_channel(relay, tunnel, upgrade, request, slot)).await;
+        // What the socket reads towards a message not yet whole is charged (an HTTP/1.1
+        // upgrade only: over HTTP/2 the connection carries other streams too).
+        let read_charge = (parts.version == http::Version::HTTP_11)
+            .then(|| parts.extensions.get::<ReadCharge>().cloned())
+            .flatten();
+        let client = ChannelClient { slot, read_charge };
+        return Box::pin(open_channel(relay, tunnel, upgrade, request, client)).await;
     }
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
@@ -246,6 +253,13 @@ async fn redeliver(
     }
 }
 
+/// What a channel holds for its client: its place among the client's channels, and what
+/// charges its socket's reads.
+struct ChannelClient {
+    slot: IpSlot,
+    read_charge: Option<ReadCharge>,
+}
+
 /// A WebSocket channel over the tunnel: opened at the host first, so the host's refusal
 /// (its local service's answer) or its choice of subprotocol reaches the client in the
 /// handshake; then the client's upgrade, and frames both ways.
@@ -254,7 +268,7 @@ async fn open_channel(
     tunnel: TunnelHandle,
     upgrade: WebSocketUpgrade,
     request: ChannelRequest,
-    client_slot: IpSlot,
+    client: ChannelClient,
 ) -> Result<Response, ClientError> {
     let span = debug_span!("channel", host = %tunnel.host(), path = %request.path);
     let timeout = relay.config().limits.exchange_timeout;
@@ -272,9 +286,15 @@ async fn open_channel(
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
-                    let _client_slot = client_slot;
+                    let ChannelClient {
+                        slot: _slot,
+                        read_charge,
+                    } = client;
+                    if let Some(charge) = &read_charge {
+                        charge.start();
+                    }
                     telemetry::channel_open(1.0);
-                    run_channel(socket, channel, ping_interval).await;
+                    run_channel(socket, channel, ping_interval, read_charge).await;
                     telemetry::channel_open(-1.0);
                 }
                 .instrument(span),
@@ -290,7 +310,12 @@ async fn open_channel(
 /// frame) for two intervals is gone (a NAT dropped it, it vanished without a FIN): the
 /// channel is closed and the host told 1001, instead of a half-open socket holding the
 /// channel, and the host's local socket, for ever.
-async fn run_channel(mut socket: WebSocket, mut channel: Channel, ping_interval: Duration) {
+async fn run_channel(
+    mut socket: WebSocket,
+    mut channel: Channel,
+    ping_interval: Duration,
+    read_charge: Option<ReadCharge>,
+) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = Instant::now();
@@ -329,6 +354,9 @@ async fn run_channel(mut socket: WebSocket, mut channel: Channel, ping_interval:
             }
             message = socket.recv() => {
                 heard = Instant::now();
+                if let (Some(charge), Some(Ok(message))) = (&read_charge, &message) {
+                    charge.message_done(crate::websocket::control_len(message));
+                }
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => Frame::Text(text.to_string()),
                     Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),

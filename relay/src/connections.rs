@@ -17,6 +17,11 @@
 //! - **At most [`Limits::max_connections_per_ip`] of them from one client address**
 //!   (when the relay sees clients' own addresses, see [`crate::clients`]); over it a new
 //!   connection from that address is closed at once, and the others are served.
+//! - **What a client WebSocket (an upgraded HTTP/1.1 connection) has read towards a
+//!   message not yet whole is charged against the process's byte budget**
+//!   ([`ReadCharge`]): a message may be 16 MiB, and tungstenite holds it all before the
+//!   relay sees any of it, so sockets each holding part of a large message are counted
+//!   with every other buffer, and one that would pass the budget is dropped.
 //! - Accept errors (out of descriptors) back off briefly and are logged at most once per
 //!   [`crate::limits::ERROR_LOG_INTERVAL`], with how many there were.
 //!
@@ -45,6 +50,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
+use crate::budget::{Budget, Held};
 use crate::clients::PerIp;
 use crate::limits::Limits;
 use crate::listener::{PeerAddr, StoppableListener};
@@ -57,6 +63,7 @@ pub async fn serve(
     mut listener: StoppableListener,
     app: Router,
     limits: &Limits,
+    memory: &Budget,
     finish: CancellationToken,
 ) {
     let builder = builder(limits);
@@ -85,8 +92,11 @@ pub async fn serve(
             continue;
         };
         let app = app.clone();
+        let charge = ReadCharge::new(memory);
+        let reads = charge.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
+            request.extensions_mut().insert(reads.clone());
             let app = app.clone();
             async move { Ok::<_, Infallible>(app.oneshot(request).await.unwrap_or_else(|e| match e {})) }
         });
@@ -107,7 +117,10 @@ pub async fn serve(
                 debug!(%addr, "connection closed: nothing (or no HTTP/2 preface) in time");
                 return;
             }
-            let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+            let io = TokioIo::new(ReadCharged {
+                io: WriteTimeout::new(stream, write_timeout),
+                charge,
+            });
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -184,6 +197,144 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive_timeout(limits.header_read_timeout)
         .enable_connect_protocol();
     builder
+}
+
+/// What one connection's socket has read towards a WebSocket message not yet whole,
+/// charged against the process's byte budget. Off until [`ReadCharge::start`] (at the
+/// upgrade of an HTTP/1.1 connection; plain HTTP is not charged: its bodies are, where
+/// they are kept); then every read is charged, and [`ReadCharge::message_done`] (called
+/// by the session for every message it receives) gives back all that was read until
+/// then. What is held is at most one message being assembled and one read's worth past
+/// it. A read that does not fit the budget fails the socket.
+#[derive(Debug, Clone)]
+pub struct ReadCharge {
+    inner: Arc<ReadChargeInner>,
+}
+
+#[derive(Debug)]
+struct ReadChargeInner {
+    on: std::sync::atomic::AtomicBool,
+    /// Held only to merge or take, never across an await.
+    held: std::sync::Mutex<Held>,
+    budget: Budget,
+}
+
+impl ReadCharge {
+    fn new(budget: &Budget) -> ReadCharge {
+        ReadCharge {
+            inner: Arc::new(ReadChargeInner {
+                on: std::sync::atomic::AtomicBool::new(false),
+                held: std::sync::Mutex::new(Held::default()),
+                budget: budget.clone(),
+            }),
+        }
+    }
+
+    /// Starts charging reads: the connection now carries one client WebSocket. (Not a
+    /// host's tunnel: a tunnel whose read failed for want of room would fail every
+    /// exchange on it, for other tenants' doing; a tunnel's messages are bounded by the
+    /// frame limit, and tunnels by their tokens and the connection limits.)
+    pub fn start(&self) {
+        self.inner
+            .on
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A message was received: what was read for it is given back. A ping or pong
+    /// (`control`: its payload's length) gives back only its own frame, since it may
+    /// arrive between the fragments of a data message still being assembled; a data
+    /// message or a close gives back all.
+    pub fn message_done(&self, control: Option<usize>) {
+        match control {
+            // A client's control frame: 2 bytes of header, 4 of mask, the payload.
+            Some(payload) => self.held().release(payload + 6),
+            None => drop(std::mem::take(&mut *self.held())),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> usize {
+        self.held().bytes()
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Charges `bytes` just read; false when the budget has no room.
+    fn charge(&self, bytes: usize) -> bool {
+        if bytes == 0 || !self.inner.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        match self.inner.budget.try_take_now(bytes) {
+            Some(more) => {
+                self.held().merge(more);
+                true
+            }
+            None => {
+                telemetry::budget_refused(crate::budget::Scope::Process);
+                false
+            }
+        }
+    }
+}
+
+/// A socket whose reads are charged by its [`ReadCharge`].
+struct ReadCharged<T> {
+    io: T,
+    charge: ReadCharge,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && !self.charge.charge(buf.filled().len() - before)
+        {
+            return Poll::Ready(Err(io::Error::other(
+                "relay over its memory budget: a WebSocket message in progress was dropped",
+            )));
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCharged<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// A socket whose writes fail with [`io::ErrorKind::TimedOut`] once one has been waiting
@@ -320,6 +471,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_read_charge_holds_what_was_read_until_a_data_message_and_a_ping_gives_back_its_frame() {
+        let budget = Budget::new(100);
+        let charge = ReadCharge::new(&budget);
+        assert!(charge.charge(50));
+        assert_eq!(
+            charge.held_bytes(),
+            0,
+            "nothing is charged before the upgrade"
+        );
+        charge.start();
+        assert!(charge.charge(60) && charge.charge(20));
+        // A ping of 4 bytes between two fragments: its own 10 bytes come back.
+        charge.message_done(Some(4));
+        assert_eq!((charge.held_bytes(), budget.in_use()), (70, 70));
+        assert!(!charge.charge(40), "a read past the budget fails");
+        charge.message_done(None);
+        assert_eq!((charge.held_bytes(), budget.in_use()), (0, 0));
+    }
 
     #[tokio::test]
     async fn a_write_the_peer_never_takes_fails_after_the_limit() {

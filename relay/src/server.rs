@@ -93,7 +93,8 @@ pub async fn serve(
     let mut server = tokio::spawn({
         let app = app(relay.clone());
         let finish = finish_connections.clone();
-        async move { connections::serve(listener, app, &limits, finish).await }
+        let memory = relay.memory().clone();
+        async move { connections::serve(listener, app, &limits, &memory, finish).await }
     });
     tokio::select! {
         result = &mut server => {

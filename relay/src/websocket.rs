@@ -1,6 +1,6 @@
 //! WebSocket plumbing shared by tunnels, client channels and relay-to-relay bridges.
 
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::{Message, WebSocketUpgrade};
 
 use crate::limits::{Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
 
@@ -15,6 +15,14 @@ pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocket
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
+}
+
+/// The payload length of a ping or pong; `None` for a data message or a close.
+pub fn control_len(message: &Message) -> Option<usize> {
+    match message {
+        Message::Ping(payload) | Message::Pong(payload) => Some(payload.len()),
+        _ => None,
+    }
 }
 
 /// Whether a WebSocket error is a message over the size limit (tungstenite's `Capacity`,
