@@ -355,3 +355,19 @@ async fn a_silent_http2_connection_that_answers_no_ping_is_closed() {
         .unwrap();
     until_closed(&mut stream, "the silent HTTP/2 connection is closed").await;
 }
+
+#[tokio::test]
+async fn tunnels_and_channels_hold_their_connection_places_after_the_upgrade() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let _channel = WsClient::connect_ok(&relay.ws_url("/hosts/raw-1/feed"), Some(&token)).await;
+    host.expect("ws:open").await;
+    // The tunnel and the channel, and the connection that asks: an upgraded connection
+    // still counts (the limits hold its place until it ends).
+    let open = relay.counter("relay_connections_open", &[]).await;
+    assert!(
+        open >= 3.0,
+        "{open} connections counted open with a tunnel and a channel up"
+    );
+}

@@ -1149,3 +1149,43 @@ async fn routing_follows_host_to_its_new_owner_after_old_owner_dies() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn channels_bridged_from_a_peer_relay_do_not_count_against_its_address() {
+    const CHANNELS: usize = 4;
+    let redis = TestRedis::spawn().await;
+    // The owner allows 3 connections per address, and everything here comes from
+    // 127.0.0.1: the host's tunnel, the test's own HTTP client, and every channel B
+    // bridges (one connection each).
+    let a = TestRelay::builder()
+        .region("ams")
+        .machine_id("relay-a")
+        .redis(&redis.url())
+        .routing("proxy")
+        .env("RELAY_MAX_CONNECTIONS_PER_IP", "3")
+        .spawn()
+        .await;
+    let b = relay_on(&redis, "fra", "relay-b").await;
+    let upstream = Upstream::spawn().await;
+    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+    let token = b.client_token(&["web-1"]);
+
+    let mut channels = Vec::new();
+    for i in 0..CHANNELS {
+        let mut ws = WsClient::connect_ok(&b.ws_url("/hosts/web-1/ws/echo"), Some(&token)).await;
+        ws.send_text(&format!("bridged {i}")).await;
+        assert_eq!(ws.recv_text().await, format!("bridged {i}"));
+        channels.push(ws);
+    }
+    assert_eq!(
+        a.counter(
+            "relay_connections_refused_total",
+            &[("reason", "per_ip_limit")]
+        )
+        .await,
+        0.0,
+        "the owner refused a bridge from its peer as a client's connection"
+    );
+    // The bridges (and the tunnel) are open connections of A's, counted as such.
+    assert!(a.counter("relay_connections_open", &[]).await >= (CHANNELS + 1) as f64);
+}

@@ -81,6 +81,15 @@ async fn serve(
         None
     };
     let hop = Hop::of(request.headers(), key.as_deref());
+    if hop == Hop::Peer
+        && let Some(place) = request
+            .extensions()
+            .get::<crate::clients::ConnectionPlace>()
+    {
+        // A peer relay's connection is not a client's: it leaves the per-address count
+        // (each channel bridged in proxy routing is one).
+        place.give_back();
+    }
     let route_found = match routing::route(&relay, &host, hop.is_hopped()).await {
         Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
         other => other?,

@@ -60,6 +60,30 @@ pub struct IpSlot {
     ip: IpAddr,
 }
 
+/// A connection's [`IpSlot`], shared with the requests it carries so that one found to
+/// come from a peer relay (an authenticated hop) can give its place back: a relay's
+/// connections to another are not a client's, and in proxy routing each bridged
+/// channel is one.
+#[derive(Debug, Clone)]
+pub struct ConnectionPlace(Arc<Mutex<Option<IpSlot>>>);
+
+impl ConnectionPlace {
+    /// The connection's `slot`.
+    pub fn new(slot: IpSlot) -> ConnectionPlace {
+        ConnectionPlace(Arc::new(Mutex::new(Some(slot))))
+    }
+
+    /// Gives the connection's place back (it carries a peer relay's requests).
+    pub fn give_back(&self) {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(slot);
+    }
+}
+
 impl IpSlot {
     /// A place counted nowhere: for what another relay counted already.
     pub fn uncounted() -> IpSlot {
@@ -177,6 +201,17 @@ mod tests {
         assert_eq!(table.clients(), 1, "the emptied entry is gone");
         drop(other);
         assert_eq!(table.clients(), 0);
+    }
+
+    #[test]
+    fn a_connection_place_given_back_frees_the_address_at_once() {
+        let table = PerIp::new(1);
+        let place = ConnectionPlace::new(table.try_take(ip("192.0.2.1")).unwrap());
+        assert!(table.try_take(ip("192.0.2.1")).is_none());
+        place.clone().give_back();
+        assert_eq!(table.held(ip("192.0.2.1")), 0);
+        assert!(table.try_take(ip("192.0.2.1")).is_some());
+        place.give_back();
     }
 
     #[test]

@@ -51,7 +51,7 @@ use tower::ServiceExt;
 use tracing::debug;
 
 use crate::budget::{Budget, Held};
-use crate::clients::PerIp;
+use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::Limits;
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::telemetry;
@@ -94,9 +94,12 @@ pub async fn serve(
         let app = app.clone();
         let charge = ReadCharge::new(memory);
         let reads = charge.clone();
+        let place = ConnectionPlace::new(ip_slot);
+        let request_place = place.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
             request.extensions_mut().insert(reads.clone());
+            request.extensions_mut().insert(request_place.clone());
             let app = app.clone();
             async move { Ok::<_, Infallible>(app.oneshot(request).await.unwrap_or_else(|e| match e {})) }
         });
@@ -105,9 +108,9 @@ pub async fn serve(
         let head_timeout = limits.header_read_timeout;
         let write_timeout = limits.write_timeout;
         connections.spawn(async move {
-            // Held until the connection (or the tunnel or channel it became) ends.
-            let _open = Open::new(permit);
-            let _ip_slot = ip_slot;
+            // Held until the connection (or the tunnel or channel it became) ends: they
+            // go into the socket, which an upgrade hands on (this task ends then).
+            let open = Open::new(permit);
             let started = tokio::select! {
                 started = first_bytes(&stream, head_timeout) => started,
                 // Finishing: a connection that has not said anything yet is done.
@@ -120,6 +123,7 @@ pub async fn serve(
             let io = TokioIo::new(ReadCharged {
                 io: WriteTimeout::new(stream, write_timeout),
                 charge,
+                _places: (open, place),
             });
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
@@ -282,10 +286,12 @@ impl ReadCharge {
     }
 }
 
-/// A socket whose reads are charged by its [`ReadCharge`].
+/// A socket whose reads are charged by its [`ReadCharge`], holding the connection's
+/// places under the connection limits for as long as it lives.
 struct ReadCharged<T> {
     io: T,
     charge: ReadCharge,
+    _places: (Open, ConnectionPlace),
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
