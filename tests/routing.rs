@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use http::Method;
 use relay_tests::{
-    Claims, DEADLINE, RawHost, TestHost, TestRedis, TestRelay, Upstream, WsClient, addr_key,
-    host_key, owned_key, rejection_status, unused_port, wait_until, wait_until_async, within,
+    Claims, DEADLINE, RawHost, RelayBuilder, TestHost, TestRedis, TestRelay, Upstream, WsClient,
+    addr_key, host_key, owned_key, rejection_status, unused_port, wait_until, wait_until_async,
+    within,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -31,15 +32,19 @@ const UNREACHABLE_BOUND: Duration = Duration::from_secs(5);
 
 const CLIENT_REQUESTS: &str = "relay_client_requests_total";
 
-/// A relay in `region` named `machine`, on the Redis directory, proxying.
-async fn relay_on(redis: &TestRedis, region: &str, machine: &str) -> TestRelay {
+/// A relay in `region` named `machine`, on the Redis directory, proxying; for a test to
+/// set more before it spawns.
+fn proxying(redis: &TestRedis, region: &str, machine: &str) -> RelayBuilder {
     TestRelay::builder()
         .region(region)
         .machine_id(machine)
         .redis(&redis.url())
         .routing("proxy")
-        .spawn()
-        .await
+}
+
+/// [`proxying`], spawned.
+async fn relay_on(redis: &TestRedis, region: &str, machine: &str) -> TestRelay {
+    proxying(redis, region, machine).spawn().await
 }
 
 /// Connects a [`TestHost`] for `host_id` to `owner` and waits until the
@@ -237,11 +242,7 @@ async fn three_relays_route_each_way_to_whichever_holds_the_host() {
 async fn large_body_is_forwarded_whole_and_oversized_body_is_refused_on_first_relay() {
     let redis = TestRedis::spawn().await;
     let a = relay_on(&redis, "ams", "relay-a").await;
-    let b = TestRelay::builder()
-        .region("fra")
-        .machine_id("relay-b")
-        .redis(&redis.url())
-        .routing("proxy")
+    let b = proxying(&redis, "fra", "relay-b")
         .max_body_bytes(2 * 1024 * 1024)
         .spawn()
         .await;
@@ -511,11 +512,7 @@ async fn stale_self_ownership_answers_503_at_once_without_forwarding() {
     let redis = TestRedis::spawn().await;
     // Debug level makes the relay log one `request finished` line per HTTP
     // request it serves, so a request it forwarded to itself would show twice.
-    let b = TestRelay::builder()
-        .region("fra")
-        .machine_id("relay-b")
-        .redis(&redis.url())
-        .routing("proxy")
+    let b = proxying(&redis, "fra", "relay-b")
         .rust_log("info,relay=debug")
         .spawn()
         .await;
@@ -953,12 +950,8 @@ async fn owner_rechecks_client_token_that_the_first_relay_accepted() {
     // A and B verify with different secrets: a token good on B is forwarded,
     // and A's own check refuses it.
     let redis = TestRedis::spawn().await;
-    let a = TestRelay::builder()
-        .region("ams")
-        .machine_id("relay-a")
+    let a = proxying(&redis, "ams", "relay-a")
         .secret("secret-of-relay-a-only-0123456789")
-        .redis(&redis.url())
-        .routing("proxy")
         .spawn()
         .await;
     let b = relay_on(&redis, "fra", "relay-b").await;
@@ -1157,11 +1150,7 @@ async fn channels_bridged_from_a_peer_relay_do_not_count_against_its_address() {
     // The owner allows 3 connections per address, and everything here comes from
     // 127.0.0.1: the host's tunnel, the test's own HTTP client, and every channel B
     // bridges (one connection each).
-    let a = TestRelay::builder()
-        .region("ams")
-        .machine_id("relay-a")
-        .redis(&redis.url())
-        .routing("proxy")
+    let a = proxying(&redis, "ams", "relay-a")
         .env("RELAY_MAX_CONNECTIONS_PER_IP", "3")
         .spawn()
         .await;
