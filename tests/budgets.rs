@@ -330,3 +330,104 @@ async fn a_websocket_message_in_progress_past_the_process_budget_drops_its_socke
     assert_eq!(frame["id"], other_open["id"]);
     assert_eq!(frame["data"], "small");
 }
+
+// ---------------------------------------------------------------------------
+// h2 tunnels: HTTP/2 streams instead of buffering; what it and the channels' codecs may
+// hold is charged all the same.
+// ---------------------------------------------------------------------------
+
+/// `relay_budget_bytes_in_use` on `relay`.
+async fn budget_in_use(relay: &TestRelay) -> f64 {
+    relay.counter("relay_budget_bytes_in_use", &[]).await
+}
+
+/// An `h2` agent for `host` on `relay`, in front of `upstream_url`, connected.
+async fn h2_agent(relay: &TestRelay, host: &str, upstream_url: &str) -> relay_tests::TestAgent {
+    let agent = relay_tests::TestAgent::builder(host)
+        .relay(&relay.ws_url(""))
+        .token(&relay.host_token(host))
+        .to(upstream_url)
+        .protocol("h2")
+        .spawn();
+    agent.wait_connected_to(relay).await;
+    agent
+}
+
+#[tokio::test]
+async fn an_h2_connection_reserves_its_receive_window_as_the_process_budget_allows_and_gives_it_back()
+ {
+    // 3 MiB in all: the 8 MiB window does not fit, nor 4; 2 does.
+    let relay = TestRelay::builder()
+        .env("RELAY_MEMORY_BUDGET", &(3 * MIB).to_string())
+        .env("RELAY_H2_IDLE_CONNECTION", "300ms")
+        .spawn()
+        .await;
+    let bulk = relay_tests::BulkUpstream::spawn().await;
+    let _agent = h2_agent(&relay, "windowed", &bulk.url("")).await;
+    assert_eq!(budget_in_use(&relay).await, 0.0, "no HTTP/2 connection yet");
+
+    // A download larger than the window streams through it whole.
+    let n = 5 * MIB as u64 + 3;
+    let got = relay_tests::stream_client::download(
+        &relay.http_url(&format!("/hosts/windowed/bytes?n={n}&seed=11")),
+        &[(
+            "authorization",
+            format!("Bearer {}", relay.client_token(&["windowed"])).as_str(),
+        )],
+        relay_tests::stream_client::DownloadOptions::default(),
+    )
+    .await
+    .expect("download");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.sha256, relay_tests::expected_sha256(n, 11));
+    assert_eq!(
+        budget_in_use(&relay).await,
+        (2 * MIB) as f64,
+        "the connection holds the window it was granted"
+    );
+
+    // Idle past its period, the connection ends and gives its window back.
+    relay
+        .wait_counter("relay_h2_connections_total", &[("event", "ended")], 1.0)
+        .await;
+    relay_tests::wait_until_async("the window is given back", DEADLINE, || async {
+        budget_in_use(&relay).await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_h2_channel_message_past_the_tunnel_budget_closes_that_channel_1013_and_others_stay_open()
+ {
+    let relay = TestRelay::builder()
+        .env("RELAY_TUNNEL_BUDGET", &(2 * MIB).to_string())
+        .spawn()
+        .await;
+    let upstream = relay_tests::Upstream::spawn().await;
+    let _agent = h2_agent(&relay, "echoes", &format!("http://{}", upstream.addr())).await;
+    let token = relay.client_token(&["echoes"]);
+    let url = relay.ws_url("/hosts/echoes/ws/echo");
+    let mut big = relay_tests::WsClient::connect_ok(&url, Some(&token)).await;
+    let mut small = relay_tests::WsClient::connect_ok(&url, Some(&token)).await;
+
+    // 3 MiB goes out (the relay passes it on as the tunnel takes it) and comes back
+    // echoed: the relay would have to hold it whole for the client, past the 2 MiB the
+    // host may make it hold.
+    big.send_binary(&vec![7u8; 3 * MIB]).await;
+    assert_eq!(big.recv_close_code(DEADLINE).await, 1013);
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "tunnel")])
+            .await
+            >= 1.0
+    );
+
+    small.send_text("still here").await;
+    assert_eq!(small.recv_text().await, "still here");
+    // What the channels held is given back; the connection's window stays reserved
+    // while it is up.
+    relay_tests::wait_until_async("only the window is left charged", DEADLINE, || async {
+        budget_in_use(&relay).await == (8 * MIB) as f64
+    })
+    .await;
+}

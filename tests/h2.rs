@@ -398,6 +398,7 @@ const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
 const DATA: u8 = 0x0;
 const PUSH_PROMISE: u8 = 0x5;
+const WINDOW_UPDATE: u8 = 0x8;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
@@ -566,6 +567,83 @@ async fn an_agent_sending_past_the_window_gets_its_stream_reset_and_costs_the_re
         "an agent ignoring flow control made the relay hold {grown} KiB"
     );
     stalled_client.abort();
+    assert_relay_still_serves(&relay, &upstream).await;
+}
+
+#[tokio::test]
+async fn uploads_to_an_agent_that_opens_huge_windows_and_stops_reading_wait_within_the_tunnel_budget()
+ {
+    const UPLOADS: usize = 96;
+    const EACH: usize = 2 * 1024 * 1024;
+    const TUNNEL_BUDGET: usize = 4 * 1024 * 1024;
+    let relay = TestRelay::builder()
+        .env("RELAY_TUNNEL_BUDGET", &TUNNEL_BUDGET.to_string())
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    // The agent lets the relay send 2 GiB on every stream and on the connection, then
+    // reads nothing more: HTTP/2's flow control holds nothing back, so only the relay's
+    // own accounting does.
+    let mut ws = hostile_agent(&relay, "sponge").await;
+    let mut windows = frame(SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    windows.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    ws.send(Message::Binary(windows.into())).await.unwrap();
+    relay.wait_host_connected("sponge").await;
+    let rss_before = rss_kib(relay.pid());
+
+    let token = relay.client_token(&["sponge"]);
+    let mut uploads = Vec::new();
+    for _ in 0..UPLOADS {
+        let addr = relay.addr();
+        let token = token.clone();
+        uploads.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /hosts/sponge/upload HTTP/1.1\r\nHost: relay\r\n\
+                 Authorization: Bearer {token}\r\nContent-Length: {EACH}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let _ = stream.write_all(&vec![b'u'; EACH]).await;
+            std::future::pending::<()>().await;
+        }));
+    }
+
+    // What the relay handed HTTP/2 and the tunnel's socket has not taken reaches the
+    // tunnel's budget (on top of the 8 MiB window the connection reserves)...
+    let in_use = || async { relay.counter("relay_budget_bytes_in_use", &[]).await };
+    let full = (8 * 1024 * 1024 + TUNNEL_BUDGET - 256 * 1024) as f64;
+    relay_tests::wait_until_async("the tunnel's budget fills", DEADLINE, || async {
+        in_use().await >= full
+    })
+    .await;
+    // ...and stops there: the uploads wait, unread, in their clients' sockets.
+    for _ in 0..5 {
+        let now = in_use().await;
+        assert!(
+            now <= (8 * 1024 * 1024 + TUNNEL_BUDGET) as f64,
+            "{now} bytes charged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 192 MiB offered: before the relay charged what it hands HTTP/2, it took them all
+    // (121 MiB for half as many). Now the growth is the tunnel's 4 MiB and what passing
+    // the socket's buffers' worth through the relay costs once (~25 MiB here, as for 8
+    // uploads: it does not grow with them).
+    let grown = rss_kib(relay.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 48 * 1024,
+        "{UPLOADS} uploads of {EACH} bytes to a stalled agent grew the relay {grown} KiB"
+    );
+    drop(ws);
+    for upload in uploads {
+        upload.abort();
+    }
     assert_relay_still_serves(&relay, &upstream).await;
 }
 

@@ -6,6 +6,8 @@
 //!   the answer starts then, not while a long upload is still on its way.
 //! - [`Handoff`]: a body handed to a hop lazily, so a hop that failed before reading it
 //!   (a refused connection) gives it back for another try.
+//! - [`Indebted`]: a body whose bytes are charged to a [`Debt`] as they are handed to a
+//!   sender that buffers them (HTTP/2), until the socket takes them.
 //! - [`Paced`]: a client's request body that must keep arriving at a minimum rate, so a
 //!   trickling upload cannot hold a connection, a stream or buffered bytes for ever.
 
@@ -20,6 +22,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
+
+use crate::budget::Debt;
 
 /// A body that holds `guard` until it ends (or is dropped): until whoever sends it has
 /// asked for more after its last chunk.
@@ -62,6 +66,109 @@ where
         // (and the guard) as soon as it has the last chunk in its buffer, not once the
         // chunk is written; it polls once more instead, when its buffer has room.
         self.guard.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A body whose data is charged to a [`Debt`] before it is handed over: waiting for room
+/// when there is none, which slows its producer (a client's upload) down to the pace of
+/// the tunnel's socket instead of buffering ahead of it. Room for a first part of each
+/// chunk ([`Indebted::PREPAID`]) is charged before the chunk is even read, so that while
+/// the tunnel's budget is full nothing more is read from the client at all.
+pub struct Indebted<B> {
+    body: B,
+    debt: Arc<Debt>,
+    state: Payment,
+}
+
+enum Payment {
+    /// Nothing charged for the next chunk yet.
+    Due,
+    /// Charging the first part of the next chunk, before reading it.
+    Prepaying(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// The first part is charged: the chunk can be read.
+    Prepaid,
+    /// Charging the rest of a chunk read, before handing it over.
+    Settling(Frame<Bytes>, Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+impl<B> Indebted<B> {
+    /// Charged for each chunk before it is read: 16 KiB, the size of most chunks of a
+    /// client's body (hyper reads 8–16 KiB at a time until a transfer runs fast).
+    pub const PREPAID: usize = 16 * 1024;
+
+    /// `body`, its data charged to `debt`.
+    pub fn new(body: B, debt: Arc<Debt>) -> Indebted<B> {
+        Indebted {
+            body,
+            debt,
+            state: Payment::Due,
+        }
+    }
+
+    fn charge(&self, bytes: usize) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let debt = self.debt.clone();
+        Box::pin(async move { debt.incur(bytes).await })
+    }
+}
+
+impl<B> http_body::Body for Indebted<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        loop {
+            match &mut self.state {
+                Payment::Due => {
+                    let prepaying = self.charge(Self::PREPAID);
+                    self.state = Payment::Prepaying(prepaying);
+                }
+                Payment::Prepaying(payment) => {
+                    std::task::ready!(payment.as_mut().poll(cx));
+                    self.state = Payment::Prepaid;
+                }
+                Payment::Prepaid => {
+                    let frame = match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                        Some(Ok(frame)) => frame,
+                        // The end (what was prepaid is paid off by the next bytes the
+                        // tunnel writes), or the client's error.
+                        other => return Poll::Ready(other),
+                    };
+                    let rest = frame
+                        .data_ref()
+                        .map_or(0, Bytes::len)
+                        .saturating_sub(Self::PREPAID);
+                    if rest == 0 {
+                        self.state = Payment::Due;
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let settling = self.charge(rest);
+                    self.state = Payment::Settling(frame, settling);
+                }
+                Payment::Settling(_, payment) => {
+                    std::task::ready!(payment.as_mut().poll(cx));
+                    let Payment::Settling(frame, _) =
+                        std::mem::replace(&mut self.state, Payment::Due)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !matches!(self.state, Payment::Settling(..)) && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -13,8 +13,12 @@
 //! for (a request body into the tunnel queue, a response body into the client's
 //! response) and ends when that is written or dropped. Over a budget, the request is
 //! refused (503) or the channel closed (1013), never queued: the other tenants go on.
-//! `h2` tunnels are not charged: HTTP/2 flow control bounds them (see
-//! [`crate::limits::h2`]).
+//!
+//! `h2` tunnels stream instead of buffering, and are charged for what HTTP/2 and the
+//! WebSocket codecs may hold for them ([`crate::tunnel`]'s `h2` module): the receive
+//! window an HTTP/2 connection grants the agent, reserved while the connection is up;
+//! what the relay has handed HTTP/2 to send and the tunnel's socket has not yet taken
+//! (a [`Debt`]); and a channel message being assembled.
 
 use std::sync::Arc;
 
@@ -95,6 +99,47 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// The most of `most` bytes this pool has room for now, halving from `most` down to
+    /// `least`: a reservation that can make do with less (an HTTP/2 receive window).
+    /// `None` (a refusal, counted) when not even `least` fits.
+    pub fn try_reserve_up_to(&self, most: usize, least: usize) -> Option<Reserved> {
+        let mut bytes = most.max(least);
+        loop {
+            if let Some(permit) = self.try_take(bytes) {
+                telemetry::budget_in_use(bytes as f64);
+                return Some(Reserved(Held(Some(permit))));
+            }
+            if bytes <= least {
+                telemetry::budget_refused(Scope::Process);
+                return None;
+            }
+            bytes = (bytes / 2).max(least);
+        }
+    }
+}
+
+/// Bytes reserved from the process's [`Budget`] (counted with the charges in
+/// `relay_budget_bytes_in_use`), given back on drop.
+#[derive(Debug, Default)]
+pub struct Reserved(Held);
+
+impl Reserved {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let bytes = self.bytes();
+        if bytes > 0 {
+            telemetry::budget_in_use(-(bytes as f64));
+        }
+    }
+}
+
 /// Bytes held from one [`Budget`], given back on drop.
 #[derive(Debug, Default)]
 pub struct Held(Option<OwnedSemaphorePermit>);
@@ -146,6 +191,11 @@ impl TunnelBudget {
     /// Bytes this tunnel holds now.
     pub fn in_use(&self) -> usize {
         self.tunnel.in_use()
+    }
+
+    /// The process's budget this tunnel's is inside.
+    pub fn process(&self) -> &Budget {
+        &self.process
     }
 
     /// Charges `bytes` against both budgets, or neither: `Err` names the one that is
@@ -218,6 +268,22 @@ impl Charge {
             .map_or(0, |(tunnel, _)| tunnel.num_permits())
     }
 
+    /// Gives back `bytes` of this charge (all of it, if it holds less).
+    pub fn release(&mut self, bytes: usize) {
+        let Some((tunnel, process)) = &mut self.held else {
+            return;
+        };
+        let held = tunnel.num_permits();
+        if bytes >= held {
+            drop(self.held.take());
+            telemetry::budget_in_use(-(held as f64));
+            return;
+        }
+        drop(tunnel.split(bytes));
+        drop(process.split(bytes));
+        telemetry::budget_in_use(-(bytes as f64));
+    }
+
     /// Adds `other` to this charge (both given back together).
     pub fn merge(&mut self, mut other: Charge) {
         // `other` gives nothing back on drop now; this charge gives back both.
@@ -239,6 +305,75 @@ impl Drop for Charge {
         if bytes > 0 {
             telemetry::budget_in_use(-(bytes as f64));
         }
+    }
+}
+
+/// What a tunnel has handed to a sender that buffers (HTTP/2's send buffers) and the
+/// socket has not yet taken, charged against the tunnel's budgets: incurred as bytes are
+/// handed over, paid as the socket takes bytes, whichever stream they belong to. It
+/// over-counts rather than under-counts: bytes a reset stream dropped unsent stay charged
+/// until as many more have been written, or the connection ends
+/// ([`Debt::forgive`]).
+#[derive(Debug)]
+pub struct Debt {
+    budget: TunnelBudget,
+    /// Held only to merge or release, never across an await.
+    owed: std::sync::Mutex<Charge>,
+    /// The sender is gone: nothing handed to it is held any more, and nothing more is.
+    forgiven: std::sync::atomic::AtomicBool,
+}
+
+impl Debt {
+    /// No debt yet, charged against `budget`.
+    pub fn new(budget: &TunnelBudget) -> Debt {
+        Debt {
+            budget: budget.clone(),
+            owed: std::sync::Mutex::new(Charge::default()),
+            forgiven: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn owed(&self) -> std::sync::MutexGuard<'_, Charge> {
+        self.owed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Charges `bytes` about to be handed over, waiting for room (the backpressure of a
+    /// sender faster than the tunnel's socket).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is charged until it returns.
+    pub async fn incur(&self, bytes: usize) {
+        if self.is_forgiven() {
+            return;
+        }
+        let charge = self.budget.charge(bytes).await;
+        if !self.is_forgiven() {
+            self.owed().merge(charge);
+        }
+    }
+
+    fn is_forgiven(&self) -> bool {
+        self.forgiven.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The socket took `bytes`.
+    pub fn paid(&self, bytes: usize) {
+        self.owed().release(bytes);
+    }
+
+    /// Bytes owed now.
+    pub fn owed_bytes(&self) -> usize {
+        self.owed().bytes()
+    }
+
+    /// The sender is gone with all it held: nothing is owed any more, and what is
+    /// handed over later (to a sender that no longer exists) is not charged.
+    pub fn forgive(&self) {
+        self.forgiven
+            .store(true, std::sync::atomic::Ordering::Release);
+        drop(std::mem::take(&mut *self.owed()));
     }
 }
 
@@ -285,6 +420,72 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), 30);
         // Larger than the budget: takes all of it rather than waiting for ever.
         assert_eq!(tunnel.charge(500).await.bytes(), 50);
+    }
+
+    #[test]
+    fn a_reservation_that_can_make_do_with_less_takes_what_there_is_room_for() {
+        let process = Budget::new(100);
+        let first = process.try_reserve_up_to(64, 8).unwrap();
+        assert_eq!(first.bytes(), 64);
+        // 36 left: 64 does not fit, 32 does (and is given back at once here).
+        assert_eq!(process.try_reserve_up_to(64, 8).unwrap().bytes(), 32);
+        let _rest = process.try_take_now(30).unwrap();
+        assert!(
+            process.try_reserve_up_to(64, 8).is_none(),
+            "6 left, less than the least"
+        );
+        drop(first);
+        assert_eq!(process.in_use(), 30);
+    }
+
+    #[test]
+    fn part_of_a_charge_is_given_back_to_both_budgets() {
+        let process = Budget::new(100);
+        let tunnel = TunnelBudget::new(100, &process);
+        let mut charge = tunnel.try_charge(40).unwrap();
+        charge.release(15);
+        assert_eq!(
+            (charge.bytes(), tunnel.in_use(), process.in_use()),
+            (25, 25, 25)
+        );
+        charge.release(1_000);
+        assert_eq!(
+            (charge.bytes(), tunnel.in_use(), process.in_use()),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_debt_is_charged_as_bytes_are_handed_over_and_given_back_as_they_are_written() {
+        let process = Budget::new(100);
+        let tunnel = TunnelBudget::new(60, &process);
+        let debt = Debt::new(&tunnel);
+        debt.incur(30).await;
+        debt.incur(20).await;
+        assert_eq!((debt.owed_bytes(), process.in_use()), (50, 50));
+        debt.paid(35);
+        assert_eq!((debt.owed_bytes(), tunnel.in_use()), (15, 15));
+        // Frame headers are written too: paying more than is owed owes nothing.
+        debt.paid(100);
+        assert_eq!((debt.owed_bytes(), process.in_use()), (0, 0));
+        let debt = std::sync::Arc::new(debt);
+        debt.incur(60).await;
+        let waiting = tokio::spawn({
+            let debt = debt.clone();
+            async move { debt.incur(10).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the tunnel's 60 are owed");
+        // Nothing more is written; the connection ends, and with it what it held.
+        debt.forgive();
+        waiting.await.unwrap();
+        assert_eq!((debt.owed_bytes(), tunnel.in_use()), (0, 0));
+        debt.incur(50).await;
+        assert_eq!(
+            tunnel.in_use(),
+            0,
+            "nothing is charged to a sender that is gone"
+        );
     }
 
     #[test]

@@ -237,13 +237,14 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MIN_UPLOAD_RATE", default_value_t = limits::MIN_UPLOAD_RATE)]
     pub min_upload_rate: u64,
 
-    /// Bytes one v1 tunnel's buffered bodies and queued frames may hold (503 / close
-    /// 1013 above).
+    /// Bytes one tunnel's buffers may hold: v1 bodies and queued frames (503 / close
+    /// 1013 above); h2 bytes waiting for the tunnel's socket (senders wait) and channel
+    /// messages being read (close 1013 above).
     #[arg(long, env = "RELAY_TUNNEL_BUDGET", default_value_t = limits::TUNNEL_BUDGET)]
     pub tunnel_budget: usize,
 
-    /// Bytes all tunnels' buffered bodies and queued frames may hold together (503 /
-    /// close 1013 above). 0: half the machine's (or the cgroup's) memory.
+    /// Bytes all tunnels' buffers may hold together, with the receive windows of the h2
+    /// connections that are up. 0: half the machine's (or the cgroup's) memory.
     #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value_t = 0)]
     pub memory_budget: usize,
 

@@ -66,13 +66,15 @@ pub const UPLOAD_GRACE: Duration = Duration::from_secs(10);
 /// to read. `--min-upload-rate` (0: off).
 pub const MIN_UPLOAD_RATE: u64 = 8 * 1024;
 
-/// Bytes one v1 tunnel's buffers may hold in the relay at once (see [`crate::budget`]):
+/// Bytes one tunnel's buffers may hold in the relay at once (see [`crate::budget`]). v1:
 /// request bodies read and waiting to be written to the host, the host's answers until
-/// their clients have them, and WebSocket frames queued either way. 64 MiB: six maximal
-/// bodies at once, which no v1 host carrying ordinary traffic reaches, while one tenant
-/// that uploads, answers or floods without end holds no more than this, and the others
-/// go on. Over it the request gets 503 and a channel is closed (1013).
-/// `--tunnel-budget`.
+/// their clients have them, and WebSocket frames queued either way. `h2`: bytes handed
+/// to HTTP/2 to send that the tunnel's socket has not taken, and channel messages being
+/// read whole. 64 MiB: six maximal v1 bodies at once, which no host carrying ordinary
+/// traffic reaches, and eight times an `h2` connection's window, while one tenant that
+/// uploads, answers or floods without end holds no more than this, and the others go
+/// on. Over it a v1 request gets 503, a channel is closed (1013), and an `h2` sender
+/// waits. `--tunnel-budget`.
 pub const TUNNEL_BUDGET: usize = 64 * 1024 * 1024;
 
 /// Share of the machine's memory the relay may hold in peers' buffers, when
@@ -234,6 +236,15 @@ pub mod h2 {
     /// window inside it), while a tunnel of hundreds of stalled streams still costs at
     /// most 8 MiB.
     pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+    /// Least receive window the relay grants an HTTP/2 connection inside a tunnel: 64 KiB,
+    /// HTTP/2's own initial window. The relay reserves a connection's window against the
+    /// process's byte budget while the connection is up (what the agent may send unread
+    /// is memory; one window is well inside a tunnel's own budget), halving from
+    /// [`CONNECTION_WINDOW`] while it has no room; this much is granted even then, the fixed cost of a connection like its
+    /// codec buffers, so a busy relay slows new connections down rather than refusing
+    /// them.
+    pub const MIN_CONNECTION_WINDOW: u32 = 64 * 1024;
 
     /// Largest HTTP/2 frame the peer may send: 64 KiB rather than HTTP/2's 16 KiB, so a
     /// bulk transfer costs a quarter of the frames, while one frame still holds the

@@ -46,7 +46,8 @@ use super::{
     ChannelEvent, ChannelInner, ChannelRequest, ExchangeError, ExchangeFailure, Opened, Permit,
     SessionEnd, TunnelHandle,
 };
-use crate::body::{Guarded, watch_end};
+use crate::body::{Guarded, Indebted, watch_end};
+use crate::budget::{Budget, Charge, Debt, Reserved, TunnelBudget};
 use crate::headers;
 use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
 use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Executor, Idle, TunnelIo};
@@ -54,7 +55,7 @@ use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 use crate::protocol::{DRAIN_REASON, Frame, close_code};
 use crate::telemetry;
 
-type Io = TokioIo<ConnectionIo<WebSocket>>;
+type Io = TokioIo<Paying>;
 
 /// The handle's side of an `h2` tunnel.
 #[derive(Debug)]
@@ -75,6 +76,8 @@ pub(crate) struct Link {
     drain_sent: AtomicBool,
     /// Largest WebSocket message on a channel.
     max_channel_message: usize,
+    /// What this tunnel's HTTP/2 and channel buffers are charged against.
+    budget: TunnelBudget,
 }
 
 /// The HTTP/2 connection inside a tunnel, as streams see it.
@@ -82,8 +85,8 @@ pub(crate) struct Link {
 enum Connection {
     /// None yet, or the last one ended: the session starts one when asked.
     Down,
-    /// Up: new streams go on it.
-    Up(SendRequest<Body>),
+    /// Up: new streams go on it, and what they hand it to send is charged to its debt.
+    Up(SendRequest<Body>, Arc<Debt>),
     /// Being ended (idle): the next one starts once it has ended on both sides.
     Ending,
     /// The tunnel takes no new streams.
@@ -104,8 +107,13 @@ impl std::fmt::Debug for Parts {
 }
 
 /// An `h2` tunnel over `socket`, with no HTTP/2 connection yet (the first stream starts
-/// one).
-pub(crate) fn new(socket: WebSocket, limits: &Limits, tracker: &TaskTracker) -> (Link, Parts) {
+/// one). Its buffers are charged against `memory` (the process's budget) and its own.
+pub(crate) fn new(
+    socket: WebSocket,
+    limits: &Limits,
+    memory: &Budget,
+    tracker: &TaskTracker,
+) -> (Link, Parts) {
     let (shared, control, inbox) = TunnelIo::new(socket, || {
         telemetry::message_ignored("control_overflow");
     });
@@ -118,6 +126,7 @@ pub(crate) fn new(socket: WebSocket, limits: &Limits, tracker: &TaskTracker) -> 
         unanswered_pings: AtomicU32::new(0),
         drain_sent: AtomicBool::new(false),
         max_channel_message: limits.max_frame_bytes,
+        budget: TunnelBudget::new(limits.tunnel_budget, memory),
     };
     let parts = Parts {
         shared,
@@ -127,21 +136,95 @@ pub(crate) fn new(socket: WebSocket, limits: &Limits, tracker: &TaskTracker) -> 
     (link, parts)
 }
 
-/// Starts an HTTP/2 connection inside the tunnel (the client preface and settings).
+/// Starts an HTTP/2 connection inside the tunnel (the client preface and settings). Its
+/// receive window is reserved against the process's budget while the connection is up:
+/// as much of [`limits::h2::CONNECTION_WINDOW`] as there is room for, at least
+/// [`limits::h2::MIN_CONNECTION_WINDOW`].
 async fn start_connection(
     shared: &TunnelIo<WebSocket>,
     tracker: &TaskTracker,
-) -> Result<(SendRequest<Body>, HttpConnection), hyper::Error> {
-    let io = shared.start_connection();
+    budget: &TunnelBudget,
+) -> Result<(SendRequest<Body>, HttpConnection, Arc<Debt>), hyper::Error> {
+    // Against the process's budget only: the window is a fixed share of one tunnel,
+    // far inside the tunnel's own budget; what counts is how many tunnels hold one.
+    let window = budget
+        .process()
+        .try_reserve_up_to(
+            limits::h2::CONNECTION_WINDOW as usize,
+            limits::h2::MIN_CONNECTION_WINDOW as usize,
+        )
+        .unwrap_or_default();
+    let granted = u32::try_from(window.bytes())
+        .unwrap_or(limits::h2::CONNECTION_WINDOW)
+        .max(limits::h2::MIN_CONNECTION_WINDOW);
+    let debt = Arc::new(Debt::new(budget));
+    let io = Paying {
+        io: shared.start_connection(),
+        debt: debt.clone(),
+        _window: window,
+    };
     let (send, conn) = hyper::client::conn::http2::Builder::new(Executor(tracker.clone()))
-        .initial_stream_window_size(limits::h2::STREAM_WINDOW)
-        .initial_connection_window_size(limits::h2::CONNECTION_WINDOW)
+        .initial_stream_window_size(limits::h2::STREAM_WINDOW.min(granted))
+        .initial_connection_window_size(granted)
         .max_frame_size(limits::h2::MAX_FRAME)
         .max_header_list_size(limits::h2::MAX_HEADER_LIST)
         .max_send_buf_size(limits::h2::MAX_SEND_BUFFER)
         .handshake(TokioIo::new(io))
         .await?;
-    Ok((send, Box::pin(conn)))
+    Ok((send, Box::pin(conn), debt))
+}
+
+/// The byte stream of one HTTP/2 connection, paying off its [`Debt`] as the tunnel's
+/// socket takes bytes, and holding the reservation of its receive window. hyper drops it
+/// when the connection has ended, streams and all: then nothing is owed.
+struct Paying {
+    io: ConnectionIo<WebSocket>,
+    debt: Arc<Debt>,
+    _window: Reserved,
+}
+
+impl tokio::io::AsyncRead for Paying {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Paying {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            self.debt.paid(n);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Paying {
+    fn drop(&mut self) {
+        self.debt.forgive();
+    }
 }
 
 /// hyper's dispatch future of a connection: it hands new requests to HTTP/2, and ends
@@ -172,12 +255,12 @@ impl Link {
     ///
     /// # Cancel safety
     /// Cancel safe.
-    async fn sender(&self) -> Option<SendRequest<Body>> {
+    async fn sender(&self) -> Option<(SendRequest<Body>, Arc<Debt>)> {
         self.streams_started.fetch_add(1, Ordering::Relaxed);
         let mut connection = self.connection.subscribe();
         loop {
             match &*connection.borrow_and_update() {
-                Connection::Up(send) => return Some(send.clone()),
+                Connection::Up(send, debt) => return Some((send.clone(), debt.clone())),
                 Connection::Closed => return None,
                 Connection::Down | Connection::Ending => {}
             }
@@ -228,19 +311,19 @@ impl Link {
             }
         }
         *request.version_mut() = Version::HTTP_2;
+        let (mut send, debt) = match tokio::time::timeout(timeout, self.sender()).await {
+            Ok(Some(sender)) => sender,
+            Ok(None) => return Err(ExchangeFailure::NotDelivered(Box::new(request))),
+            Err(_) => return Err(ExchangeError::Timeout.into()),
+        };
         // The deadline for the answer starts once the request body is sent whole: an
-        // upload takes as long as it takes.
+        // upload takes as long as it takes. What it hands HTTP/2 is charged until written.
         let (parts, body) = request.into_parts();
-        let (body, ended) = watch_end(body);
+        let (body, ended) = watch_end(Body::new(Indebted::new(body, debt)));
         let request = Request::from_parts(parts, body);
         let deadline = async {
             let _ = ended.await;
             tokio::time::sleep(timeout).await;
-        };
-        let mut send = match tokio::time::timeout(timeout, self.sender()).await {
-            Ok(Some(send)) => send,
-            Ok(None) => return Err(ExchangeFailure::NotDelivered(Box::new(request))),
-            Err(_) => return Err(ExchangeError::Timeout.into()),
         };
         let sent = tokio::select! {
             sent = send.try_send_request(request) => sent,
@@ -291,8 +374,8 @@ impl Link {
         connect
             .extensions_mut()
             .insert(hyper::ext::Protocol::from_static("websocket"));
-        let mut send = match tokio::time::timeout(timeout, self.sender()).await {
-            Ok(Some(send)) => send,
+        let (mut send, debt) = match tokio::time::timeout(timeout, self.sender()).await {
+            Ok(Some(sender)) => sender,
             Ok(None) => return Err(ExchangeError::TunnelClosed),
             Err(_) => return Err(ExchangeError::Timeout),
         };
@@ -317,13 +400,17 @@ impl Link {
         let mut config = WebSocketConfig::default();
         config.max_message_size = Some(self.max_channel_message);
         config.max_frame_size = Some(self.max_channel_message);
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(config))
-                .await;
+        let io = ChannelIo {
+            io: TokioIo::new(upgraded),
+            budget: self.budget.clone(),
+            assembling: Charge::default(),
+            refused: false,
+        };
+        let socket = WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await;
         Ok(Opened::Channel {
             channel: super::Channel {
                 tunnel: tunnel.clone(),
-                inner: ChannelInner::H2(Box::new(Channel::new(socket))),
+                inner: ChannelInner::H2(Box::new(Channel::new(socket, debt))),
             },
             protocol,
         })
@@ -446,12 +533,11 @@ impl Session {
                     }
                 }
                 () = link.wanted.notified(), if phase == Phase::Down && link.is_accepting() => {
-                    match timeout(limits::h2::START_TIMEOUT, start_connection(&shared, &tracker))
-                        .await
-                    {
-                        Ok(Ok((send, dispatch))) => {
+                    let start = start_connection(&shared, &tracker, &link.budget);
+                    match timeout(limits::h2::START_TIMEOUT, start).await {
+                        Ok(Ok((send, dispatch, debt))) => {
                             conn = Some(dispatch);
-                            link.connection.send_replace(Connection::Up(send));
+                            link.connection.send_replace(Connection::Up(send, debt));
                             phase = Phase::Up;
                             idle = Quiet::default();
                             quiet.reset();
@@ -631,9 +717,84 @@ fn on_text(text: &str, handle: &TunnelHandle, link: &Link, on_pong: &impl Fn()) 
     }
 }
 
+/// The stream of one `h2` channel, charging what the WebSocket codec has read towards a
+/// message not yet whole against the tunnel's budgets: the stream's window is given back
+/// to the agent as the codec reads, so a message of up to the channel limit (16 MiB)
+/// builds up here, not in HTTP/2. [`Channel::recv`] gives the charge back for every
+/// message it receives. A read there is no room for fails the channel (1013).
+struct ChannelIo {
+    io: TokioIo<Upgraded>,
+    budget: TunnelBudget,
+    assembling: Charge,
+    refused: bool,
+}
+
+impl ChannelIo {
+    /// A message was received: what was read for it is given back. A ping or pong
+    /// (`control`: its payload's length) gives back only its own frame (2 bytes of
+    /// header, unmasked from the agent), since it may arrive between the fragments of a
+    /// data message.
+    fn message_done(&mut self, control: Option<usize>) {
+        match control {
+            Some(payload) => self.assembling.release(payload + 2),
+            None => self.assembling = Charge::default(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ChannelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            let read = buf.filled().len() - before;
+            match self.budget.try_charge(read) {
+                Ok(charge) => self.assembling.merge(charge),
+                Err(_) => {
+                    self.refused = true;
+                    return std::task::Poll::Ready(Err(std::io::Error::other(
+                        "no room in the byte budget for the channel's message",
+                    )));
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for ChannelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// The client side of one `h2` channel: a WebSocket over the extended CONNECT stream.
 pub(crate) struct Channel {
-    socket: WebSocketStream<TokioIo<Upgraded>>,
+    socket: WebSocketStream<ChannelIo>,
+    /// What the client's messages hand HTTP/2 is charged here until written.
+    debt: Arc<Debt>,
     /// The host sent its Close (or the stream ended): only our answer is left to send.
     peer_closed: bool,
     /// The handshake is done on our side: nothing more to say.
@@ -650,9 +811,10 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    fn new(socket: WebSocketStream<TokioIo<Upgraded>>) -> Channel {
+    fn new(socket: WebSocketStream<ChannelIo>, debt: Arc<Debt>) -> Channel {
         Channel {
             socket,
+            debt,
             peer_closed: false,
             done: false,
         }
@@ -664,7 +826,13 @@ impl Channel {
             return ChannelEvent::Closed(Some(close_code::GOING_AWAY));
         }
         loop {
-            match self.socket.next().await {
+            let next = self.socket.next().await;
+            let control = match &next {
+                Some(Ok(Message::Ping(payload) | Message::Pong(payload))) => Some(payload.len()),
+                _ => None,
+            };
+            self.socket.get_mut().message_done(control);
+            match next {
                 Some(Ok(Message::Text(text))) => {
                     return ChannelEvent::Frame(Frame::Text(text.as_str().to_owned()));
                 }
@@ -675,6 +843,13 @@ impl Channel {
                     return ChannelEvent::Closed(frame.map(|f| u16::from(f.code)));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                // No room for the message the host is sending: as v1 does, the client is
+                // told to try again later, and dropping the channel resets the stream.
+                Some(Err(_)) if self.socket.get_ref().refused => {
+                    self.peer_closed = true;
+                    self.done = true;
+                    return ChannelEvent::Closed(Some(close_code::TRY_AGAIN_LATER));
+                }
                 // The stream was reset or the tunnel went.
                 Some(Err(_)) | None => {
                     self.peer_closed = true;
@@ -687,6 +862,9 @@ impl Channel {
 
     /// See [`super::Channel::send`].
     pub(crate) async fn send(&mut self, frame: Frame) -> Result<(), ExchangeError> {
+        // Charged until the tunnel's socket takes it: a client writing faster than the
+        // host reads waits here (its socket is not read meanwhile).
+        self.debt.incur(frame.len()).await;
         let message = match frame {
             Frame::Text(text) => Message::Text(text.into()),
             Frame::Binary(data) => Message::Binary(data),

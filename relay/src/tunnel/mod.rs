@@ -302,8 +302,8 @@ impl TunnelHandle {
     }
 
     /// A new tunnel for `host` over `socket` speaking `protocol`: the handle, and the
-    /// session that must be run. `memory` is the process's byte budget (v1 tunnels
-    /// charge their buffers to it). `cancel` is the parent token (the relay's shutdown);
+    /// session that must be run. `memory` is the process's byte budget (every tunnel
+    /// charges its buffers to it). `cancel` is the parent token (the relay's shutdown);
     /// tasks the tunnel spawns (`h2` connections and streams) are tracked by `tracker`.
     /// An `h2` tunnel starts its HTTP/2 connection on its first stream.
     pub fn open(
@@ -321,7 +321,7 @@ impl TunnelHandle {
                 (handle, Session::V1(session, socket))
             }
             Protocol::H2 => {
-                let (link, parts) = h2::new(socket, limits, tracker);
+                let (link, parts) = h2::new(socket, limits, memory, tracker);
                 let handle =
                     TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
                 let session = h2::Session::new(handle.clone(), parts, limits.clone());
