@@ -119,12 +119,14 @@ async fn stalled_download(
 }
 
 #[tokio::test]
-async fn past_the_process_budget_answers_get_503_and_the_room_comes_back_when_their_clients_go() {
+async fn past_the_process_budget_an_answer_waits_unread_in_its_tunnel_until_room_comes_back_and_arrives_whole()
+ {
     // Each answer is larger than the socket buffers can take off the relay's hands, so
     // it stays charged while its client reads nothing.
     const ANSWER: usize = 8 * MIB;
+    const BUDGET: usize = 20 * MIB;
     let relay = TestRelay::builder()
-        .env("RELAY_MEMORY_BUDGET", &(20 * MIB).to_string())
+        .env("RELAY_MEMORY_BUDGET", &BUDGET.to_string())
         .spawn()
         .await;
     let mut first = RawHost::connect(&relay, "first-1").await;
@@ -139,27 +141,127 @@ async fn past_the_process_budget_answers_get_503_and_the_room_comes_back_when_th
     })
     .await;
 
-    // A third answer of that size, from either host, does not fit: the relay is full.
-    let refused = served(&relay, &mut second, "second-1", &"x".repeat(ANSWER)).await;
-    refused.assert_status(503);
-    assert!(
-        relay
-            .counter("relay_budget_refusals_total", &[("scope", "process")])
-            .await
-            >= 1.0
-    );
-
-    // The stalled clients go: their answers are dropped and the room comes back.
-    drop((stalled_first, stalled_second));
+    // A third answer of that size does not fit. The relay reads its message as far as
+    // there is room, charged (the codec holds a message whole before the relay sees
+    // it), then reads that tunnel no further: nothing past the budget, nothing lost.
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let third = async {
+        let response = served(&relay, &mut second, "second-1", &"x".repeat(ANSWER)).await;
+        answered.store(true, std::sync::atomic::Ordering::SeqCst);
+        response
+    };
+    let room_comes_back = async {
+        within("the third answer fills the budget", DEADLINE, async {
+            while relay.counter("relay_budget_bytes_in_use", &[]).await
+                < (BUDGET - 64 * 1024) as f64
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            relay
+                .counter("relay_budget_refusals_total", &[("scope", "process")])
+                .await
+                >= 1.0
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(relay.counter("relay_budget_bytes_in_use", &[]).await <= BUDGET as f64);
+        assert!(
+            !answered.load(std::sync::atomic::Ordering::SeqCst),
+            "the answer waits for room"
+        );
+        // The stalled clients go: their answers are dropped and the room comes back.
+        drop((stalled_first, stalled_second));
+    };
+    let (response, ()) = tokio::join!(third, room_comes_back);
+    response.assert_status(200);
+    assert_eq!(response.text().len(), ANSWER);
     within("the budget is given back", DEADLINE, async {
         while relay.counter("relay_budget_bytes_in_use", &[]).await > 0.0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    let response = served(&relay, &mut first, "first-1", &"y".repeat(ANSWER)).await;
+    let response = served(&relay, &mut first, "first-1", "after").await;
     response.assert_status(200);
-    assert_eq!(response.text().len(), ANSWER);
+}
+
+#[tokio::test]
+async fn a_tenant_whose_hosts_start_large_messages_and_never_end_them_holds_its_share_and_others_are_served()
+ {
+    // Memory this may cost the relay: the tenant's share here (4 MiB), plus 64 KiB per
+    // tunnel read for free, plus socket buffers. Before messages in progress were
+    // charged, each of these hosts held its whole 12 MiB in the relay, and before
+    // tenants had shares, charging them would have filled the relay for everyone.
+    const HOSTS: usize = 4;
+    const MESSAGE: usize = 12 * MIB;
+    const SHARE: usize = 4 * MIB;
+    let relay = TestRelay::builder()
+        .env("RELAY_MEMORY_BUDGET", &(8 * MIB).to_string())
+        .env("RELAY_TENANT_BUDGET", &SHARE.to_string())
+        .spawn()
+        .await;
+    let rss_before = relay_tests::rss_kib(relay.pid()).unwrap();
+    let mut writers = Vec::new();
+    for n in 0..HOSTS {
+        // Every host token of the test relay has the same subject: one tenant.
+        let host_id = format!("hoarder-{n}");
+        let mut host = RawHost::connect(&relay, &host_id).await;
+        writers.push(tokio::spawn(async move {
+            // A text message announced at 12 MiB, masked (with a zero key) as a host's
+            // frames must be; all of it but the last byte is sent, the rest never.
+            let tokio_tungstenite::MaybeTlsStream::Plain(tcp) =
+                host.ws_mut().stream_mut().get_mut()
+            else {
+                panic!("the test socket is plain TCP");
+            };
+            let mut head = vec![0x81, 0x80 | 127];
+            head.extend_from_slice(&(MESSAGE as u64).to_be_bytes());
+            head.extend_from_slice(&[0, 0, 0, 0]);
+            tcp.write_all(&head).await.unwrap();
+            let _ = tcp.write_all(&vec![b' '; MESSAGE - 1]).await;
+            std::future::pending::<()>().await;
+        }));
+    }
+    relay_tests::wait_until_async(
+        "the messages in progress fill the tenant's share",
+        DEADLINE,
+        || async {
+            relay.counter("relay_budget_bytes_in_use", &[]).await >= (SHARE - 64 * 1024) as f64
+        },
+    )
+    .await;
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "tenant")])
+            .await
+            >= 1.0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.counter("relay_budget_bytes_in_use", &[]).await <= SHARE as f64);
+    let grown = relay_tests::rss_kib(relay.pid())
+        .unwrap()
+        .saturating_sub(rss_before);
+    assert!(
+        grown < 24 * 1024,
+        "{HOSTS} hosts each holding most of a {MESSAGE}-byte message grew the relay {grown} KiB"
+    );
+
+    // Another tenant's host is served, large answers included (charged, within the
+    // rest of the process's budget).
+    let token = relay_tests::Claims::host("other-1")
+        .with_sub("another-tenant")
+        .sign(relay.secret());
+    let mut other = RawHost::connect_url(&relay.tunnel_url("other-1", &token), None).await;
+    relay.wait_host_connected("other-1").await;
+    let answer = "o".repeat(2 * MIB);
+    let response = served(&relay, &mut other, "other-1", &answer).await;
+    response.assert_status(200);
+    assert_eq!(response.text().len(), answer.len());
+    for writer in writers {
+        writer.abort();
+    }
 }
 
 #[tokio::test]

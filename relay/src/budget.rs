@@ -1,11 +1,14 @@
-//! Byte budgets: how much memory the relay may hold for its peers, per tunnel and for the
-//! whole process.
+//! Byte budgets: how much memory the relay may hold for its peers, per tunnel, per tenant
+//! and for the whole process.
 //!
 //! v1 buffers every body whole and has no flow control, so what the relay holds is
 //! decided by its peers: a client uploading, a host answering, a host flooding a channel.
-//! Every such buffer is charged, while it is held, against two budgets at once:
+//! Every such buffer is charged, while it is held, against three budgets at once:
 //! - the tunnel's ([`crate::limits::TUNNEL_BUDGET`]): one host and its clients cannot
 //!   take more than their share, whatever they do;
+//! - its tenant's ([`Tenant`]: every tunnel registered with tokens of one subject,
+//!   [`crate::limits::tenant_budget`]): one tenant cannot take the relay's memory from
+//!   the others by opening many tunnels;
 //! - the process's ([`crate::limits::memory_budget`]): the relay as a whole stays within
 //!   its machine's memory, however many tunnels there are.
 //!
@@ -38,15 +41,19 @@ pub struct Budget {
 pub enum Scope {
     /// The tunnel's own budget: this host and its clients hold their share already.
     Tunnel,
+    /// The tenant's share: the hosts of this tenant (the subject of their token) and
+    /// their clients hold it all already.
+    Tenant,
     /// The whole process's budget: the relay is short of memory.
     Process,
 }
 
 impl Scope {
-    /// `"tunnel"` or `"process"`.
+    /// `"tunnel"`, `"tenant"` or `"process"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Tunnel => "tunnel",
+            Scope::Tenant => "tenant",
             Scope::Process => "process",
         }
     }
@@ -99,35 +106,19 @@ impl Budget {
     }
 }
 
-impl Budget {
-    /// The most of `most` bytes this pool has room for now, halving from `most` down to
-    /// `least`: a reservation that can make do with less (an HTTP/2 receive window).
-    /// `None` (a refusal, counted) when not even `least` fits.
-    pub fn try_reserve_up_to(&self, most: usize, least: usize) -> Option<Reserved> {
-        let mut bytes = most.max(least);
-        loop {
-            if let Some(permit) = self.try_take(bytes) {
-                telemetry::budget_in_use(bytes as f64);
-                return Some(Reserved(Held(Some(permit))));
-            }
-            if bytes <= least {
-                telemetry::budget_refused(Scope::Process);
-                return None;
-            }
-            bytes = (bytes / 2).max(least);
-        }
-    }
-}
-
-/// Bytes reserved from the process's [`Budget`] (counted with the charges in
+/// Bytes reserved from a tenant's and the process's budgets (counted with the charges in
 /// `relay_budget_bytes_in_use`), given back on drop.
 #[derive(Debug, Default)]
-pub struct Reserved(Held);
+pub struct Reserved {
+    /// Held for its drop: the tenant's bytes come back with the process's.
+    _tenant: Held,
+    process: Held,
+}
 
 impl Reserved {
     /// Bytes reserved.
     pub fn bytes(&self) -> usize {
-        self.0.bytes()
+        self.process.bytes()
     }
 }
 
@@ -172,20 +163,133 @@ impl Held {
     }
 }
 
-/// The budgets one tunnel's buffers are charged against: its own and the process's.
+/// One tenant's share of the process's budget, shared by all its tunnels: what the
+/// buffers of every host it runs may hold together, so that one tenant (an agent and its
+/// clients, however many tunnels it opens) cannot fill the relay for everyone.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    share: Arc<Share>,
+}
+
+#[derive(Debug)]
+struct Share {
+    budget: Budget,
+    key: Arc<str>,
+    /// Where the share is listed, to unlist it when its last tunnel goes.
+    registry: std::sync::Weak<Registry>,
+}
+
+type Registry = std::sync::Mutex<std::collections::HashMap<Arc<str>, std::sync::Weak<Share>>>;
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut shares = registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only if the entry is this dead share, not a newer one for the same tenant.
+        if shares
+            .get(&self.key)
+            .is_some_and(|share| share.strong_count() == 0)
+        {
+            shares.remove(&self.key);
+        }
+    }
+}
+
+impl Tenant {
+    /// A tenant of `size` bytes listed nowhere (one-off tunnels, tests).
+    pub fn alone(size: usize) -> Tenant {
+        Tenant {
+            share: Arc::new(Share {
+                budget: Budget::new(size),
+                key: Arc::from(""),
+                registry: std::sync::Weak::new(),
+            }),
+        }
+    }
+
+    /// Bytes this tenant's tunnels hold now.
+    pub fn in_use(&self) -> usize {
+        self.share.budget.in_use()
+    }
+}
+
+/// Every tenant with a tunnel here, by the subject of its host token: each gets a share
+/// of `size` bytes, listed while one of its tunnels holds it.
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    size: usize,
+    shares: Arc<Registry>,
+}
+
+impl Tenants {
+    /// Shares of `size` bytes each.
+    pub fn new(size: usize) -> Tenants {
+        Tenants {
+            size,
+            shares: Arc::default(),
+        }
+    }
+
+    /// The share of the tenant named `subject`: the one its other tunnels hold, or a new
+    /// one.
+    pub fn of(&self, subject: &str) -> Tenant {
+        let mut shares = self
+            .shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(share) = shares.get(subject).and_then(std::sync::Weak::upgrade) {
+            return Tenant { share };
+        }
+        let key: Arc<str> = Arc::from(subject);
+        let share = Arc::new(Share {
+            budget: Budget::new(self.size),
+            key: key.clone(),
+            registry: Arc::downgrade(&self.shares),
+        });
+        shares.insert(key, Arc::downgrade(&share));
+        Tenant { share }
+    }
+
+    /// Tenants listed now.
+    pub fn len(&self) -> usize {
+        self.shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no tenant is listed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The budgets one tunnel's buffers are charged against: its own, its tenant's and the
+/// process's.
 #[derive(Debug, Clone)]
 pub struct TunnelBudget {
     tunnel: Budget,
+    tenant: Tenant,
     process: Budget,
 }
 
 impl TunnelBudget {
-    /// A tunnel's own budget of `size` bytes, inside `process`.
-    pub fn new(size: usize, process: &Budget) -> TunnelBudget {
+    /// A tunnel's own budget of `size` bytes, inside `tenant`'s share and `process`.
+    pub fn new(size: usize, tenant: &Tenant, process: &Budget) -> TunnelBudget {
         TunnelBudget {
             tunnel: Budget::new(size),
+            tenant: tenant.clone(),
             process: process.clone(),
         }
+    }
+
+    /// A tunnel whose tenant is itself (tests, one-off tunnels).
+    pub fn alone(size: usize, process: &Budget) -> TunnelBudget {
+        TunnelBudget::new(size, &Tenant::alone(size), process)
     }
 
     /// Bytes this tunnel holds now.
@@ -193,12 +297,19 @@ impl TunnelBudget {
         self.tunnel.in_use()
     }
 
-    /// The process's budget this tunnel's is inside.
-    pub fn process(&self) -> &Budget {
-        &self.process
+    fn tenant(&self) -> &Budget {
+        &self.tenant.share.budget
     }
 
-    /// Charges `bytes` against both budgets, or neither: `Err` names the one that is
+    /// The most one charge can ever hold: the smallest of the three budgets.
+    pub fn most(&self) -> usize {
+        self.tunnel
+            .size
+            .min(self.tenant().size)
+            .min(self.process.size)
+    }
+
+    /// Charges `bytes` against all three budgets, or none: `Err` names the one that is
     /// full (and the refusal is counted).
     pub fn try_charge(&self, bytes: usize) -> Result<Charge, Scope> {
         if bytes == 0 {
@@ -208,34 +319,70 @@ impl TunnelBudget {
             telemetry::budget_refused(Scope::Tunnel);
             return Err(Scope::Tunnel);
         };
+        let Some(tenant) = self.tenant().try_take(bytes) else {
+            telemetry::budget_refused(Scope::Tenant);
+            return Err(Scope::Tenant);
+        };
         let Some(process) = self.process.try_take(bytes) else {
             telemetry::budget_refused(Scope::Process);
             return Err(Scope::Process);
         };
         telemetry::budget_in_use(bytes as f64);
         Ok(Charge {
-            held: Some((tunnel, process)),
+            held: Some(Permits {
+                tunnel,
+                tenant,
+                process,
+            }),
         })
     }
-}
 
-impl TunnelBudget {
-    /// Charges `bytes` against both budgets, waiting until both have room: the
+    /// As much of `most` bytes as the tenant's and the process's budgets have room for
+    /// now, halving from `most` down to `least`: a reservation that can make do with less
+    /// (an HTTP/2 receive window; not against the tunnel's own budget, which one window
+    /// fits in many times over). `None` (a refusal, counted) when not even `least` fits.
+    pub fn try_reserve_up_to(&self, most: usize, least: usize) -> Option<Reserved> {
+        let mut bytes = most.max(least);
+        loop {
+            if let (Some(tenant), Some(process)) =
+                (self.tenant().try_take(bytes), self.process.try_take(bytes))
+            {
+                telemetry::budget_in_use(bytes as f64);
+                return Some(Reserved {
+                    _tenant: Held(Some(tenant)),
+                    process: Held(Some(process)),
+                });
+            }
+            if bytes <= least {
+                telemetry::budget_refused(Scope::Process);
+                return None;
+            }
+            bytes = (bytes / 2).max(least);
+        }
+    }
+
+    /// Charges `bytes` against all three budgets, waiting until they have room: the
     /// backpressure of a client writing faster than its host reads. A charge larger than
     /// a budget takes the whole budget (it could never fit otherwise).
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is charged until it returns.
     pub async fn charge(&self, bytes: usize) -> Charge {
-        let bytes = bytes.min(self.tunnel.size).min(self.process.size);
-        let Ok(bytes) = u32::try_from(bytes) else {
+        let Ok(bytes) = u32::try_from(bytes.min(self.most())) else {
             return Charge::default();
         };
         if bytes == 0 {
             return Charge::default();
         }
-        // Never closed, so acquiring cannot fail.
+        // Always in this order (tunnel, tenant, process), so that no two waiting charges
+        // can each hold what the other waits for. Never closed: acquiring cannot fail.
         let Ok(tunnel) = Arc::clone(&self.tunnel.bytes)
+            .acquire_many_owned(bytes)
+            .await
+        else {
+            return Charge::default();
+        };
+        let Ok(tenant) = Arc::clone(&self.tenant().bytes)
             .acquire_many_owned(bytes)
             .await
         else {
@@ -249,7 +396,11 @@ impl TunnelBudget {
         };
         telemetry::budget_in_use(f64::from(bytes));
         Charge {
-            held: Some((tunnel, process)),
+            held: Some(Permits {
+                tunnel,
+                tenant,
+                process,
+            }),
         }
     }
 }
@@ -257,7 +408,15 @@ impl TunnelBudget {
 /// Bytes held against a [`TunnelBudget`], given back on drop.
 #[derive(Debug, Default)]
 pub struct Charge {
-    held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    held: Option<Permits>,
+}
+
+/// The same bytes from each of a tunnel's three budgets.
+#[derive(Debug)]
+struct Permits {
+    tunnel: OwnedSemaphorePermit,
+    tenant: OwnedSemaphorePermit,
+    process: OwnedSemaphorePermit,
 }
 
 impl Charge {
@@ -265,22 +424,23 @@ impl Charge {
     pub fn bytes(&self) -> usize {
         self.held
             .as_ref()
-            .map_or(0, |(tunnel, _)| tunnel.num_permits())
+            .map_or(0, |held| held.tunnel.num_permits())
     }
 
     /// Gives back `bytes` of this charge (all of it, if it holds less).
     pub fn release(&mut self, bytes: usize) {
-        let Some((tunnel, process)) = &mut self.held else {
+        let Some(held) = &mut self.held else {
             return;
         };
-        let held = tunnel.num_permits();
-        if bytes >= held {
+        let holding = held.tunnel.num_permits();
+        if bytes >= holding {
             drop(self.held.take());
-            telemetry::budget_in_use(-(held as f64));
+            telemetry::budget_in_use(-(holding as f64));
             return;
         }
-        drop(tunnel.split(bytes));
-        drop(process.split(bytes));
+        drop(held.tunnel.split(bytes));
+        drop(held.tenant.split(bytes));
+        drop(held.process.split(bytes));
         telemetry::budget_in_use(-(bytes as f64));
     }
 
@@ -291,9 +451,10 @@ impl Charge {
         match (&mut self.held, more) {
             (_, None) => {}
             (None, Some(held)) => self.held = Some(held),
-            (Some((tunnel, process)), Some((more_tunnel, more_process))) => {
-                tunnel.merge(more_tunnel);
-                process.merge(more_process);
+            (Some(held), Some(more)) => {
+                held.tunnel.merge(more.tunnel);
+                held.tenant.merge(more.tenant);
+                held.process.merge(more.process);
             }
         }
     }
@@ -384,7 +545,7 @@ mod tests {
     #[test]
     fn a_charge_takes_from_both_budgets_and_gives_back_on_drop() {
         let process = Budget::new(100);
-        let tunnel = TunnelBudget::new(60, &process);
+        let tunnel = TunnelBudget::alone(60, &process);
         let charge = tunnel.try_charge(40).unwrap();
         assert_eq!((tunnel.in_use(), process.in_use()), (40, 40));
         drop(charge);
@@ -394,8 +555,8 @@ mod tests {
     #[test]
     fn the_tunnel_budget_caps_one_tunnel_and_the_process_budget_all_of_them() {
         let process = Budget::new(100);
-        let first = TunnelBudget::new(60, &process);
-        let second = TunnelBudget::new(60, &process);
+        let first = TunnelBudget::alone(60, &process);
+        let second = TunnelBudget::alone(60, &process);
         let _a = first.try_charge(50).unwrap();
         assert_eq!(first.try_charge(20).unwrap_err(), Scope::Tunnel);
         let _b = second.try_charge(40).unwrap();
@@ -408,7 +569,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_charge_goes_through_once_room_is_given_back() {
         let process = Budget::new(100);
-        let tunnel = TunnelBudget::new(50, &process);
+        let tunnel = TunnelBudget::alone(50, &process);
         let held = tunnel.try_charge(40).unwrap();
         let waiting = tokio::spawn({
             let tunnel = tunnel.clone();
@@ -425,23 +586,63 @@ mod tests {
     #[test]
     fn a_reservation_that_can_make_do_with_less_takes_what_there_is_room_for() {
         let process = Budget::new(100);
-        let first = process.try_reserve_up_to(64, 8).unwrap();
+        let tunnel = TunnelBudget::new(10, &Tenant::alone(1_000), &process);
+        // Not against the tunnel's own 10: a window is a share of the tenant's and the
+        // process's budgets.
+        let first = tunnel.try_reserve_up_to(64, 8).unwrap();
         assert_eq!(first.bytes(), 64);
+        drop(first);
+        let _others = process.try_take_now(64).unwrap();
         // 36 left: 64 does not fit, 32 does (and is given back at once here).
-        assert_eq!(process.try_reserve_up_to(64, 8).unwrap().bytes(), 32);
-        let _rest = process.try_take_now(30).unwrap();
+        assert_eq!(tunnel.try_reserve_up_to(64, 8).unwrap().bytes(), 32);
+        let _more = process.try_take_now(30).unwrap();
         assert!(
-            process.try_reserve_up_to(64, 8).is_none(),
+            tunnel.try_reserve_up_to(64, 8).is_none(),
             "6 left, less than the least"
         );
+        assert_eq!(process.in_use(), 94);
+    }
+
+    #[test]
+    fn one_tenant_holds_no_more_than_its_share_however_many_tunnels_it_opens() {
+        let process = Budget::new(1_000);
+        let tenants = Tenants::new(100);
+        let hoarder = tenants.of("hoarder");
+        let tunnels: Vec<_> = (0..5)
+            .map(|_| TunnelBudget::new(60, &tenants.of("hoarder"), &process))
+            .collect();
+        let _held: Vec<_> = tunnels[..2]
+            .iter()
+            .map(|tunnel| tunnel.try_charge(50).unwrap())
+            .collect();
+        assert_eq!(hoarder.in_use(), 100);
+        assert_eq!(tunnels[2].try_charge(1).unwrap_err(), Scope::Tenant);
+        // Another tenant is served from the rest of the process's budget.
+        let other = TunnelBudget::new(60, &tenants.of("other"), &process);
+        assert_eq!(other.try_charge(60).unwrap().bytes(), 60);
+        assert_eq!(tenants.len(), 2);
+    }
+
+    #[test]
+    fn a_tenant_is_unlisted_when_its_last_tunnel_goes() {
+        let process = Budget::new(1_000);
+        let tenants = Tenants::new(100);
+        let first = TunnelBudget::new(60, &tenants.of("a"), &process);
+        let second = TunnelBudget::new(60, &tenants.of("a"), &process);
+        assert_eq!(tenants.len(), 1);
         drop(first);
-        assert_eq!(process.in_use(), 30);
+        assert_eq!(tenants.len(), 1, "its other tunnel still holds the share");
+        drop(second);
+        assert!(tenants.is_empty());
+        // A tenant that comes back gets a share again.
+        let _again = tenants.of("a");
+        assert_eq!(tenants.len(), 1);
     }
 
     #[test]
     fn part_of_a_charge_is_given_back_to_both_budgets() {
         let process = Budget::new(100);
-        let tunnel = TunnelBudget::new(100, &process);
+        let tunnel = TunnelBudget::alone(100, &process);
         let mut charge = tunnel.try_charge(40).unwrap();
         charge.release(15);
         assert_eq!(
@@ -458,7 +659,7 @@ mod tests {
     #[tokio::test]
     async fn a_debt_is_charged_as_bytes_are_handed_over_and_given_back_as_they_are_written() {
         let process = Budget::new(100);
-        let tunnel = TunnelBudget::new(60, &process);
+        let tunnel = TunnelBudget::alone(60, &process);
         let debt = Debt::new(&tunnel);
         debt.incur(30).await;
         debt.incur(20).await;
@@ -491,7 +692,7 @@ mod tests {
     #[test]
     fn merged_charges_are_given_back_together() {
         let process = Budget::new(100);
-        let tunnel = TunnelBudget::new(100, &process);
+        let tunnel = TunnelBudget::alone(100, &process);
         let mut charge = Charge::default();
         charge.merge(tunnel.try_charge(10).unwrap());
         charge.merge(tunnel.try_charge(15).unwrap());

@@ -248,6 +248,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value_t = 0)]
     pub memory_budget: usize,
 
+    /// Bytes the tunnels of one tenant (one token subject) may hold together. 0: half
+    /// the memory budget, and at least the tunnel budget.
+    #[arg(long, env = "RELAY_TENANT_BUDGET", default_value_t = 0)]
+    pub tenant_budget: usize,
+
     /// How long a write to a peer (client, channel, tunnel) may make no progress before
     /// the connection is dropped.
     #[arg(long, env = "RELAY_WRITE_TIMEOUT", value_parser = humantime::parse_duration,
@@ -492,6 +497,7 @@ impl ServeArgs {
             write_timeout: positive("RELAY_WRITE_TIMEOUT", self.write_timeout)?,
             tunnel_budget: at_least("RELAY_TUNNEL_BUDGET", self.tunnel_budget, 64 * 1024)?,
             memory_budget: self.memory_budget,
+            tenant_budget: self.tenant_budget,
             max_connections_per_ip: if client_ip_header.is_some() {
                 0
             } else {

@@ -17,11 +17,12 @@
 //! - **At most [`Limits::max_connections_per_ip`] of them from one client address**
 //!   (when the relay sees clients' own addresses, see [`crate::clients`]); over it a new
 //!   connection from that address is closed at once, and the others are served.
-//! - **What a client WebSocket (an upgraded HTTP/1.1 connection) has read towards a
-//!   message not yet whole is charged against the process's byte budget**
+//! - **What a client WebSocket (an upgraded HTTP/1.1 connection) or a v1 tunnel has read
+//!   towards a message not yet whole is charged against the byte budgets**
 //!   ([`ReadCharge`]): a message may be 16 MiB, and tungstenite holds it all before the
 //!   relay sees any of it, so sockets each holding part of a large message are counted
-//!   with every other buffer, and one that would pass the budget is dropped.
+//!   with every other buffer. A client's that would pass the budget is dropped; a
+//!   tunnel's waits for room.
 //! - Accept errors (out of descriptors) back off briefly and are logged at most once per
 //!   [`crate::limits::ERROR_LOG_INTERVAL`], with how many there were.
 //!
@@ -50,9 +51,9 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
-use crate::budget::{Budget, Held};
+use crate::budget::{Budget, Charge, Held, TunnelBudget};
 use crate::clients::{ConnectionPlace, PerIp};
-use crate::limits::Limits;
+use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::telemetry;
 
@@ -123,6 +124,7 @@ pub async fn serve(
             let io = TokioIo::new(ReadCharged {
                 io: WriteTimeout::new(stream, write_timeout),
                 charge,
+                waiting: None,
                 _places: (open, place),
             });
             let conn = builder.serve_connection_with_upgrades(io, service);
@@ -204,12 +206,19 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// What one connection's socket has read towards a WebSocket message not yet whole,
-/// charged against the process's byte budget. Off until [`ReadCharge::start`] (at the
-/// upgrade of an HTTP/1.1 connection; plain HTTP is not charged: its bodies are, where
-/// they are kept); then every read is charged, and [`ReadCharge::message_done`] (called
-/// by the session for every message it receives) gives back all that was read until
-/// then. What is held is at most one message being assembled and one read's worth past
-/// it. A read that does not fit the budget fails the socket.
+/// charged against the byte budgets. Off until the connection is upgraded (plain HTTP is
+/// not charged: its bodies are, where they are kept); then [`ReadCharge::message_done`]
+/// (called by the session for every message it receives) gives back all that was read
+/// for the message. What is held is at most one message being assembled and one read's
+/// worth past it. Two ways, after who the peer is:
+/// - a client WebSocket ([`ReadCharge::start`]): every read is charged against the
+///   process's budget, and a read that does not fit fails the socket;
+/// - a v1 tunnel ([`ReadCharge::start_tunnel`]): the first
+///   [`crate::limits::TUNNEL_READ_ALLOWANCE`] of a message are free (most v1 messages are
+///   smaller: they flow as they always did), the rest is charged against the tunnel's
+///   budgets, and a read that does not fit is not lost but the next waits for room, so
+///   a tunnel is slowed down for want of memory and never ended by it. (An `h2` tunnel's
+///   messages are at most [`crate::limits::h2::MAX_TUNNEL_MESSAGE`]: not charged.)
 #[derive(Debug, Clone)]
 pub struct ReadCharge {
     inner: Arc<ReadChargeInner>,
@@ -217,31 +226,71 @@ pub struct ReadCharge {
 
 #[derive(Debug)]
 struct ReadChargeInner {
-    on: std::sync::atomic::AtomicBool,
-    /// Held only to merge or take, never across an await.
-    held: std::sync::Mutex<Held>,
+    /// Held only for a few field updates, never across an await.
+    state: std::sync::Mutex<ReadState>,
     budget: Budget,
+}
+
+#[derive(Debug, Default)]
+enum ReadState {
+    #[default]
+    Off,
+    Client(Held),
+    Tunnel(TunnelReads),
+}
+
+/// A v1 tunnel's reads towards the message it is assembling.
+#[derive(Debug)]
+struct TunnelReads {
+    budget: TunnelBudget,
+    /// Read since the last message ended.
+    read: usize,
+    /// Charged for them (what is past the allowance).
+    held: Charge,
+    /// Past the allowance, not yet charged: the next read waits for it.
+    owing: usize,
+    /// Messages received so far: what is owed for one that has ended is no longer due.
+    messages: u64,
+}
+
+/// What a read left to pay.
+enum Due {
+    Nothing,
+    /// Client: no room; the socket fails.
+    Refused,
+    /// Tunnel: no room for `bytes` of message `message` now; wait for it.
+    Owing {
+        budget: TunnelBudget,
+        bytes: usize,
+        message: u64,
+    },
 }
 
 impl ReadCharge {
     fn new(budget: &Budget) -> ReadCharge {
         ReadCharge {
             inner: Arc::new(ReadChargeInner {
-                on: std::sync::atomic::AtomicBool::new(false),
-                held: std::sync::Mutex::new(Held::default()),
+                state: std::sync::Mutex::new(ReadState::Off),
                 budget: budget.clone(),
             }),
         }
     }
 
-    /// Starts charging reads: the connection now carries one client WebSocket. (Not a
-    /// host's tunnel: a tunnel whose read failed for want of room would fail every
-    /// exchange on it, for other tenants' doing; a tunnel's messages are bounded by the
-    /// frame limit, and tunnels by their tokens and the connection limits.)
+    /// Starts charging reads: the connection now carries one client WebSocket.
     pub fn start(&self) {
-        self.inner
-            .on
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        *self.state() = ReadState::Client(Held::default());
+    }
+
+    /// Starts charging reads past the allowance against `budget`: the connection now
+    /// carries a v1 tunnel.
+    pub fn start_tunnel(&self, budget: &TunnelBudget) {
+        *self.state() = ReadState::Tunnel(TunnelReads {
+            budget: budget.clone(),
+            read: 0,
+            held: Charge::default(),
+            owing: 0,
+            messages: 0,
+        });
     }
 
     /// A message was received: what was read for it is given back. A ping or pong
@@ -249,48 +298,123 @@ impl ReadCharge {
     /// arrive between the fragments of a data message still being assembled; a data
     /// message or a close gives back all.
     pub fn message_done(&self, control: Option<usize>) {
-        match control {
-            // A client's control frame: 2 bytes of header, 4 of mask, the payload.
-            Some(payload) => self.held().release(payload + 6),
-            None => drop(std::mem::take(&mut *self.held())),
+        // A peer's control frame: 2 bytes of header, 4 of mask, the payload.
+        let frame = control.map(|payload| payload + 6);
+        match &mut *self.state() {
+            ReadState::Off => {}
+            ReadState::Client(held) => match frame {
+                Some(bytes) => held.release(bytes),
+                None => *held = Held::default(),
+            },
+            ReadState::Tunnel(reads) => match frame {
+                Some(bytes) => {
+                    reads.read = reads.read.saturating_sub(bytes);
+                    let due = reads
+                        .read
+                        .saturating_sub(limits::TUNNEL_READ_ALLOWANCE)
+                        .min(reads.budget.most());
+                    let over = reads.held.bytes().saturating_sub(due);
+                    reads.held.release(over);
+                    reads.owing = reads.owing.min(due.saturating_sub(reads.held.bytes()));
+                }
+                None => {
+                    reads.read = 0;
+                    reads.held = Charge::default();
+                    reads.owing = 0;
+                    reads.messages += 1;
+                }
+            },
         }
     }
 
     /// Bytes held now.
     pub fn held_bytes(&self) -> usize {
-        self.held().bytes()
+        match &*self.state() {
+            ReadState::Off => 0,
+            ReadState::Client(held) => held.bytes(),
+            ReadState::Tunnel(reads) => reads.held.bytes(),
+        }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+    fn state(&self) -> std::sync::MutexGuard<'_, ReadState> {
         self.inner
-            .held
+            .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Charges `bytes` just read; false when the budget has no room.
-    fn charge(&self, bytes: usize) -> bool {
-        if bytes == 0 || !self.inner.on.load(std::sync::atomic::Ordering::Relaxed) {
-            return true;
+    /// Charges `bytes` just read.
+    fn charge(&self, bytes: usize) -> Due {
+        if bytes == 0 {
+            return Due::Nothing;
         }
-        match self.inner.budget.try_take_now(bytes) {
-            Some(more) => {
-                self.held().merge(more);
-                true
-            }
-            None => {
-                telemetry::budget_refused(crate::budget::Scope::Process);
-                false
+        match &mut *self.state() {
+            ReadState::Off => Due::Nothing,
+            ReadState::Client(held) => match self.inner.budget.try_take_now(bytes) {
+                Some(more) => {
+                    held.merge(more);
+                    Due::Nothing
+                }
+                None => {
+                    telemetry::budget_refused(crate::budget::Scope::Process);
+                    Due::Refused
+                }
+            },
+            ReadState::Tunnel(reads) => {
+                reads.read += bytes;
+                // A message larger than a whole budget is charged the whole budget, no
+                // more: it could never fit otherwise (and the tunnel would wait for ever).
+                let due = reads
+                    .read
+                    .saturating_sub(limits::TUNNEL_READ_ALLOWANCE)
+                    .min(reads.budget.most());
+                let more = due.saturating_sub(reads.held.bytes() + reads.owing);
+                if more == 0 {
+                    return Due::Nothing;
+                }
+                match reads.budget.try_charge(more) {
+                    Ok(charge) => {
+                        reads.held.merge(charge);
+                        Due::Nothing
+                    }
+                    Err(_) => {
+                        reads.owing += more;
+                        Due::Owing {
+                            budget: reads.budget.clone(),
+                            bytes: more,
+                            message: reads.messages,
+                        }
+                    }
+                }
             }
         }
     }
+
+    /// Whether the socket still owes for message `message` (it has not ended).
+    fn still_owes(&self, message: u64) -> bool {
+        matches!(&*self.state(), ReadState::Tunnel(reads) if reads.messages == message && reads.owing > 0)
+    }
+
+    /// A charge waited for came through.
+    fn settle(&self, charge: Charge, bytes: usize, message: u64) {
+        if let ReadState::Tunnel(reads) = &mut *self.state()
+            && reads.messages == message
+        {
+            reads.owing = reads.owing.saturating_sub(bytes);
+            reads.held.merge(charge);
+        }
+    }
 }
+
+/// A tunnel's read waiting for room in its budgets: message, bytes, and the charge.
+type Waiting = (u64, usize, Pin<Box<dyn Future<Output = Charge> + Send>>);
 
 /// A socket whose reads are charged by its [`ReadCharge`], holding the connection's
 /// places under the connection limits for as long as it lives.
 struct ReadCharged<T> {
     io: T,
     charge: ReadCharge,
+    waiting: Option<Waiting>,
     _places: (Open, ConnectionPlace),
 }
 
@@ -300,14 +424,34 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some((message, bytes, waiting)) = &mut this.waiting {
+            // What is owed for a message that has ended since is not waited for.
+            if this.charge.still_owes(*message) {
+                let charge = std::task::ready!(waiting.as_mut().poll(cx));
+                this.charge.settle(charge, *bytes, *message);
+            }
+            this.waiting = None;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && !self.charge.charge(buf.filled().len() - before)
-        {
-            return Poll::Ready(Err(io::Error::other(
-                "relay over its memory budget: a WebSocket message in progress was dropped",
-            )));
+        if let Poll::Ready(Ok(())) = polled {
+            match self.charge.charge(buf.filled().len() - before) {
+                Due::Nothing => {}
+                Due::Refused => {
+                    return Poll::Ready(Err(io::Error::other(
+                        "relay over its memory budget: a WebSocket message in progress was dropped",
+                    )));
+                }
+                Due::Owing {
+                    budget,
+                    bytes,
+                    message,
+                } => {
+                    let waiting = Box::pin(async move { budget.charge(bytes).await });
+                    self.waiting = Some((message, bytes, waiting));
+                }
+            }
         }
         polled
     }
@@ -482,20 +626,59 @@ mod tests {
     fn a_read_charge_holds_what_was_read_until_a_data_message_and_a_ping_gives_back_its_frame() {
         let budget = Budget::new(100);
         let charge = ReadCharge::new(&budget);
-        assert!(charge.charge(50));
+        assert!(matches!(charge.charge(50), Due::Nothing));
         assert_eq!(
             charge.held_bytes(),
             0,
             "nothing is charged before the upgrade"
         );
         charge.start();
-        assert!(charge.charge(60) && charge.charge(20));
+        assert!(matches!(charge.charge(60), Due::Nothing));
+        assert!(matches!(charge.charge(20), Due::Nothing));
         // A ping of 4 bytes between two fragments: its own 10 bytes come back.
         charge.message_done(Some(4));
         assert_eq!((charge.held_bytes(), budget.in_use()), (70, 70));
-        assert!(!charge.charge(40), "a read past the budget fails");
+        assert!(
+            matches!(charge.charge(40), Due::Refused),
+            "a client's read past the budget fails"
+        );
         charge.message_done(None);
         assert_eq!((charge.held_bytes(), budget.in_use()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_read_is_free_up_to_the_allowance_then_charged_and_past_the_budget_owed() {
+        const FREE: usize = limits::TUNNEL_READ_ALLOWANCE;
+        let process = Budget::new(2 * FREE);
+        let _others = process.try_take_now(FREE).unwrap();
+        let tunnel = TunnelBudget::alone(10 * FREE, &process);
+        let charge = ReadCharge::new(&process);
+        charge.start_tunnel(&tunnel);
+        assert!(matches!(charge.charge(FREE), Due::Nothing));
+        assert_eq!(charge.held_bytes(), 0, "within the allowance");
+        assert!(matches!(charge.charge(FREE / 2), Due::Nothing));
+        assert_eq!((charge.held_bytes(), tunnel.in_use()), (FREE / 2, FREE / 2));
+        // The process has FREE / 2 left: a read of FREE is owed, not refused.
+        let Due::Owing {
+            budget,
+            bytes,
+            message,
+        } = charge.charge(FREE)
+        else {
+            panic!("a tunnel's read past the budget is owed");
+        };
+        assert_eq!((bytes, message), (FREE, 0));
+        assert!(charge.still_owes(0));
+        let waiting = tokio::spawn(async move { budget.charge(bytes).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no room yet");
+        // The message ends (its bytes were all read): what it held comes back, and what
+        // it owed is no longer due.
+        charge.message_done(None);
+        assert!(!charge.still_owes(0));
+        let late = waiting.await.unwrap();
+        charge.settle(late, bytes, message);
+        assert_eq!((charge.held_bytes(), process.in_use()), (0, FREE));
     }
 
     #[tokio::test]

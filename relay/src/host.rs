@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{ConnectInfo, Extension, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use std::time::Duration;
@@ -20,7 +20,9 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span};
 
 use crate::auth::{AuthError, Role, bearer_token};
+use crate::budget::TunnelBudget;
 use crate::config::RoutingMode;
+use crate::connections::ReadCharge;
 use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::limits::{self, CLOSE_TIMEOUT};
@@ -49,6 +51,7 @@ pub(crate) async fn accept(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    reads: Option<Extension<ReadCharge>>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
         return ClientError::NotWebSocket.into_response();
@@ -84,7 +87,15 @@ pub(crate) async fn accept(
             } else {
                 Protocol::V1
             };
-            tracker.track_future(serve_tunnel(relay, socket, protocol, host, subject, peer))
+            let reads = reads.map(|Extension(reads)| reads);
+            let tunnel = Tunnel {
+                protocol,
+                host,
+                subject,
+                peer,
+                reads,
+            };
+            tracker.track_future(serve_tunnel(relay, socket, tunnel))
         }),
         Err(refusal) => {
             if let Refusal::Auth(err) = &refusal {
@@ -191,22 +202,37 @@ async fn refuse(mut socket: WebSocket, refusal: Refusal) {
     .await;
 }
 
-/// Runs one registered tunnel from registration to unregistration.
-async fn serve_tunnel(
-    relay: Relay,
-    socket: WebSocket,
+/// Who registered a tunnel, and how.
+struct Tunnel {
     protocol: Protocol,
     host: HostId,
     subject: String,
     peer: SocketAddr,
-) {
+    /// The connection's read charge (absent only for sockets not accepted by
+    /// [`crate::connections`], as in unit tests).
+    reads: Option<ReadCharge>,
+}
+
+/// Runs one registered tunnel from registration to unregistration.
+async fn serve_tunnel(relay: Relay, socket: WebSocket, tunnel: Tunnel) {
+    let Tunnel {
+        protocol,
+        host,
+        subject,
+        peer,
+        reads,
+    } = tunnel;
     let limits = &relay.config().limits;
     let (handle, session) = TunnelHandle::open(
         host.clone(),
         protocol,
         socket,
         limits,
-        relay.memory(),
+        TunnelBudget::new(
+            limits.tunnel_budget,
+            &relay.tenants().of(&subject),
+            relay.memory(),
+        ),
         relay.shutdown_token(),
         relay.tracker(),
     );
@@ -262,7 +288,18 @@ async fn serve_tunnel(
                 ownership::heartbeat(&relay, handle.host());
             }
         };
-        let end = session.run(on_pong).await;
+        // A v1 tunnel's messages may be 16 MiB, assembled unseen: past an allowance, what
+        // is read for one is charged against the tunnel's budgets until it is whole.
+        let reads = reads.filter(|_| protocol == Protocol::V1);
+        if let Some(reads) = &reads {
+            reads.start_tunnel(handle.budget());
+        }
+        let on_message = move |control| {
+            if let Some(reads) = &reads {
+                reads.message_done(control);
+            }
+        };
+        let end = session.run(on_pong, on_message).await;
         info!(reason = end.label(), detail = ?end, "tunnel closed");
         telemetry::tunnel_unregistered(protocol.as_str(), end.label());
 

@@ -77,6 +77,15 @@ pub const MIN_UPLOAD_RATE: u64 = 8 * 1024;
 /// waits. `--tunnel-budget`.
 pub const TUNNEL_BUDGET: usize = 64 * 1024 * 1024;
 
+/// What a v1 tunnel may have read towards a message not yet whole before the rest is
+/// charged against its byte budgets: 64 KiB. A v1 message carries a whole body (up to
+/// ~13.4 MiB once base64-encoded) and the WebSocket codec holds it all before the relay
+/// sees any of it, so a host that starts large messages and never ends them would hold
+/// that much per tunnel, uncounted. Most messages are far smaller and are never charged;
+/// past the allowance a read there is no room for makes the next wait (the tunnel slows
+/// down, nothing is lost). See [`crate::connections::ReadCharge`].
+pub const TUNNEL_READ_ALLOWANCE: usize = 64 * 1024;
+
 /// Share of the machine's memory the relay may hold in peers' buffers, when
 /// [`memory_budget`] derives it: a half, leaving the rest for the process itself (an
 /// idle tunnel's ~20 KiB, socket buffers, the allocator's slack).
@@ -92,6 +101,23 @@ pub fn memory_budget(configured: usize) -> usize {
     }
     let memory = machine_memory().unwrap_or(512 * 1024 * 1024);
     ((memory as f64) * MEMORY_SHARE) as usize
+}
+
+/// Share of [`memory_budget`] one tenant's tunnels may hold together, by default: a half.
+/// A tenant (the subject of the host tokens its agents register with) may open many
+/// tunnels, each within [`TUNNEL_BUDGET`]; together they could fill the relay for every
+/// other tenant. Half leaves the other half to the others whatever one tenant does,
+/// while a tenant with many busy hosts still has room for several tunnels' worth.
+pub const TENANT_SHARE: f64 = 0.5;
+
+/// Bytes the tunnels of one tenant may hold together: the configured value, or
+/// [`TENANT_SHARE`] of `memory_budget`, and never less than one tunnel's `tunnel_budget`
+/// (a tenant with one tunnel is limited by that alone). `--tenant-budget` (0: this).
+pub fn tenant_budget(configured: usize, memory_budget: usize, tunnel_budget: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    (((memory_budget as f64) * TENANT_SHARE) as usize).max(tunnel_budget)
 }
 
 /// The memory this process may use: its cgroup's limit (v2, then v1), or the machine's.
@@ -182,6 +208,8 @@ pub struct Limits {
     pub min_upload_rate: u64,
     /// See [`memory_budget`]; 0 derives it from the machine's memory.
     pub memory_budget: usize,
+    /// See [`tenant_budget`]; 0 derives it from the memory budget.
+    pub tenant_budget: usize,
 }
 
 impl Default for Limits {
@@ -208,6 +236,7 @@ impl Default for Limits {
             upload_grace: UPLOAD_GRACE,
             min_upload_rate: MIN_UPLOAD_RATE,
             memory_budget: 0,
+            tenant_budget: 0,
         }
     }
 }
@@ -292,10 +321,11 @@ pub mod h2 {
     /// short enough that a peer that reads nothing cannot hold the socket.
     pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-    /// Largest WebSocket message on an `h2` tunnel. Both sides send at most 64 KiB per
-    /// message ([`MAX_MESSAGE`]); 1 MiB leaves room for other agents'
-    /// batching while keeping a hostile peer far below the v1 frame limit.
-    pub const MAX_TUNNEL_MESSAGE: usize = 1024 * 1024;
+    /// Largest WebSocket message on an `h2` tunnel: 128 KiB. Both sides send at most
+    /// [`MAX_MESSAGE`] (64 KiB) per message; twice that leaves room, and it is all a
+    /// message being assembled can make the relay hold per tunnel, uncounted (the
+    /// WebSocket codec holds a message whole before HTTP/2 sees any of it).
+    pub const MAX_TUNNEL_MESSAGE: usize = 2 * MAX_MESSAGE;
 
     /// How long an HTTP/2 connection inside a tunnel may carry no stream before the
     /// relay ends it (the tunnel stays; see [`crate::protocol::h2`]): 15 s. An open

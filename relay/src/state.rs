@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::budget::Budget;
+use crate::budget::{Budget, Tenants};
 use crate::clients::{PerIp, Refusals};
 use crate::config::{Config, ConfigError, DirectoryConfig};
 use crate::directory::{Directory, Instrumented, MemoryDirectory, RedisDirectory};
@@ -55,6 +55,8 @@ struct Inner {
     unsynced: Notify,
     /// What all tunnels' buffers may hold together ([`crate::budget`]).
     memory: Budget,
+    /// What each tenant's tunnels may hold together, inside `memory`.
+    tenants: Tenants,
     /// Channels open per client IP ([`crate::clients`]).
     channels_per_client: Arc<PerIp>,
     /// Refused tunnel registrations per client IP.
@@ -101,6 +103,7 @@ impl Relay {
         config: Config,
         directory: Arc<dyn Directory>,
     ) -> Result<Relay, ConfigError> {
+        let memory = crate::limits::memory_budget(config.limits.memory_budget);
         Ok(Relay {
             inner: Arc::new(Inner {
                 verifier: config.verifier()?,
@@ -116,7 +119,12 @@ impl Relay {
                     Quota::per_second(config.admission_rate).allow_burst(config.admission_burst),
                 ),
                 unsynced: Notify::new(),
-                memory: Budget::new(crate::limits::memory_budget(config.limits.memory_budget)),
+                memory: Budget::new(memory),
+                tenants: Tenants::new(crate::limits::tenant_budget(
+                    config.limits.tenant_budget,
+                    memory,
+                    config.limits.tunnel_budget,
+                )),
                 channels_per_client: PerIp::new(config.limits.max_channels_per_client),
                 hop_key: tokio::sync::OnceCell::new(),
                 refusals: Refusals::new(
@@ -133,6 +141,11 @@ impl Relay {
     /// The process-wide byte budget every tunnel's buffers are charged against.
     pub fn memory(&self) -> &Budget {
         &self.inner.memory
+    }
+
+    /// Every tenant's share of [`Relay::memory`].
+    pub fn tenants(&self) -> &Tenants {
+        &self.inner.tenants
     }
 
     /// Channels open per client IP.

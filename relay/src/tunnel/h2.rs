@@ -47,7 +47,7 @@ use super::{
     SessionEnd, TunnelHandle,
 };
 use crate::body::{Guarded, Indebted, watch_end};
-use crate::budget::{Budget, Charge, Debt, Reserved, TunnelBudget};
+use crate::budget::{Charge, Debt, Reserved, TunnelBudget};
 use crate::headers;
 use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
 use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Executor, Idle, TunnelIo};
@@ -107,11 +107,11 @@ impl std::fmt::Debug for Parts {
 }
 
 /// An `h2` tunnel over `socket`, with no HTTP/2 connection yet (the first stream starts
-/// one). Its buffers are charged against `memory` (the process's budget) and its own.
+/// one). Its buffers are charged against `budget`.
 pub(crate) fn new(
     socket: WebSocket,
     limits: &Limits,
-    memory: &Budget,
+    budget: TunnelBudget,
     tracker: &TaskTracker,
 ) -> (Link, Parts) {
     let (shared, control, inbox) = TunnelIo::new(socket, || {
@@ -126,7 +126,7 @@ pub(crate) fn new(
         unanswered_pings: AtomicU32::new(0),
         drain_sent: AtomicBool::new(false),
         max_channel_message: limits.max_frame_bytes,
-        budget: TunnelBudget::new(limits.tunnel_budget, memory),
+        budget,
     };
     let parts = Parts {
         shared,
@@ -148,7 +148,6 @@ async fn start_connection(
     // Against the process's budget only: the window is a fixed share of one tunnel,
     // far inside the tunnel's own budget; what counts is how many tunnels hold one.
     let window = budget
-        .process()
         .try_reserve_up_to(
             limits::h2::CONNECTION_WINDOW as usize,
             limits::h2::MIN_CONNECTION_WINDOW as usize,
@@ -241,6 +240,10 @@ fn tunnel_uri(path_and_query: &str) -> Result<Uri, http::Error> {
 }
 
 impl Link {
+    pub(crate) fn budget(&self) -> &TunnelBudget {
+        &self.budget
+    }
+
     pub(crate) fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Relaxed) && self.control.ended().is_none()
     }

@@ -24,12 +24,13 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::ws::WebSocket;
+use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::budget::Budget;
+use crate::budget::TunnelBudget;
 use crate::host_id::HostId;
 use crate::limits::Limits;
 use crate::protocol::{Frame, close_code};
@@ -256,15 +257,28 @@ pub enum Session {
 impl Session {
     /// Runs the tunnel until the host goes, a ping times out, or a handle closes it; then
     /// fails what is in flight and closes the socket. `on_pong` is called for every pong
-    /// (directory heartbeat).
+    /// (directory heartbeat). `on_message` is told of every WebSocket message a v1
+    /// tunnel receives (with the payload length of a ping or pong), so that what was read
+    /// for it can be given back ([`crate::connections::ReadCharge::message_done`]).
     ///
     /// # Cancel safety
     /// Not cancel safe: close through the handle instead.
-    pub async fn run(self, on_pong: impl Fn() + Send) -> SessionEnd {
+    pub async fn run(
+        self,
+        on_pong: impl Fn() + Send,
+        on_message: impl Fn(Option<usize>) + Send,
+    ) -> SessionEnd {
         // Each protocol's future is boxed: a task's size is its largest future, and an
         // idle v1 tunnel must not pay for h2's (nor h2 for v1's).
         match self {
-            Session::V1(session, socket) => Box::pin(session.run(socket, on_pong)).await,
+            Session::V1(session, socket) => {
+                let socket = socket.inspect(move |message| {
+                    if let Ok(message) = message {
+                        on_message(crate::websocket::control_len(message));
+                    }
+                });
+                Box::pin(session.run(socket, on_pong)).await
+            }
             Session::H2(session) => Box::pin(session.run(on_pong)).await,
         }
     }
@@ -302,8 +316,8 @@ impl TunnelHandle {
     }
 
     /// A new tunnel for `host` over `socket` speaking `protocol`: the handle, and the
-    /// session that must be run. `memory` is the process's byte budget (every tunnel
-    /// charges its buffers to it). `cancel` is the parent token (the relay's shutdown);
+    /// session that must be run. Its buffers are charged against `budget` (its own, its
+    /// tenant's and the process's). `cancel` is the parent token (the relay's shutdown);
     /// tasks the tunnel spawns (`h2` connections and streams) are tracked by `tracker`.
     /// An `h2` tunnel starts its HTTP/2 connection on its first stream.
     pub fn open(
@@ -311,17 +325,17 @@ impl TunnelHandle {
         protocol: Protocol,
         socket: WebSocket,
         limits: &Limits,
-        memory: &Budget,
+        budget: TunnelBudget,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> (TunnelHandle, Session) {
         match protocol {
             Protocol::V1 => {
-                let (handle, session) = TunnelHandle::new_v1(host, limits, memory, cancel);
+                let (handle, session) = TunnelHandle::new_v1(host, limits, budget, cancel);
                 (handle, Session::V1(session, socket))
             }
             Protocol::H2 => {
-                let (link, parts) = h2::new(socket, limits, memory, tracker);
+                let (link, parts) = h2::new(socket, limits, budget, tracker);
                 let handle =
                     TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
                 let session = h2::Session::new(handle.clone(), parts, limits.clone());
@@ -331,14 +345,14 @@ impl TunnelHandle {
     }
 
     /// A new v1 tunnel for `host`: the handle, and the session to run with the socket.
-    /// Its buffers are charged against `memory` (the process's budget) and its own.
+    /// Its buffers are charged against `budget`.
     pub fn new_v1(
         host: HostId,
         limits: &Limits,
-        memory: &Budget,
+        budget: TunnelBudget,
         cancel: &CancellationToken,
     ) -> (TunnelHandle, v1::Session) {
-        let (link, rx) = v1::Link::new(limits, memory);
+        let (link, rx) = v1::Link::new(limits, budget);
         let handle = TunnelHandle::with_link(host, Protocol::V1, limits, cancel, Link::V1(link));
         let session = v1::Session::new(handle.clone(), rx, limits.clone());
         (handle, session)
@@ -357,6 +371,14 @@ impl TunnelHandle {
     /// The protocol this tunnel speaks.
     pub fn protocol(&self) -> Protocol {
         self.inner.protocol
+    }
+
+    /// What this tunnel's buffers are charged against ([`crate::budget`]).
+    pub fn budget(&self) -> &TunnelBudget {
+        match &self.inner.link {
+            Link::V1(link) => link.budget(),
+            Link::H2(link) => link.budget(),
+        }
     }
 
     /// When the tunnel was registered.
@@ -646,7 +668,7 @@ mod tests {
         let (handle, _session) = TunnelHandle::new_v1(
             HostId::parse("web-1").unwrap(),
             &Limits::default(),
-            &Budget::new(usize::MAX),
+            crate::budget::TunnelBudget::alone(usize::MAX, &crate::budget::Budget::new(usize::MAX)),
             &CancellationToken::new(),
         );
         let permit = handle.reserve().unwrap();

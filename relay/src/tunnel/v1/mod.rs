@@ -23,7 +23,7 @@ use super::{
     TunnelHandle,
 };
 use crate::body::Guarded;
-use crate::budget::{Budget, Charge, TunnelBudget};
+use crate::budget::{Charge, TunnelBudget};
 use crate::headers;
 use crate::limits::Limits;
 use crate::protocol::v1::Headers;
@@ -171,7 +171,11 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(limits: &Limits, memory: &Budget) -> (Link, mpsc::Receiver<Command>) {
+    pub(crate) fn budget(&self) -> &TunnelBudget {
+        &self.budget
+    }
+
+    pub(crate) fn new(limits: &Limits, budget: TunnelBudget) -> (Link, mpsc::Receiver<Command>) {
         let (tx, rx) = mpsc::channel(limits.tunnel_queue);
         let link = Link {
             tx,
@@ -180,7 +184,7 @@ impl Link {
             max_message: limits.max_frame_bytes,
             channel_queue: limits.channel_queue,
             channel_queue_bytes: limits.channel_queue_bytes,
-            budget: TunnelBudget::new(limits.tunnel_budget, memory),
+            budget,
         };
         (link, rx)
     }
@@ -590,7 +594,7 @@ mod tests {
         TunnelHandle::new_v1(
             host,
             &Limits::default(),
-            &Budget::new(usize::MAX),
+            crate::budget::TunnelBudget::alone(usize::MAX, &crate::budget::Budget::new(usize::MAX)),
             &CancellationToken::new(),
         )
     }
