@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use relay_tests::raw_h2::{
+    DATA, END_HEADERS, HEADERS, PUSH_PROMISE, RawTunnel, frame, huge_windows,
+};
 use relay_tests::{
     DEADLINE, StubRelay, TestAgent, TestRelay, Upstream, WsClient, rejection_status, wait_until,
     within,
 };
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const ADMIN_TOKEN: &str = "admin-token-for-h2-tests-01";
 
@@ -385,54 +386,13 @@ async fn a_thousand_concurrent_streams_share_one_tunnel() {
 // Hostile agents: broken HTTP/2 cannot take the relay down
 // ---------------------------------------------------------------------------
 
-/// One HTTP/2 frame.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-const SETTINGS: u8 = 0x4;
-const HEADERS: u8 = 0x1;
-const DATA: u8 = 0x0;
-const PUSH_PROMISE: u8 = 0x5;
-const WINDOW_UPDATE: u8 = 0x8;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-
-type RawTunnel =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// A tunnel that asked for (and got) h2, with the HTTP/2 handshake done by hand.
 async fn hostile_agent(relay: &TestRelay, host: &str) -> RawTunnel {
-    let mut request = relay
-        .ws_url(&format!("/tunnel?hostId={host}"))
-        .into_client_request()
-        .expect("tunnel url");
-    let headers = request.headers_mut();
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {}", relay.host_token(host))).unwrap(),
-    );
-    headers.insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("relay-h2"),
-    );
-    let (mut ws, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("the tunnel opens");
-    assert_eq!(
-        response.headers()["sec-websocket-protocol"],
-        "relay-h2",
-        "the relay grants h2"
-    );
-    // The server's side of the handshake: SETTINGS, and the ACK of the relay's.
-    let mut hello = frame(SETTINGS, 0, 0, &[]);
-    hello.extend(frame(SETTINGS, ACK, 0, &[]));
-    ws.send(Message::Binary(hello.into())).await.unwrap();
-    ws
+    relay_tests::raw_h2::agent(
+        &relay.ws_url(&format!("/tunnel?hostId={host}")),
+        &relay.host_token(host),
+    )
+    .await
 }
 
 /// Reads from a hostile tunnel until the relay closes it; returns the bytes seen.
@@ -585,14 +545,9 @@ async fn uploads_to_an_agent_that_opens_huge_windows_and_stops_reading_wait_with
     // reads nothing more: HTTP/2's flow control holds nothing back, so only the relay's
     // own accounting does.
     let mut ws = hostile_agent(&relay, "sponge").await;
-    let mut windows = frame(SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
-    windows.extend(frame(
-        WINDOW_UPDATE,
-        0,
-        0,
-        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
-    ));
-    ws.send(Message::Binary(windows.into())).await.unwrap();
+    ws.send(Message::Binary(huge_windows().into()))
+        .await
+        .unwrap();
     relay.wait_host_connected("sponge").await;
     let rss_before = rss_kib(relay.pid());
 
@@ -695,7 +650,7 @@ async fn a_message_over_the_h2_tunnel_limit_closes_that_tunnel_with_1009() {
     let upstream = Upstream::spawn().await;
     let mut ws = hostile_agent(&relay, "bloater").await;
     relay.wait_host_connected("bloater").await;
-    // 2 MiB in one message: h2 tunnels take at most 1 MiB per message.
+    // 2 MiB in one message: h2 tunnels take at most 128 KiB per message.
     let _ = ws
         .send(Message::Binary(vec![0u8; 2 * 1024 * 1024].into()))
         .await;

@@ -68,6 +68,14 @@ const ATTACKS: &[Attack] = &[
         name: "slowloris",
         what: "800 connections sending their head a byte a second, for 25 s",
     },
+    Attack {
+        name: "hoarded-messages",
+        what: "40 v1 hosts of one tenant each send 12 MiB of a 16 MiB message, never the rest, for 10 s",
+    },
+    Attack {
+        name: "h2-sponge",
+        what: "an h2 agent grants 2 GiB windows and reads nothing; 96 clients upload 4 MiB each, for 10 s",
+    },
 ];
 
 /// The victim: another tenant's host that answers every request, and a prober that asks
@@ -80,7 +88,11 @@ struct Victim {
 
 impl Victim {
     async fn start(addr: SocketAddr) -> Victim {
-        let url = format!("ws://{addr}/tunnel?hostId=victim&token={}", token("host"));
+        // Another tenant: its host token has a subject of its own.
+        let url = format!(
+            "ws://{addr}/tunnel?hostId=victim&token={}",
+            relay_child::token_as("host", "bench-victim")
+        );
         let mut host = RawHost::connect_url(&url, None).await;
         let serve = tokio::spawn(async move {
             while let Some(msg) = host.try_recv_json(Duration::from_secs(3600)).await {
@@ -356,6 +368,78 @@ async fn run(name: &str, addr: SocketAddr) -> String {
             format!(
                 "{cut} of 1000 cut with 408; a whole request meanwhile: {}",
                 direct.map_or_else(|e| e, |r| r.status.to_string())
+            )
+        }
+        "hoarded-messages" => {
+            let mut writers = Vec::new();
+            for n in 0..40 {
+                let mut host =
+                    RawHost::connect_url(&host_url(addr, &format!("attacker-{n}")), None).await;
+                writers.push(tokio::spawn(async move {
+                    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) =
+                        host.ws_mut().stream_mut().get_mut()
+                    else {
+                        return;
+                    };
+                    // A text message announced at 16 MiB (the frame limit), masked with a
+                    // zero key as a host's must be; 12 MiB of it, then nothing.
+                    let mut head = vec![0x81, 0x80 | 127];
+                    head.extend_from_slice(&(16 * MIB as u64).to_be_bytes());
+                    head.extend_from_slice(&[0, 0, 0, 0]);
+                    let _ = tcp.write_all(&head).await;
+                    let _ = tcp.write_all(&vec![b' '; 12 * MIB]).await;
+                    std::future::pending::<()>().await;
+                }));
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            for writer in writers {
+                writer.abort();
+            }
+            "held them, charged".into()
+        }
+        "h2-sponge" => {
+            let url = format!("ws://{addr}/tunnel?hostId=attacker");
+            let mut agent = relay_tests::raw_h2::agent(&url, &token("host")).await;
+            agent
+                .send(Message::Binary(relay_tests::raw_h2::huge_windows().into()))
+                .await
+                .expect("the windows go out");
+            // Registered once the relay answers anything on the tunnel.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let taken = Arc::new(AtomicUsize::new(0));
+            let mut uploads = Vec::new();
+            for _ in 0..96 {
+                let (client, taken) = (client.clone(), taken.clone());
+                uploads.push(tokio::spawn(async move {
+                    let Ok(mut stream) = TcpStream::connect(addr).await else {
+                        return;
+                    };
+                    let body = 4 * MIB;
+                    let head = format!(
+                        "POST /hosts/attacker/upload HTTP/1.1\r\nHost: relay\r\n\
+                         Authorization: Bearer {client}\r\nContent-Length: {body}\r\n\r\n"
+                    );
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'u'; 64 * 1024];
+                    for _ in 0..body / chunk.len() {
+                        if stream.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                        taken.fetch_add(chunk.len(), Ordering::Relaxed);
+                    }
+                    std::future::pending::<()>().await;
+                }));
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            for upload in uploads {
+                upload.abort();
+            }
+            drop(agent);
+            format!(
+                "{} MiB of 384 MiB taken in (relay and socket buffers)",
+                taken.load(Ordering::Relaxed) / MIB
             )
         }
         "slowloris" => {

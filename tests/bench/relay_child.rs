@@ -33,11 +33,16 @@ struct Claims<'a> {
 
 /// A token for `role` (`host` or `client`) valid for every host for an hour.
 pub fn token(role: &str) -> String {
+    token_as(role, &format!("bench-{role}"))
+}
+
+/// [`token`] with subject `sub` (another tenant).
+pub fn token_as(role: &str, sub: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let claims = Claims {
-        sub: &format!("bench-{role}"),
+        sub,
         exp: now + 3600,
         role,
         hosts: ["*"],

@@ -47,6 +47,7 @@
 //!   the client takes a path prefix and a bearer token, as through the relay.
 //! - [`memory`]: [`rss_kib`], [`peak_rss_kib`] and [`RssSampler`], a
 //!   process's resident memory from `/proc`, sampled over a test's window.
+//! - [`raw_h2`]: an `h2` agent speaking HTTP/2 frame by frame, for hostile agents.
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
@@ -59,6 +60,7 @@ pub mod grpc;
 pub mod host;
 pub mod memory;
 pub mod metrics;
+pub mod raw_h2;
 pub mod redis;
 pub mod relay_process;
 pub mod release_binary;
