@@ -192,9 +192,11 @@ async fn a_tenant_whose_hosts_start_large_messages_and_never_end_them_holds_its_
  {
     // Memory this may cost the relay: the tenant's share here (4 MiB), plus 64 KiB per
     // tunnel read for free, plus socket buffers. Before messages in progress were
-    // charged, each of these hosts held its whole 12 MiB in the relay, and before
-    // tenants had shares, charging them would have filled the relay for everyone.
-    const HOSTS: usize = 4;
+    // charged, each of these hosts held its whole 12 MiB in the relay (96 MiB here),
+    // and before tenants had shares, charging them would have filled the relay for
+    // everyone. What grows besides the share is the codec's buffers growing by doubling
+    // and the allocator keeping what they left (~25 MiB, as with 4 hosts).
+    const HOSTS: usize = 8;
     const MESSAGE: usize = 12 * MIB;
     const SHARE: usize = 4 * MIB;
     let relay = TestRelay::builder()
@@ -244,7 +246,7 @@ async fn a_tenant_whose_hosts_start_large_messages_and_never_end_them_holds_its_
         .unwrap()
         .saturating_sub(rss_before);
     assert!(
-        grown < 24 * 1024,
+        grown < 40 * 1024,
         "{HOSTS} hosts each holding most of a {MESSAGE}-byte message grew the relay {grown} KiB"
     );
 

@@ -106,12 +106,13 @@ impl Budget {
     }
 }
 
-/// Bytes reserved from a tenant's and the process's budgets (counted with the charges in
-/// `relay_budget_bytes_in_use`), given back on drop.
+/// Bytes reserved from a tenant's and the process's budgets, not from the tunnel's own
+/// (counted with the charges in `relay_budget_bytes_in_use`), given back on drop: what
+/// protects the relay and the other tenants, for a buffer whose size one tunnel's own
+/// budget need not cap (it is bounded per tunnel already).
 #[derive(Debug, Default)]
 pub struct Reserved {
-    /// Held for its drop: the tenant's bytes come back with the process's.
-    _tenant: Held,
+    tenant: Held,
     process: Held,
 }
 
@@ -119,6 +120,23 @@ impl Reserved {
     /// Bytes reserved.
     pub fn bytes(&self) -> usize {
         self.process.bytes()
+    }
+
+    /// Gives back `bytes` of this reservation (all of it, if it holds less).
+    pub fn release(&mut self, bytes: usize) {
+        let given = bytes.min(self.bytes());
+        self.tenant.release(given);
+        self.process.release(given);
+        if given > 0 {
+            telemetry::budget_in_use(-(given as f64));
+        }
+    }
+
+    /// Adds `other` to this reservation (both given back together).
+    pub fn merge(&mut self, mut other: Reserved) {
+        // `other` gives nothing back on drop now; this one gives back both.
+        self.tenant.merge(std::mem::take(&mut other.tenant));
+        self.process.merge(std::mem::take(&mut other.process));
     }
 }
 
@@ -349,7 +367,7 @@ impl TunnelBudget {
             {
                 telemetry::budget_in_use(bytes as f64);
                 return Some(Reserved {
-                    _tenant: Held(Some(tenant)),
+                    tenant: Held(Some(tenant)),
                     process: Held(Some(process)),
                 });
             }
@@ -358,6 +376,63 @@ impl TunnelBudget {
                 return None;
             }
             bytes = (bytes / 2).max(least);
+        }
+    }
+
+    /// The most one reservation can ever hold: the smaller of the tenant's and the
+    /// process's budgets.
+    pub fn most_shared(&self) -> usize {
+        self.tenant().size.min(self.process.size)
+    }
+
+    /// Reserves `bytes` from the tenant's and the process's budgets, or neither: `Err`
+    /// names the one that is full (and the refusal is counted).
+    pub fn try_reserve(&self, bytes: usize) -> Result<Reserved, Scope> {
+        if bytes == 0 {
+            return Ok(Reserved::default());
+        }
+        let Some(tenant) = self.tenant().try_take(bytes) else {
+            telemetry::budget_refused(Scope::Tenant);
+            return Err(Scope::Tenant);
+        };
+        let Some(process) = self.process.try_take(bytes) else {
+            telemetry::budget_refused(Scope::Process);
+            return Err(Scope::Process);
+        };
+        telemetry::budget_in_use(bytes as f64);
+        Ok(Reserved {
+            tenant: Held(Some(tenant)),
+            process: Held(Some(process)),
+        })
+    }
+
+    /// Reserves `bytes` from the tenant's and the process's budgets, waiting until both
+    /// have room (at most [`TunnelBudget::most_shared`]).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is reserved until it returns.
+    pub async fn reserve(&self, bytes: usize) -> Reserved {
+        let Ok(bytes) = u32::try_from(bytes.min(self.most_shared())) else {
+            return Reserved::default();
+        };
+        if bytes == 0 {
+            return Reserved::default();
+        }
+        // Tenant before process, as charges take them.
+        let (Ok(tenant), Ok(process)) = (
+            Arc::clone(&self.tenant().bytes)
+                .acquire_many_owned(bytes)
+                .await,
+            Arc::clone(&self.process.bytes)
+                .acquire_many_owned(bytes)
+                .await,
+        ) else {
+            return Reserved::default();
+        };
+        telemetry::budget_in_use(f64::from(bytes));
+        Reserved {
+            tenant: Held(Some(tenant)),
+            process: Held(Some(process)),
         }
     }
 

@@ -51,7 +51,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
-use crate::budget::{Budget, Charge, Held, TunnelBudget};
+use crate::budget::{Budget, Held, Reserved, TunnelBudget};
 use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
@@ -215,9 +215,11 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 ///   process's budget, and a read that does not fit fails the socket;
 /// - a v1 tunnel ([`ReadCharge::start_tunnel`]): the first
 ///   [`crate::limits::TUNNEL_READ_ALLOWANCE`] of a message are free (most v1 messages are
-///   smaller: they flow as they always did), the rest is charged against the tunnel's
-///   budgets, and a read that does not fit is not lost but the next waits for room, so
-///   a tunnel is slowed down for want of memory and never ended by it. (An `h2` tunnel's
+///   smaller: they flow as they always did), the rest is reserved from the tenant's and
+///   the process's budgets (not the tunnel's own: one message at a time is bounded by
+///   the frame limit, and a tunnel whose own budget is full refuses the answer (503)
+///   once it is whole, as before). A read that does not fit is not lost, but the next
+///   waits for room: a tunnel is slowed down for want of memory, never ended by it. (An `h2` tunnel's
 ///   messages are at most [`crate::limits::h2::MAX_TUNNEL_MESSAGE`]: not charged.)
 #[derive(Debug, Clone)]
 pub struct ReadCharge {
@@ -245,8 +247,8 @@ struct TunnelReads {
     budget: TunnelBudget,
     /// Read since the last message ended.
     read: usize,
-    /// Charged for them (what is past the allowance).
-    held: Charge,
+    /// Reserved for them (what is past the allowance).
+    held: Reserved,
     /// Past the allowance, not yet charged: the next read waits for it.
     owing: usize,
     /// Messages received so far: what is owed for one that has ended is no longer due.
@@ -287,7 +289,7 @@ impl ReadCharge {
         *self.state() = ReadState::Tunnel(TunnelReads {
             budget: budget.clone(),
             read: 0,
-            held: Charge::default(),
+            held: Reserved::default(),
             owing: 0,
             messages: 0,
         });
@@ -312,14 +314,14 @@ impl ReadCharge {
                     let due = reads
                         .read
                         .saturating_sub(limits::TUNNEL_READ_ALLOWANCE)
-                        .min(reads.budget.most());
+                        .min(reads.budget.most_shared());
                     let over = reads.held.bytes().saturating_sub(due);
                     reads.held.release(over);
                     reads.owing = reads.owing.min(due.saturating_sub(reads.held.bytes()));
                 }
                 None => {
                     reads.read = 0;
-                    reads.held = Charge::default();
+                    reads.held = Reserved::default();
                     reads.owing = 0;
                     reads.messages += 1;
                 }
@@ -367,12 +369,12 @@ impl ReadCharge {
                 let due = reads
                     .read
                     .saturating_sub(limits::TUNNEL_READ_ALLOWANCE)
-                    .min(reads.budget.most());
+                    .min(reads.budget.most_shared());
                 let more = due.saturating_sub(reads.held.bytes() + reads.owing);
                 if more == 0 {
                     return Due::Nothing;
                 }
-                match reads.budget.try_charge(more) {
+                match reads.budget.try_reserve(more) {
                     Ok(charge) => {
                         reads.held.merge(charge);
                         Due::Nothing
@@ -395,8 +397,8 @@ impl ReadCharge {
         matches!(&*self.state(), ReadState::Tunnel(reads) if reads.messages == message && reads.owing > 0)
     }
 
-    /// A charge waited for came through.
-    fn settle(&self, charge: Charge, bytes: usize, message: u64) {
+    /// A reservation waited for came through.
+    fn settle(&self, charge: Reserved, bytes: usize, message: u64) {
         if let ReadState::Tunnel(reads) = &mut *self.state()
             && reads.messages == message
         {
@@ -407,7 +409,7 @@ impl ReadCharge {
 }
 
 /// A tunnel's read waiting for room in its budgets: message, bytes, and the charge.
-type Waiting = (u64, usize, Pin<Box<dyn Future<Output = Charge> + Send>>);
+type Waiting = (u64, usize, Pin<Box<dyn Future<Output = Reserved> + Send>>);
 
 /// A socket whose reads are charged by its [`ReadCharge`], holding the connection's
 /// places under the connection limits for as long as it lives.
@@ -448,7 +450,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
                     bytes,
                     message,
                 } => {
-                    let waiting = Box::pin(async move { budget.charge(bytes).await });
+                    let waiting = Box::pin(async move { budget.reserve(bytes).await });
                     self.waiting = Some((message, bytes, waiting));
                 }
             }
@@ -647,7 +649,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tunnel_read_is_free_up_to_the_allowance_then_charged_and_past_the_budget_owed() {
+    async fn a_tunnel_read_is_free_up_to_the_allowance_then_reserved_and_past_the_budget_owed() {
         const FREE: usize = limits::TUNNEL_READ_ALLOWANCE;
         let process = Budget::new(2 * FREE);
         let _others = process.try_take_now(FREE).unwrap();
@@ -657,7 +659,11 @@ mod tests {
         assert!(matches!(charge.charge(FREE), Due::Nothing));
         assert_eq!(charge.held_bytes(), 0, "within the allowance");
         assert!(matches!(charge.charge(FREE / 2), Due::Nothing));
-        assert_eq!((charge.held_bytes(), tunnel.in_use()), (FREE / 2, FREE / 2));
+        // Reserved from the tenant's and process's budgets, not the tunnel's own.
+        assert_eq!(
+            (charge.held_bytes(), process.in_use(), tunnel.in_use()),
+            (FREE / 2, FREE + FREE / 2, 0)
+        );
         // The process has FREE / 2 left: a read of FREE is owed, not refused.
         let Due::Owing {
             budget,
@@ -669,7 +675,7 @@ mod tests {
         };
         assert_eq!((bytes, message), (FREE, 0));
         assert!(charge.still_owes(0));
-        let waiting = tokio::spawn(async move { budget.charge(bytes).await });
+        let waiting = tokio::spawn(async move { budget.reserve(bytes).await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "no room yet");
         // The message ends (its bytes were all read): what it held comes back, and what

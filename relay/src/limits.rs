@@ -78,7 +78,7 @@ pub const MIN_UPLOAD_RATE: u64 = 8 * 1024;
 pub const TUNNEL_BUDGET: usize = 64 * 1024 * 1024;
 
 /// What a v1 tunnel may have read towards a message not yet whole before the rest is
-/// charged against its byte budgets: 64 KiB. A v1 message carries a whole body (up to
+/// charged against its tenant's and the process's byte budgets: 64 KiB. A v1 message carries a whole body (up to
 /// ~13.4 MiB once base64-encoded) and the WebSocket codec holds it all before the relay
 /// sees any of it, so a host that starts large messages and never ends them would hold
 /// that much per tunnel, uncounted. Most messages are far smaller and are never charged;
