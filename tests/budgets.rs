@@ -535,3 +535,49 @@ async fn an_h2_channel_message_past_the_tunnel_budget_closes_that_channel_1013_a
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_websocket_message_in_progress_over_http2_past_the_process_budget_drops_its_stream_and_others_go_on()
+ {
+    let relay = TestRelay::builder()
+        .env("RELAY_MEMORY_BUDGET", &(2 * MIB).to_string())
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let client = relay_tests::ws::connect_h2c(relay.addr(), "/hosts/raw-1/feed", Some(&token))
+        .await
+        .expect("the channel opens");
+    let open = host.expect("ws:open").await;
+
+    // A 3 MiB binary message, masked with a zero key, of which 2.5 MiB are sent on the
+    // stream and the rest never: an HTTP/2 connection carries other streams, so the
+    // relay charges the stream itself.
+    let mut stream = client.into_inner();
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(3 * MIB as u64).to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    stream.write_all(&head).await.unwrap();
+    let writing = tokio::spawn(async move {
+        let _ = stream.write_all(&vec![0u8; 5 * MIB / 2]).await;
+        std::future::pending::<()>().await;
+    });
+
+    let close = host.expect("ws:close").await;
+    assert_eq!(close["id"], open["id"], "{close}");
+    assert!(
+        relay
+            .counter("relay_budget_refusals_total", &[("scope", "process")])
+            .await
+            >= 1.0
+    );
+    writing.abort();
+    // Others go on: a new channel carries a message whole.
+    let mut other =
+        relay_tests::WsClient::connect_ok(&relay.ws_url("/hosts/raw-1/feed"), Some(&token)).await;
+    let other_open = host.expect("ws:open").await;
+    other.send_text("small").await;
+    let frame = host.expect("ws:frame").await;
+    assert_eq!(frame["id"], other_open["id"]);
+    assert_eq!(frame["data"], "small");
+}

@@ -1178,3 +1178,62 @@ async fn channels_bridged_from_a_peer_relay_do_not_count_against_its_address() {
     // The bridges (and the tunnel) are open connections of A's, counted as such.
     assert!(a.counter("relay_connections_open", &[]).await >= (CHANNELS + 1) as f64);
 }
+
+#[tokio::test]
+async fn a_bridged_message_past_the_budget_of_the_relay_in_between_ends_that_bridge_and_others_go_on()
+ {
+    // The relay in between holds what each side's codec assembles, unseen until whole:
+    // a client's message on its way in, the owner's on its way out. Both are charged.
+    const BUDGET: usize = 2 * 1024 * 1024;
+    let redis = TestRedis::spawn().await;
+    let a = relay_on(&redis, "ams", "relay-a").await;
+    let b = proxying(&redis, "fra", "relay-b")
+        .env("RELAY_MEMORY_BUDGET", &BUDGET.to_string())
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+    let token = b.client_token(&["web-1"]);
+    let refusals = || async {
+        b.counter("relay_budget_refusals_total", &[("scope", "process")])
+            .await
+    };
+
+    // The owner's side: a 3 MiB message from the upstream, through A, to B.
+    let url = b.ws_url(&format!(
+        "/hosts/web-1/ws/flood?n=1&size={}",
+        3 * 1024 * 1024
+    ));
+    let mut flooded = WsClient::connect_ok(&url, Some(&token)).await;
+    match flooded.recv(DEADLINE).await {
+        Err(relay_tests::WsEnd::Close(code)) => assert_eq!(code, 1001),
+        Err(end) => panic!("expected the bridge to end with 1001, got {end:?}"),
+        // Not printed: it is megabytes.
+        Ok(message) => panic!("the {}-byte message got through", message.len()),
+    }
+    assert!(refusals().await >= 1.0);
+
+    // The client's side: 2.5 MiB of a 3 MiB message, masked with a zero key, then
+    // nothing: B drops the client's socket.
+    let before = refusals().await;
+    let client = WsClient::connect_ok(&b.ws_url("/hosts/web-1/ws/echo"), Some(&token)).await;
+    let mut stream = client.into_stream();
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stream.get_mut() else {
+        panic!("the test socket is plain TCP");
+    };
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(3 * 1024 * 1024u64).to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(&head).await.unwrap();
+    let _ = tcp.write_all(&vec![0u8; 5 * 1024 * 1024 / 2]).await;
+    wait_until_async("B refuses the client's message", DEADLINE, || async {
+        refusals().await > before
+    })
+    .await;
+
+    // Others go on through the same two relays.
+    let mut other = WsClient::connect_ok(&b.ws_url("/hosts/web-1/ws/echo"), Some(&token)).await;
+    other.send_text("still bridged").await;
+    assert_eq!(other.recv_text().await, "still bridged");
+}

@@ -519,3 +519,59 @@ async fn a_client_that_answers_no_ping_for_two_intervals_is_closed_and_its_host_
         "the client that answers pings was closed too"
     );
 }
+
+#[tokio::test]
+async fn a_client_websocket_over_http2_carries_frames_both_ways_and_close_codes() {
+    use futures_util::{SinkExt, StreamExt};
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let mut client =
+        relay_tests::ws::connect_h2c(relay.addr(), "/hosts/raw-1/h2?x=1", Some(&token))
+            .await
+            .expect("the relay accepts a WebSocket over HTTP/2");
+    let open = host.expect("ws:open").await;
+    assert_eq!(open["path"], "/h2");
+
+    client.send(Message::Text("up".into())).await.unwrap();
+    let frame = host.expect("ws:frame").await;
+    assert_eq!((&frame["id"], &frame["data"]), (&open["id"], &json!("up")));
+    client
+        .send(Message::Binary(vec![0, 1, 255].into()))
+        .await
+        .unwrap();
+    let frame = host.expect("ws:frame").await;
+    assert_eq!(frame["encoding"], "base64");
+    assert_eq!(
+        BASE64.decode(frame["data"].as_str().unwrap()).unwrap(),
+        [0, 1, 255]
+    );
+
+    host.send_json(&json!({"type": "ws:frame", "id": open["id"], "data": "down"}))
+        .await;
+    match client.next().await {
+        Some(Ok(Message::Text(text))) => assert_eq!(text.as_str(), "down"),
+        other => panic!("expected the host's text, got {other:?}"),
+    }
+
+    client
+        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 4321.into(),
+            reason: "".into(),
+        }))
+        .await
+        .unwrap();
+    let close = host.expect("ws:close").await;
+    assert_eq!((&close["id"], &close["code"]), (&open["id"], &json!(4321)));
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_to_a_host_that_is_not_here_is_refused_with_its_status() {
+    let relay = TestRelay::spawn().await;
+    let token = relay.client_token(&["nobody-1"]);
+    let refused = relay_tests::ws::connect_h2c(relay.addr(), "/hosts/nobody-1/ws", Some(&token))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused, 503, "host not connected");
+}

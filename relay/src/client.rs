@@ -9,26 +9,23 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures_util::SinkExt as _;
 use http::header;
 use http::{Method, Uri};
 use serde_json::json;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{debug, debug_span};
 
 use crate::auth::{Role, bearer_token};
 use crate::body::Paced;
+use crate::client_socket::{ClientSocket, ClientUpgrade, Received, SendFailed};
 use crate::clients::{IpSlot, peer_ip};
-use crate::connections::ReadCharge;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
-use crate::protocol::{Frame, close_code};
+use crate::protocol::close_code;
 use crate::query::strip_token;
 use crate::routing::{self, Forward, Hop, Route};
 use crate::state::Relay;
@@ -101,10 +98,7 @@ async fn serve(
             let what = if routing::is_whoowns(&parts.method, rest) {
                 Forward::WhoOwns
             } else if is_websocket(&parts) {
-                let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
-                    .await
-                    .map_err(|_| ClientError::NotWebSocket)?;
-                Forward::WebSocket(upgrade)
+                Forward::WebSocket(ClientUpgrade::from_parts(&mut parts, &relay).await?)
             } else {
                 Forward::Http(body)
             };
@@ -140,9 +134,7 @@ async fn serve(
     let query = strip_token(query);
     let (mut parts, body) = request.into_parts();
     if is_websocket(&parts) {
-        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &relay)
-            .await
-            .map_err(|_| ClientError::NotWebSocket)?;
+        let upgrade = ClientUpgrade::from_parts(&mut parts, &relay).await?;
         let request = ChannelRequest {
             path,
             query,
@@ -159,13 +151,7 @@ async fn serve(
                 .try_take(client)
                 .ok_or(ClientError::TooManyClientChannels)?
         };
-        // What the socket reads towards a message not yet whole is charged (an HTTP/1.1
-        // upgrade only: over HTTP/2 the connection carries other streams too).
-        let read_charge = (parts.version == http::Version::HTTP_11)
-            .then(|| parts.extensions.get::<ReadCharge>().cloned())
-            .flatten();
-        let client = ChannelClient { slot, read_charge };
-        return Box::pin(open_channel(relay, tunnel, upgrade, request, client)).await;
+        return Box::pin(open_channel(relay, tunnel, upgrade, request, slot)).await;
     }
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
@@ -262,54 +248,40 @@ async fn redeliver(
     }
 }
 
-/// What a channel holds for its client: its place among the client's channels, and what
-/// charges its socket's reads.
-struct ChannelClient {
-    slot: IpSlot,
-    read_charge: Option<ReadCharge>,
-}
-
 /// A WebSocket channel over the tunnel: opened at the host first, so the host's refusal
 /// (its local service's answer) or its choice of subprotocol reaches the client in the
-/// handshake; then the client's upgrade, and frames both ways.
+/// handshake; then the client's upgrade, and frames both ways. `slot` (the channel's
+/// place among its client's) is held for the life of the channel.
 async fn open_channel(
     relay: Relay,
     tunnel: TunnelHandle,
-    upgrade: WebSocketUpgrade,
+    upgrade: ClientUpgrade,
     request: ChannelRequest,
-    client: ChannelClient,
+    slot: IpSlot,
 ) -> Result<Response, ClientError> {
     let span = debug_span!("channel", host = %tunnel.host(), path = %request.path);
-    let timeout = relay.config().limits.exchange_timeout;
-    let (channel, protocol) = match tunnel.open_channel(request, timeout).await? {
+    let limits = &relay.config().limits;
+    let (channel, protocol) = match tunnel
+        .open_channel(request, limits.exchange_timeout)
+        .await?
+    {
         Opened::Channel { channel, protocol } => (channel, protocol),
         Opened::Refused(response) => return Ok(response.map(Body::new)),
     };
-    let mut upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
-    if let Some(protocol) = protocol.as_ref().and_then(|p| p.to_str().ok()) {
-        upgrade = upgrade.protocols([protocol.to_owned()]);
-    }
-    let tracker = relay.tracker().clone();
-    let ping_interval = relay.config().limits.ping_interval;
-    Ok(upgrade
-        .on_upgrade(move |socket| {
-            tracker.track_future(
-                async move {
-                    let ChannelClient {
-                        slot: _slot,
-                        read_charge,
-                    } = client;
-                    if let Some(charge) = &read_charge {
-                        charge.start();
-                    }
-                    telemetry::channel_open(1.0);
-                    run_channel(socket, channel, ping_interval, read_charge).await;
-                    telemetry::channel_open(-1.0);
-                }
-                .instrument(span),
-            )
-        })
-        .into_response())
+    let protocol = protocol.as_ref().and_then(|p| p.to_str().ok());
+    let ping_interval = limits.ping_interval;
+    Ok(upgrade.accept(
+        limits,
+        protocol,
+        relay.tracker(),
+        span,
+        move |socket| async move {
+            let _slot = slot;
+            telemetry::channel_open(1.0);
+            run_channel(socket, channel, ping_interval).await;
+            telemetry::channel_open(-1.0);
+        },
+    ))
 }
 
 /// Carries frames between the client socket and the channel until either side closes.
@@ -319,12 +291,7 @@ async fn open_channel(
 /// frame) for two intervals is gone (a NAT dropped it, it vanished without a FIN): the
 /// channel is closed and the host told 1001, instead of a half-open socket holding the
 /// channel, and the host's local socket, for ever.
-async fn run_channel(
-    mut socket: WebSocket,
-    mut channel: Channel,
-    ping_interval: Duration,
-    read_charge: Option<ReadCharge>,
-) {
+async fn run_channel(mut socket: ClientSocket, mut channel: Channel, ping_interval: Duration) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = Instant::now();
@@ -335,17 +302,18 @@ async fn run_channel(
             biased;
             event = channel.recv() => match event {
                 ChannelEvent::Frame(frame) => {
-                    if let Err(err) = socket.send(to_message(frame)).await {
+                    telemetry::bytes("from_host", frame.len());
+                    if let Err(failed) = socket.send(frame).await {
                         // A client that stopped reading (the write timed out) is what a
                         // full queue also reports to the host: 1013, try again later.
-                        let code = crate::connections::is_write_timeout(&err)
+                        let code = (failed == SendFailed::TimedOut)
                             .then_some(close_code::TRY_AGAIN_LATER);
                         channel.close(code).await;
                         return;
                     }
                 }
                 ChannelEvent::Closed(code) => {
-                    close_client(socket, code).await;
+                    socket.close(code, "").await;
                     channel.close(code).await;
                     return;
                 }
@@ -356,71 +324,43 @@ async fn run_channel(
                     channel.close(Some(close_code::GOING_AWAY)).await;
                     return;
                 }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                if !socket.ping().await {
                     channel.close(Some(close_code::GOING_AWAY)).await;
                     return;
                 }
             }
-            message = socket.recv() => {
+            received = socket.recv() => {
                 heard = Instant::now();
-                if let (Some(charge), Some(Ok(message))) = (&read_charge, &message) {
-                    charge.message_done(crate::websocket::control_len(message));
-                }
-                let frame = match message {
-                    Some(Ok(Message::Text(text))) => Frame::Text(text.to_string()),
-                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(frame))) => {
-                        channel.close(frame.map(|f| f.code)).await;
-                        // The socket answers the client's Close as it is dropped.
-                        let _ = socket.close().await;
+                let frame = match received {
+                    Received::Frame(frame) => frame,
+                    Received::Control => continue,
+                    Received::Close(frame) => {
+                        channel.close(frame.map(|(code, _)| code)).await;
+                        // The socket answers the client's Close as it ends.
+                        socket.finish().await;
                         return;
                     }
-                    Some(Err(err)) => {
-                        let too_big = crate::websocket::is_too_big(&err);
+                    Received::Failed { too_big } => {
                         let code = if too_big { close_code::TOO_BIG } else { close_code::GOING_AWAY };
                         channel.close(Some(code)).await;
                         if too_big {
-                            close_client(socket, Some(code)).await;
+                            socket.close(Some(code), "").await;
                         }
                         return;
                     }
-                    None => {
+                    Received::Ended => {
                         channel.close(None).await;
                         return;
                     }
                 };
                 telemetry::bytes("to_host", frame.len());
                 if channel.send(frame).await.is_err() {
-                    close_client(socket, Some(close_code::GOING_AWAY)).await;
+                    socket.close(Some(close_code::GOING_AWAY), "").await;
                     return;
                 }
             }
         }
     }
-}
-
-fn to_message(frame: Frame) -> Message {
-    telemetry::bytes("from_host", frame.len());
-    match frame {
-        Frame::Text(text) => Message::Text(text.into()),
-        Frame::Binary(bytes) => Message::Binary(bytes),
-    }
-}
-
-/// Closes a client socket with `code` (no code when absent or not sendable on the wire).
-async fn close_client(mut socket: WebSocket, code: Option<u16>) {
-    let frame = code
-        .filter(|c| close_code::is_sendable(*c))
-        .map(|code| CloseFrame {
-            code,
-            reason: "".into(),
-        });
-    let _ = tokio::time::timeout(
-        crate::limits::CLOSE_TIMEOUT,
-        socket.send(Message::Close(frame)),
-    )
-    .await;
 }
 
 /// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).

@@ -17,8 +17,9 @@
 //! - **At most [`Limits::max_connections_per_ip`] of them from one client address**
 //!   (when the relay sees clients' own addresses, see [`crate::clients`]); over it a new
 //!   connection from that address is closed at once, and the others are served.
-//! - **What a client WebSocket (an upgraded HTTP/1.1 connection) or a v1 tunnel has read
-//!   towards a message not yet whole is charged against the byte budgets**
+//! - **What a client WebSocket (an upgraded HTTP/1.1 connection; an HTTP/2 stream is
+//!   charged alike, in [`crate::client_socket`]) or a v1 tunnel has read towards a
+//!   message not yet whole is charged against the byte budgets**
 //!   ([`ReadCharge`]): a message may be 16 MiB, and tungstenite holds it all before the
 //!   relay sees any of it, so sockets each holding part of a large message are counted
 //!   with every other buffer. A client's that would pass the budget is dropped; a
@@ -125,7 +126,7 @@ pub async fn serve(
                 io: WriteTimeout::new(stream, write_timeout),
                 charge,
                 waiting: None,
-                _places: (open, place),
+                _places: Some((open, place)),
             });
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
@@ -269,7 +270,8 @@ enum Due {
 }
 
 impl ReadCharge {
-    fn new(budget: &Budget) -> ReadCharge {
+    /// Not charging yet; charges against `budget` once started.
+    pub(crate) fn new(budget: &Budget) -> ReadCharge {
         ReadCharge {
             inner: Arc::new(ReadChargeInner {
                 state: std::sync::Mutex::new(ReadState::Off),
@@ -411,13 +413,26 @@ impl ReadCharge {
 /// A tunnel's read waiting for room in its budgets: message, bytes, and the charge.
 type Waiting = (u64, usize, Pin<Box<dyn Future<Output = Reserved> + Send>>);
 
-/// A socket whose reads are charged by its [`ReadCharge`], holding the connection's
-/// places under the connection limits for as long as it lives.
-struct ReadCharged<T> {
+/// A socket (or a stream) whose reads are charged by its [`ReadCharge`]; an accepted
+/// socket also holds the connection's places under the connection limits for as long as
+/// it lives.
+pub struct ReadCharged<T> {
     io: T,
     charge: ReadCharge,
     waiting: Option<Waiting>,
-    _places: (Open, ConnectionPlace),
+    _places: Option<(Open, ConnectionPlace)>,
+}
+
+impl<T> ReadCharged<T> {
+    /// `io`, its reads charged by `charge`.
+    pub(crate) fn new(io: T, charge: &ReadCharge) -> ReadCharged<T> {
+        ReadCharged {
+            io,
+            charge: charge.clone(),
+            waiting: None,
+            _places: None,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {

@@ -53,6 +53,7 @@ pub mod body;
 pub mod budget;
 pub mod cli;
 pub mod client;
+pub mod client_socket;
 pub mod clients;
 pub mod config;
 pub mod connections;

@@ -20,7 +20,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -28,18 +27,22 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request};
 use serde_json::json;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{debug, debug_span, warn};
 
 use crate::body::Handoff;
+use crate::client_socket::{ClientSocket, ClientUpgrade, Received};
 use crate::config::RoutingMode;
+use crate::connections::{ReadCharge, ReadCharged};
 use crate::directory::Owner;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
 use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN, PEER_REPLAY_BODY};
 use crate::ownership;
+use crate::protocol::{Frame, close_code};
 use crate::state::Relay;
 use crate::telemetry;
 use crate::tunnel::TunnelHandle;
@@ -185,7 +188,7 @@ pub(crate) enum Forward {
     /// `GET /hosts/<id>/_whoowns`.
     WhoOwns,
     /// A WebSocket upgrade.
-    WebSocket(WebSocketUpgrade),
+    WebSocket(ClientUpgrade),
     /// One HTTP exchange with its body, streamed.
     Http(Body),
 }
@@ -409,7 +412,7 @@ async fn bridge_websocket(
     mut owner: Owner,
     client_ip: IpAddr,
     parts: &http::request::Parts,
-    upgrade: WebSocketUpgrade,
+    upgrade: ClientUpgrade,
 ) -> Result<Response, ClientError> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let limits = &relay.config().limits;
@@ -438,18 +441,32 @@ async fn bridge_websocket(
                 request.headers_mut().append(name.clone(), value.clone());
             }
         }
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        // The owner's messages carry a host's, up to the frame limit, assembled unseen:
+        // what this socket reads towards one is charged like a client's.
+        let reads = ReadCharge::new(relay.memory());
+        let connect = async {
+            let stream = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map_err(tungstenite::Error::Io)?;
+            let _ = stream.set_nodelay(true);
+            tokio_tungstenite::client_async_with_config(
+                request,
+                ReadCharged::new(stream, &reads),
+                Some(config),
+            )
+            .await
+        };
         match timeout(PEER_CONNECT_TIMEOUT * 2, connect).await {
             Ok(Ok((peer, _))) => {
                 telemetry::hop("bridge", "forwarded");
-                let tracker = relay.tracker().clone();
+                reads.start();
                 let shutdown = relay.shutdown_token().clone();
                 let span = debug_span!("bridge", %host, %owner);
-                return Ok(crate::websocket::configure(upgrade, limits)
-                    .on_upgrade(move |socket| {
-                        tracker.track_future(bridge(socket, peer, shutdown).instrument(span))
-                    })
-                    .into_response());
+                return Ok(
+                    upgrade.accept(limits, None, relay.tracker(), span, move |client| {
+                        bridge(client, peer, reads, shutdown)
+                    }),
+                );
             }
             Ok(Err(tungstenite::Error::Http(response)))
                 if response.headers().contains_key(NOT_HERE_HEADER) =>
@@ -493,94 +510,89 @@ async fn bridge_websocket(
     Err(ClientError::HostNotConnected)
 }
 
-type PeerSocket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type PeerSocket = tokio_tungstenite::WebSocketStream<ReadCharged<tokio::net::TcpStream>>;
 
 /// Carries frames between the client and the owner until either closes; each side's
 /// close code is passed to the other. When this relay shuts down, the client gets 1001
-/// (reconnect: it lands on another relay) and the owner a normal close.
-async fn bridge(client: WebSocket, peer: PeerSocket, shutdown: CancellationToken) {
-    let (mut client_tx, mut client_rx) = client.split();
+/// (reconnect: it lands on another relay) and the owner a normal close. `peer_reads`
+/// charges what the owner's socket reads.
+async fn bridge(
+    mut client: ClientSocket,
+    peer: PeerSocket,
+    peer_reads: ReadCharge,
+    shutdown: CancellationToken,
+) {
     let (mut peer_tx, mut peer_rx) = peer.split();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
-                let going_away = ws::CloseFrame {
-                    code: crate::protocol::close_code::GOING_AWAY,
-                    reason: "relay shutting down".into(),
-                };
-                let _ = timeout(CLOSE_TIMEOUT, client_tx.send(ws::Message::Close(Some(going_away)))).await;
-                let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(tungstenite::Message::Close(None))).await;
+                let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(Message::Close(None))).await;
+                client.close(Some(close_code::GOING_AWAY), "relay shutting down").await;
                 break;
             }
-            message = client_rx.next() => {
-                let Some(Ok(message)) = message else {
-                    let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(tungstenite::Message::Close(None))).await;
-                    break;
-                };
-                let closing = matches!(message, ws::Message::Close(_));
-                if let Some(message) = to_peer(message)
-                    && peer_tx.send(message).await.is_err()
-                {
+            received = client.recv() => match received {
+                Received::Frame(frame) => {
+                    if peer_tx.send(to_peer(frame)).await.is_err() {
+                        client.close(Some(close_code::GOING_AWAY), "").await;
+                        break;
+                    }
+                }
+                Received::Control => {}
+                Received::Close(frame) => {
+                    let frame = frame.map(|(code, reason)| CloseFrame {
+                        code: code.into(),
+                        reason: reason.into(),
+                    });
+                    let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(Message::Close(frame))).await;
+                    client.finish().await;
                     break;
                 }
-                if closing {
+                Received::Failed { .. } | Received::Ended => {
+                    let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(Message::Close(None))).await;
                     break;
                 }
-            }
+            },
             message = peer_rx.next() => {
-                let Some(Ok(message)) = message else {
-                    let going_away = ws::CloseFrame {
-                        code: crate::protocol::close_code::GOING_AWAY,
-                        reason: "".into(),
+                if let Some(Ok(message)) = &message {
+                    let control = match message {
+                        Message::Ping(payload) | Message::Pong(payload) => Some(payload.len()),
+                        _ => None,
                     };
-                    let _ = timeout(CLOSE_TIMEOUT, client_tx.send(ws::Message::Close(Some(going_away)))).await;
-                    break;
-                };
-                let closing = matches!(message, tungstenite::Message::Close(_));
-                if let Some(message) = to_client(message)
-                    && client_tx.send(message).await.is_err()
-                {
-                    break;
+                    peer_reads.message_done(control);
                 }
-                if closing {
+                let frame = match message {
+                    Some(Ok(Message::Text(text))) => Frame::Text(text.as_str().to_owned()),
+                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
+                    // Each hop answers its own pings.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        match frame {
+                            Some(frame) => client.close(Some(frame.code.into()), frame.reason.as_str()).await,
+                            None => client.close(None, "").await,
+                        }
+                        break;
+                    }
+                    Some(Err(_)) | None => {
+                        client.close(Some(close_code::GOING_AWAY), "").await;
+                        break;
+                    }
+                };
+                if client.send(frame).await.is_err() {
+                    let _ = timeout(CLOSE_TIMEOUT, peer_tx.send(Message::Close(None))).await;
                     break;
                 }
             }
         }
     }
-    // Flush the replies to Close frames that were received, within bounds.
-    let _ = timeout(CLOSE_TIMEOUT, client_tx.close()).await;
+    // Flush the reply to a Close that was received, within bounds.
     let _ = timeout(CLOSE_TIMEOUT, peer_tx.close()).await;
 }
 
-fn to_peer(message: ws::Message) -> Option<tungstenite::Message> {
-    Some(match message {
-        ws::Message::Text(text) => tungstenite::Message::Text(text.as_str().into()),
-        ws::Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
-        ws::Message::Close(frame) => {
-            tungstenite::Message::Close(frame.map(|f| tungstenite::protocol::CloseFrame {
-                code: f.code.into(),
-                reason: f.reason.as_str().into(),
-            }))
-        }
-        // Each hop answers its own pings.
-        ws::Message::Ping(_) | ws::Message::Pong(_) => return None,
-    })
-}
-
-fn to_client(message: tungstenite::Message) -> Option<ws::Message> {
-    Some(match message {
-        tungstenite::Message::Text(text) => ws::Message::Text(text.as_str().into()),
-        tungstenite::Message::Binary(bytes) => ws::Message::Binary(bytes),
-        tungstenite::Message::Close(frame) => ws::Message::Close(frame.map(|f| ws::CloseFrame {
-            code: f.code.into(),
-            reason: f.reason.as_str().into(),
-        })),
-        tungstenite::Message::Ping(_)
-        | tungstenite::Message::Pong(_)
-        | tungstenite::Message::Frame(_) => return None,
-    })
+fn to_peer(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(text) => Message::Text(text.into()),
+        Frame::Binary(bytes) => Message::Binary(bytes),
+    }
 }
 
 /// Whether `method` and `path` ask the relay itself who owns the host.

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::DEADLINE;
+use crate::{DEADLINE, within};
 
 /// The raw stream type behind [`WsClient`].
 pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -285,4 +285,64 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect();
     format!("{base}?{}", query.join("&"))
+}
+
+/// A WebSocket over an extended CONNECT stream (RFC 8441) of an HTTP/2 connection.
+pub type H2WsStream = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Opens a WebSocket to `path` on `addr` as an HTTP/2 client with prior knowledge (h2c)
+/// would: a new connection, an extended CONNECT stream with `:protocol websocket`, and,
+/// once the relay answers 200, the WebSocket over that stream. `Err` carries the status
+/// of a refusal.
+///
+/// # Panics
+/// If the connection or the HTTP/2 handshake fails.
+pub async fn connect_h2c(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<H2WsStream, u16> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to the relay");
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    // The relay's SETTINGS (which allow extended CONNECT) must have arrived first.
+    send.ready().await.expect("the connection is ready");
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .version(http::Version::HTTP_2)
+        .header("sec-websocket-version", "13");
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut request = request
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("a CONNECT request");
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = within("the relay answers the CONNECT", DEADLINE, async {
+        send.send_request(request)
+            .await
+            .expect("the CONNECT is sent")
+    })
+    .await;
+    if response.status() != http::StatusCode::OK {
+        return Err(response.status().as_u16());
+    }
+    let upgraded = hyper::upgrade::on(&mut response)
+        .await
+        .expect("the stream is handed over");
+    Ok(WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await)
 }
