@@ -305,6 +305,12 @@ impl TunnelBudget {
         }
     }
 
+    /// Charges against `process` alone (its own pools are as large): for buffers that
+    /// belong to a client's connection rather than to a tunnel.
+    pub fn process_only(process: &Budget) -> TunnelBudget {
+        TunnelBudget::new(process.size(), &Tenant::alone(process.size()), process)
+    }
+
     /// A tunnel whose tenant is itself (tests, one-off tunnels).
     pub fn alone(size: usize, process: &Budget) -> TunnelBudget {
         TunnelBudget::new(size, &Tenant::alone(size), process)

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug};
 
-use crate::connections::{ReadCharge, ReadCharged};
+use crate::connections::{ReadCharge, ReadCharged, SendDebt};
 use crate::error::ClientError;
 use crate::limits::{CLOSE_TIMEOUT, Limits, WS_READ_BUFFER, WS_WRITE_BUFFER};
 use crate::protocol::{Frame, close_code};
@@ -42,10 +42,12 @@ enum Upgrade {
         upgrade: WebSocketUpgrade,
         reads: Option<ReadCharge>,
     },
-    /// An extended CONNECT stream: answered here, its reads charged by `reads`.
+    /// An extended CONNECT stream: answered here, its reads charged by `reads`, what it
+    /// sends by the connection's `sent`.
     Http2 {
         on_upgrade: OnUpgrade,
         reads: ReadCharge,
+        sent: Option<SendDebt>,
     },
 }
 
@@ -88,6 +90,7 @@ impl ClientUpgrade {
             Some(on_upgrade) if websocket => Ok(ClientUpgrade(Upgrade::Http2 {
                 on_upgrade,
                 reads: ReadCharge::new(relay.memory()),
+                sent: parts.extensions.get::<SendDebt>().cloned(),
             })),
             _ => Err(ClientError::NotWebSocket),
         }
@@ -129,7 +132,11 @@ impl ClientUpgrade {
                     })
                     .into_response()
             }
-            Upgrade::Http2 { on_upgrade, reads } => {
+            Upgrade::Http2 {
+                on_upgrade,
+                reads,
+                sent,
+            } => {
                 let mut config = WebSocketConfig::default();
                 config.read_buffer_size = WS_READ_BUFFER;
                 config.write_buffer_size = WS_WRITE_BUFFER;
@@ -148,7 +155,12 @@ impl ClientUpgrade {
                         let io = ReadCharged::new(TokioIo::new(upgraded), &reads);
                         let socket =
                             WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                        serve(ClientSocket(Socket::Http2 { socket, reads })).await;
+                        serve(ClientSocket(Socket::Http2 {
+                            socket,
+                            reads,
+                            sent,
+                        }))
+                        .await;
                     }
                     .instrument(span),
                 );
@@ -175,6 +187,7 @@ enum Socket {
     Http2 {
         socket: WebSocketStream<ReadCharged<TokioIo<Upgraded>>>,
         reads: ReadCharge,
+        sent: Option<SendDebt>,
     },
 }
 
@@ -242,7 +255,7 @@ impl ClientSocket {
                     None => Received::Ended,
                 }
             }
-            Socket::Http2 { socket, reads } => {
+            Socket::Http2 { socket, reads, .. } => {
                 let message = socket.next().await;
                 if let Some(Ok(message)) = &message {
                     let control = match message {
@@ -292,7 +305,12 @@ impl ClientSocket {
                 };
                 socket.send(message).await.map_err(|err| failed(&err))
             }
-            Socket::Http2 { socket, .. } => {
+            Socket::Http2 { socket, sent, .. } => {
+                // Charged until the connection's socket takes it: the stream's send
+                // buffer is hyper's, one per stream.
+                if let Some(sent) = sent {
+                    sent.debt().incur(frame.len()).await;
+                }
                 let message = match frame {
                     Frame::Text(text) => Message::Text(text.into()),
                     Frame::Binary(bytes) => Message::Binary(bytes),

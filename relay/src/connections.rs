@@ -52,7 +52,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
-use crate::budget::{Budget, Held, Reserved, TunnelBudget};
+use crate::body::Indebted;
+use crate::budget::{Budget, Debt, Held, Reserved, TunnelBudget};
 use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
@@ -98,12 +99,24 @@ pub async fn serve(
         let reads = charge.clone();
         let place = ConnectionPlace::new(ip_slot);
         let request_place = place.clone();
+        let sent = SendDebt(Arc::new(Debt::new(&TunnelBudget::process_only(memory))));
+        let request_sent = sent.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
             request.extensions_mut().insert(reads.clone());
             request.extensions_mut().insert(request_place.clone());
+            request.extensions_mut().insert(request_sent.clone());
+            let http2 = request.version() == http::Version::HTTP_2;
+            let sent = request_sent.clone();
             let app = app.clone();
-            async move { Ok::<_, Infallible>(app.oneshot(request).await.unwrap_or_else(|e| match e {})) }
+            async move {
+                let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+                Ok::<_, Infallible>(if http2 {
+                    sent.charge_body(response)
+                } else {
+                    response
+                })
+            }
         });
         let builder = builder.clone();
         let finish = finish.clone();
@@ -126,6 +139,7 @@ pub async fn serve(
                 io: WriteTimeout::new(stream, write_timeout),
                 charge,
                 waiting: None,
+                sent: Some(sent),
                 _places: Some((open, place)),
             });
             let conn = builder.serve_connection_with_upgrades(io, service);
@@ -420,6 +434,8 @@ pub struct ReadCharged<T> {
     io: T,
     charge: ReadCharge,
     waiting: Option<Waiting>,
+    /// Paid as the socket takes bytes (an accepted connection's).
+    sent: Option<SendDebt>,
     _places: Option<(Open, ConnectionPlace)>,
 }
 
@@ -430,8 +446,57 @@ impl<T> ReadCharged<T> {
             io,
             charge: charge.clone(),
             waiting: None,
+            sent: None,
             _places: None,
         }
+    }
+
+    fn paid(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let (Poll::Ready(Ok(n)), Some(sent)) = (&written, &self.sent) {
+            sent.0.paid(*n);
+        }
+        written
+    }
+}
+
+impl<T> Drop for ReadCharged<T> {
+    fn drop(&mut self) {
+        if let Some(sent) = &self.sent {
+            sent.0.forgive();
+        }
+    }
+}
+
+/// What the responses of one HTTP/2 client connection have handed hyper to send and its
+/// socket has not taken yet, charged against the process's budget: an HTTP/2 connection
+/// carries many streams, each with a send buffer of its own (hyper's: 400 KiB), which a
+/// client that grants large windows and stops reading would fill on every stream at once.
+/// A response body of more than [`SendDebt::UNCHARGED`] waits for room instead. (An
+/// HTTP/1.1 connection writes one response at a time through one buffer.)
+#[derive(Debug, Clone)]
+pub struct SendDebt(Arc<Debt>);
+
+impl SendDebt {
+    /// Bodies this small (of a known length) are not charged: `/health`, errors and
+    /// small answers are written at once even while the budget is full.
+    pub const UNCHARGED: u64 = 64 * 1024;
+
+    /// `response`, its body charged as it is handed over.
+    fn charge_body(&self, response: axum::response::Response) -> axum::response::Response {
+        let small = http_body::Body::size_hint(response.body())
+            .upper()
+            .is_some_and(|n| n <= Self::UNCHARGED);
+        if small {
+            return response;
+        }
+        let debt = self.0.clone();
+        response.map(|body| axum::body::Body::new(Indebted::new(body, debt)))
+    }
+
+    /// The debt itself, for what is sent on the connection outside a response (a
+    /// WebSocket over one of its streams).
+    pub fn debt(&self) -> &Arc<Debt> {
+        &self.0
     }
 }
 
@@ -480,7 +545,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCharged<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.paid(written)
     }
 
     fn poll_write_vectored(
@@ -488,7 +554,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ReadCharged<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.paid(written)
     }
 
     fn is_write_vectored(&self) -> bool {
