@@ -582,50 +582,6 @@ async fn a_websocket_message_in_progress_over_http2_past_the_process_budget_drop
     assert_eq!(frame["data"], "small");
 }
 
-/// A socket whose reads stop, for good, once `stalled` is set: a peer that keeps its
-/// connection open and stops reading it.
-struct StallingReads {
-    io: TcpStream,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl tokio::io::AsyncRead for StallingReads {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
-            return std::task::Poll::Pending;
-        }
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for StallingReads {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[tokio::test]
 async fn an_http2_client_that_opens_huge_windows_and_stops_reading_holds_no_more_than_the_budget() {
     // Memory this may cost the relay: the process budget (16 MiB here) and what passing
@@ -642,11 +598,8 @@ async fn an_http2_client_that_opens_huge_windows_and_stops_reading_holds_no_more
     let _agent = h2_agent(&relay, "bulk", &bulk.url("")).await;
     let rss_before = relay_tests::rss_kib(relay.pid()).unwrap();
 
-    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io = StallingReads {
-        io: TcpStream::connect(relay.addr()).await.unwrap(),
-        stalled: stalled.clone(),
-    };
+    let (io, stall) =
+        relay_tests::StallingReads::new(TcpStream::connect(relay.addr()).await.unwrap());
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(0x7fff_ffff)
         .initial_connection_window_size(0x7fff_ffff)
@@ -672,7 +625,7 @@ async fn an_http2_client_that_opens_huge_windows_and_stops_reading_holds_no_more
     // The first answers arrive; then the client reads nothing more.
     let first = responses.remove(0).await.expect("an answer");
     assert_eq!(first.status(), 200);
-    stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    stall.stall();
 
     relay_tests::wait_until_async("the answers fill the budget", DEADLINE, || async {
         relay.counter("relay_budget_bytes_in_use", &[]).await >= (15 * MIB) as f64

@@ -73,6 +73,10 @@ const ATTACKS: &[Attack] = &[
         what: "40 v1 hosts of one tenant each send 12 MiB of a 16 MiB message, never the rest, for 10 s",
     },
     Attack {
+        name: "h2-client-unread",
+        what: "one HTTP/2 client grants 2 GiB windows, asks 150 streams for 1 MiB answers each, and stops reading, for 10 s",
+    },
+    Attack {
         name: "h2-sponge",
         what: "an h2 agent grants 2 GiB windows and reads nothing; 96 clients upload 4 MiB each, for 10 s",
     },
@@ -396,6 +400,60 @@ async fn run(name: &str, addr: SocketAddr) -> String {
                 writer.abort();
             }
             "held them, charged".into()
+        }
+        "h2-client-unread" => {
+            let mut host = RawHost::connect_url(&host_url(addr, "attacker"), None).await;
+            let answers = tokio::spawn(async move {
+                let body = "a".repeat(MIB);
+                let mut answered = 0;
+                while let Some(msg) = host.try_recv_json(Duration::from_secs(12)).await {
+                    if msg_type(&msg) == "http" {
+                        host.respond(&msg_id(&msg), 200, json!({}), &body).await;
+                        answered += 1;
+                    }
+                }
+                answered
+            });
+            let Ok(tcp) = TcpStream::connect(addr).await else {
+                return "could not connect".into();
+            };
+            let (io, stall) = relay_tests::StallingReads::new(tcp);
+            let bearer = format!("Bearer {client}");
+            let Ok((client, connection)) = h2::client::Builder::new()
+                .initial_window_size(0x7fff_ffff)
+                .initial_connection_window_size(0x7fff_ffff)
+                .handshake::<_, bytes::Bytes>(io)
+                .await
+            else {
+                return "no HTTP/2 handshake".into();
+            };
+            let connection = tokio::spawn(connection);
+            let mut statuses = Vec::new();
+            if let Ok(mut client) = client.ready().await {
+                for _ in 0..150 {
+                    let request = http::Request::get(format!("http://{addr}/hosts/attacker/big"))
+                        .header("authorization", bearer.as_str())
+                        .body(())
+                        .expect("a request");
+                    let Ok((response, _)) = client.send_request(request, true) else {
+                        break;
+                    };
+                    statuses.push(response);
+                    match client.ready().await {
+                        Ok(ready) => client = ready,
+                        Err(_) => break,
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stall.stall();
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            connection.abort();
+            let answered = answers.await.unwrap_or(0);
+            format!(
+                "{} streams opened, the host answered {answered}",
+                statuses.len()
+            )
         }
         "h2-sponge" => {
             let url = format!("ws://{addr}/tunnel?hostId=attacker");

@@ -48,6 +48,7 @@
 //! - [`memory`]: [`rss_kib`], [`peak_rss_kib`] and [`RssSampler`], a
 //!   process's resident memory from `/proc`, sampled over a test's window.
 //! - [`raw_h2`]: an `h2` agent speaking HTTP/2 frame by frame, for hostile agents.
+//! - [`stall`]: [`StallingReads`], a socket that stops reading on cue.
 //! - [`wait`]: [`wait_until`] and friends.
 
 pub mod agent;
@@ -65,6 +66,7 @@ pub mod redis;
 pub mod relay_process;
 pub mod release_binary;
 pub mod stack;
+pub mod stall;
 pub mod stream_client;
 pub mod stub_relay;
 pub mod tls;
@@ -90,6 +92,7 @@ pub use relay_process::{
 };
 pub use release_binary::release_relay_binary;
 pub use stack::Stack;
+pub use stall::{Stall, StallingReads};
 pub use stream_client::{DownloadOptions, Protocol, UploadOptions, download, upload};
 pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
 pub use tls::TestCa;
