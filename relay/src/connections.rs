@@ -137,6 +137,7 @@ pub async fn serve(
             }
             let io = TokioIo::new(ReadCharged {
                 io: WriteTimeout::new(stream, write_timeout),
+                ahead: bytes::BytesMut::new(),
                 charge,
                 waiting: None,
                 sent: Some(sent),
@@ -246,6 +247,8 @@ struct ReadChargeInner {
     /// Held only for a few field updates, never across an await.
     state: std::sync::Mutex<ReadState>,
     budget: Budget,
+    /// The socket carries a tunnel: read ahead ([`crate::limits::TUNNEL_READ_AHEAD`]).
+    read_ahead: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -290,8 +293,24 @@ impl ReadCharge {
             inner: Arc::new(ReadChargeInner {
                 state: std::sync::Mutex::new(ReadState::Off),
                 budget: budget.clone(),
+                read_ahead: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// The socket now carries a tunnel: reads take up to
+    /// [`crate::limits::TUNNEL_READ_AHEAD`] from it at once, handed to the codec as it
+    /// asks, instead of the codec's small read buffer's worth per system call.
+    pub fn read_ahead(&self) {
+        self.inner
+            .read_ahead
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn reads_ahead(&self) -> bool {
+        self.inner
+            .read_ahead
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts charging reads: the connection now carries one client WebSocket.
@@ -432,6 +451,9 @@ type Waiting = (u64, usize, Pin<Box<dyn Future<Output = Reserved> + Send>>);
 /// it lives.
 pub struct ReadCharged<T> {
     io: T,
+    /// Read from the socket ahead of the codec (a tunnel's); empty, with no memory, when
+    /// the codec has taken it all.
+    ahead: bytes::BytesMut,
     charge: ReadCharge,
     waiting: Option<Waiting>,
     /// Paid as the socket takes bytes (an accepted connection's).
@@ -444,6 +466,7 @@ impl<T> ReadCharged<T> {
     pub(crate) fn new(io: T, charge: &ReadCharge) -> ReadCharged<T> {
         ReadCharged {
             io,
+            ahead: bytes::BytesMut::new(),
             charge: charge.clone(),
             waiting: None,
             sent: None,
@@ -500,6 +523,38 @@ impl SendDebt {
     }
 }
 
+impl<T: AsyncRead + Unpin> ReadCharged<T> {
+    /// Fills `buf` from what was read ahead, reading up to
+    /// [`crate::limits::TUNNEL_READ_AHEAD`] from the socket when nothing is left.
+    fn poll_read_ahead(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.ahead.is_empty() {
+            self.ahead.reserve(limits::TUNNEL_READ_AHEAD);
+            // Into the spare capacity, not zero-filled first.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.ahead) {
+                Poll::Pending => {
+                    // Nothing to read: an idle tunnel waits holding no buffer.
+                    self.ahead = bytes::BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead.split_to(n));
+        if self.ahead.is_empty() {
+            // An idle tunnel holds no read-ahead memory.
+            self.ahead = bytes::BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -516,7 +571,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
             this.waiting = None;
         }
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let polled = if this.charge.reads_ahead() {
+            this.poll_read_ahead(cx, buf)
+        } else {
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        };
         if let Poll::Ready(Ok(())) = polled {
             match self.charge.charge(buf.filled().len() - before) {
                 Due::Nothing => {}

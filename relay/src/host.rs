@@ -290,6 +290,9 @@ async fn serve_tunnel(relay: Relay, socket: WebSocket, tunnel: Tunnel) {
         };
         // A v1 tunnel's messages may be 16 MiB, assembled unseen: past an allowance, what
         // is read for one is charged against the tunnel's budgets until it is whole.
+        if let Some(reads) = &reads {
+            reads.read_ahead();
+        }
         let reads = reads.filter(|_| protocol == Protocol::V1);
         if let Some(reads) = &reads {
             reads.start_tunnel(handle.budget());

@@ -156,6 +156,13 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// and the buffer is per socket (see BENCHMARKS.md for the RSS per idle tunnel).
 pub const WS_READ_BUFFER: usize = 4 * 1024;
 
+/// Most a tunnel's socket is read at once, ahead of its codec: 64 KiB. The codec's own
+/// read buffer ([`WS_READ_BUFFER`]) is kept small for idle tunnels, and it is also the
+/// most it reads per system call: a bulk transfer would cost a system call per 4 KiB.
+/// Read ahead into a buffer that is given back once the codec has taken it, a busy tunnel
+/// reads 64 KiB per call and an idle one holds nothing.
+pub const TUNNEL_READ_AHEAD: usize = 64 * 1024;
+
 /// Write buffer of every WebSocket: frames are batched up to this size before a write.
 pub const WS_WRITE_BUFFER: usize = 8 * 1024;
 

@@ -101,6 +101,11 @@ impl RelayChild {
         // lifted: the bench measures memory and proxying, not the registration pacing.
         cmd.env("RELAY_ADMISSION_RATE", "1000000")
             .env("RELAY_ADMISSION_BURST", "1000000");
+        // Every client, tunnel and channel of a bench comes from 127.0.0.1: the limit per
+        // address (which counts tunnels and channels too) would refuse the thousands of
+        // idle tunnels and the load generator's connections.
+        cmd.env("RELAY_MAX_CONNECTIONS_PER_IP", "0")
+            .env("RELAY_MAX_CHANNELS_PER_CLIENT", "0");
         cmd.envs(env.iter().copied());
         cmd.env("RELAY_JWT_SECRET", SECRET)
             .env("RUST_LOG", "warn,relay::server=info")
