@@ -828,6 +828,52 @@ mod tests {
         assert_eq!((charge.held_bytes(), process.in_use()), (0, FREE));
     }
 
+    /// A reader that counts the reads it serves.
+    struct Counted {
+        io: tokio::io::DuplexStream,
+        reads: usize,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+            if polled.is_ready() {
+                self.reads += 1;
+            }
+            polled
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_socket_is_read_64_kib_at_a_time_and_holds_no_buffer_while_idle() {
+        let (ours, mut theirs) = tokio::io::duplex(256 * 1024);
+        let charge = ReadCharge::new(&Budget::new(usize::MAX));
+        charge.read_ahead();
+        let mut socket = ReadCharged::new(Counted { io: ours, reads: 0 }, &charge);
+        theirs.write_all(&[7u8; 128 * 1024]).await.unwrap();
+        // The codec asks 4 KiB at a time, as the relay's does.
+        let mut got = 0;
+        while got < 128 * 1024 {
+            let mut chunk = [0u8; 4096];
+            let n = socket.read(&mut chunk).await.unwrap();
+            assert!(chunk[..n].iter().all(|b| *b == 7));
+            got += n;
+        }
+        assert_eq!(
+            socket.io.reads, 2,
+            "128 KiB in two reads of the socket, not 32"
+        );
+        // Nothing left to read: the wait holds no buffer.
+        let mut chunk = [0u8; 4096];
+        let pending = tokio::time::timeout(Duration::from_millis(20), socket.read(&mut chunk));
+        assert!(pending.await.is_err());
+        assert_eq!(socket.ahead.capacity(), 0);
+    }
+
     #[tokio::test]
     async fn a_write_the_peer_never_takes_fails_after_the_limit() {
         let (ours, mut theirs) = tokio::io::duplex(1024);
