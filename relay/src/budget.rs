@@ -563,6 +563,9 @@ pub struct Debt {
     owed: std::sync::Mutex<Charge>,
     /// The sender is gone: nothing handed to it is held any more, and nothing more is.
     forgiven: std::sync::atomic::AtomicBool,
+    /// Whether anything may be owed: a write on a connection that owes nothing (most of
+    /// them: plain HTTP/1.1) takes no lock.
+    owing: std::sync::atomic::AtomicBool,
 }
 
 impl Debt {
@@ -572,6 +575,7 @@ impl Debt {
             budget: budget.clone(),
             owed: std::sync::Mutex::new(Charge::default()),
             forgiven: std::sync::atomic::AtomicBool::new(false),
+            owing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -593,6 +597,7 @@ impl Debt {
         let charge = self.budget.charge(bytes).await;
         if !self.is_forgiven() {
             self.owed().merge(charge);
+            self.owing.store(true, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -602,7 +607,16 @@ impl Debt {
 
     /// The socket took `bytes`.
     pub fn paid(&self, bytes: usize) {
-        self.owed().release(bytes);
+        if !self.owing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut owed = self.owed();
+        owed.release(bytes);
+        if owed.bytes() == 0 {
+            // Under the lock: an `incur` merging now sets it again after this.
+            self.owing
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Bytes owed now.

@@ -249,6 +249,8 @@ struct ReadChargeInner {
     budget: Budget,
     /// The socket carries a tunnel: read ahead ([`crate::limits::TUNNEL_READ_AHEAD`]).
     read_ahead: std::sync::atomic::AtomicBool,
+    /// Charging has started: until then a read costs no lock (plain HTTP never does).
+    on: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -294,6 +296,7 @@ impl ReadCharge {
                 state: std::sync::Mutex::new(ReadState::Off),
                 budget: budget.clone(),
                 read_ahead: std::sync::atomic::AtomicBool::new(false),
+                on: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -316,6 +319,9 @@ impl ReadCharge {
     /// Starts charging reads: the connection now carries one client WebSocket.
     pub fn start(&self) {
         *self.state() = ReadState::Client(Held::default());
+        self.inner
+            .on
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Starts charging reads past the allowance against `budget`: the connection now
@@ -328,6 +334,9 @@ impl ReadCharge {
             owing: 0,
             messages: 0,
         });
+        self.inner
+            .on
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// A message was received: what was read for it is given back. A ping or pong
@@ -382,7 +391,7 @@ impl ReadCharge {
 
     /// Charges `bytes` just read.
     fn charge(&self, bytes: usize) -> Due {
-        if bytes == 0 {
+        if bytes == 0 || !self.inner.on.load(std::sync::atomic::Ordering::Acquire) {
             return Due::Nothing;
         }
         match &mut *self.state() {
