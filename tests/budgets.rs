@@ -218,9 +218,7 @@ async fn a_tenant_whose_hosts_start_large_messages_and_never_end_them_holds_its_
             else {
                 panic!("the test socket is plain TCP");
             };
-            let mut head = vec![0x81, 0x80 | 127];
-            head.extend_from_slice(&(MESSAGE as u64).to_be_bytes());
-            head.extend_from_slice(&[0, 0, 0, 0]);
+            let head = relay_tests::ws::masked_frame_head(true, MESSAGE as u64);
             tcp.write_all(&head).await.unwrap();
             let _ = tcp.write_all(&vec![b' '; MESSAGE - 1]).await;
             std::future::pending::<()>().await;
@@ -412,9 +410,7 @@ async fn a_websocket_message_in_progress_past_the_process_budget_drops_its_socke
     let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stream.get_mut() else {
         panic!("the test socket is plain TCP");
     };
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(3 * MIB as u64).to_be_bytes());
-    head.extend_from_slice(&[0, 0, 0, 0]);
+    let head = relay_tests::ws::masked_frame_head(false, 3 * MIB as u64);
     tcp.write_all(&head).await.unwrap();
     let _ = tcp.write_all(&vec![0u8; 5 * MIB / 2]).await;
 
@@ -554,9 +550,7 @@ async fn a_websocket_message_in_progress_over_http2_past_the_process_budget_drop
     // stream and the rest never: an HTTP/2 connection carries other streams, so the
     // relay charges the stream itself.
     let mut stream = client.into_inner();
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(3 * MIB as u64).to_be_bytes());
-    head.extend_from_slice(&[0, 0, 0, 0]);
+    let head = relay_tests::ws::masked_frame_head(false, 3 * MIB as u64);
     stream.write_all(&head).await.unwrap();
     let writing = tokio::spawn(async move {
         let _ = stream.write_all(&vec![0u8; 5 * MIB / 2]).await;

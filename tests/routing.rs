@@ -1221,9 +1221,7 @@ async fn a_bridged_message_past_the_budget_of_the_relay_in_between_ends_that_bri
     let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stream.get_mut() else {
         panic!("the test socket is plain TCP");
     };
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(3 * 1024 * 1024u64).to_be_bytes());
-    head.extend_from_slice(&[0, 0, 0, 0]);
+    let head = relay_tests::ws::masked_frame_head(false, 3 * 1024 * 1024);
     use tokio::io::AsyncWriteExt;
     tcp.write_all(&head).await.unwrap();
     let _ = tcp.write_all(&vec![0u8; 5 * 1024 * 1024 / 2]).await;

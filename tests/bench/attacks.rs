@@ -387,9 +387,7 @@ async fn run(name: &str, addr: SocketAddr) -> String {
                     };
                     // A text message announced at 16 MiB (the frame limit), masked with a
                     // zero key as a host's must be; 12 MiB of it, then nothing.
-                    let mut head = vec![0x81, 0x80 | 127];
-                    head.extend_from_slice(&(16 * MIB as u64).to_be_bytes());
-                    head.extend_from_slice(&[0, 0, 0, 0]);
+                    let head = relay_tests::ws::masked_frame_head(true, 16 * MIB as u64);
                     let _ = tcp.write_all(&head).await;
                     let _ = tcp.write_all(&vec![b' '; 12 * MIB]).await;
                     std::future::pending::<()>().await;

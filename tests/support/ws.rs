@@ -346,3 +346,13 @@ pub async fn connect_h2c(
     )
     .await)
 }
+
+/// The head of one whole WebSocket frame of `len` bytes, text or binary, as a client (or
+/// a host agent) must send it: masked, here with a zero key, so the payload goes as is.
+/// For sending a message's start by hand and never its end.
+pub fn masked_frame_head(text: bool, len: u64) -> Vec<u8> {
+    let mut head = vec![if text { 0x81 } else { 0x82 }, 0x80 | 127];
+    head.extend_from_slice(&len.to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    head
+}
