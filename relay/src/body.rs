@@ -75,9 +75,9 @@ where
 
 /// A body whose data is charged to a [`Debt`] before it is handed over: waiting for room
 /// when there is none, which slows its producer (a client's upload) down to the pace of
-/// the tunnel's socket instead of buffering ahead of it. Room for a first part of each
-/// chunk ([`Indebted::PREPAID`]) is charged before the chunk is even read, so that while
-/// the tunnel's budget is full nothing more is read from the client at all.
+/// the socket it goes to instead of buffering ahead of it. Room for a first part of each
+/// chunk ([`crate::limits::DEBT_PREPAID`]) is charged before the chunk is even read, so
+/// that while the budget is full nothing more is read from the producer at all.
 pub struct Indebted<B> {
     body: B,
     debt: Arc<Debt>,
@@ -96,10 +96,6 @@ enum Payment {
 }
 
 impl<B> Indebted<B> {
-    /// Charged for each chunk before it is read: 16 KiB, the size of most chunks of a
-    /// client's body (hyper reads 8–16 KiB at a time until a transfer runs fast).
-    pub const PREPAID: usize = 16 * 1024;
-
     /// `body`, its data charged to `debt`.
     pub fn new(body: B, debt: Arc<Debt>) -> Indebted<B> {
         Indebted {
@@ -129,7 +125,7 @@ where
         loop {
             match &mut self.state {
                 Payment::Due => {
-                    let prepaying = self.charge(Self::PREPAID);
+                    let prepaying = self.charge(crate::limits::DEBT_PREPAID);
                     self.state = Payment::Prepaying(prepaying);
                 }
                 Payment::Prepaying(payment) => {
@@ -146,7 +142,7 @@ where
                     let rest = frame
                         .data_ref()
                         .map_or(0, Bytes::len)
-                        .saturating_sub(Self::PREPAID);
+                        .saturating_sub(crate::limits::DEBT_PREPAID);
                     if rest == 0 {
                         self.state = Payment::Due;
                         return Poll::Ready(Some(Ok(frame)));

@@ -503,21 +503,17 @@ impl<T> Drop for ReadCharged<T> {
 /// socket has not taken yet, charged against the process's budget: an HTTP/2 connection
 /// carries many streams, each with a send buffer of its own (hyper's: 400 KiB), which a
 /// client that grants large windows and stops reading would fill on every stream at once.
-/// A response body of more than [`SendDebt::UNCHARGED`] waits for room instead. (An
+/// A response body of more than [`limits::UNCHARGED_RESPONSE`] waits for room instead. (An
 /// HTTP/1.1 connection writes one response at a time through one buffer.)
 #[derive(Debug, Clone)]
 pub struct SendDebt(Arc<Debt>);
 
 impl SendDebt {
-    /// Bodies this small (of a known length) are not charged: `/health`, errors and
-    /// small answers are written at once even while the budget is full.
-    pub const UNCHARGED: u64 = 64 * 1024;
-
     /// `response`, its body charged as it is handed over.
     fn charge_body(&self, response: axum::response::Response) -> axum::response::Response {
         let small = http_body::Body::size_hint(response.body())
             .upper()
-            .is_some_and(|n| n <= Self::UNCHARGED);
+            .is_some_and(|n| n <= limits::UNCHARGED_RESPONSE);
         if small {
             return response;
         }

@@ -156,6 +156,19 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// and the buffer is per socket (see BENCHMARKS.md for the RSS per idle tunnel).
 pub const WS_READ_BUFFER: usize = 4 * 1024;
 
+/// Charged for each chunk of a body handed to a buffering sender (an `h2` tunnel's
+/// HTTP/2, an HTTP/2 client's connection) before the chunk is even read: 16 KiB, the size
+/// of most chunks of a client's body (hyper reads 8–16 KiB at a time until a transfer
+/// runs fast), so that while a budget is full nothing more is read from the producer at
+/// all. The rest of a larger chunk is charged once it is read. See [`crate::body::Indebted`].
+pub const DEBT_PREPAID: usize = 16 * 1024;
+
+/// Responses to an HTTP/2 client this small (of a known length) are not charged as they
+/// are handed to hyper: `/health`, errors and small answers are written at once even
+/// while the process's budget is full. 64 KiB: what a handful of frames carry. See
+/// [`crate::connections::SendDebt`].
+pub const UNCHARGED_RESPONSE: u64 = 64 * 1024;
+
 /// Most a tunnel's socket is read at once, ahead of its codec: 64 KiB. The codec's own
 /// read buffer ([`WS_READ_BUFFER`]) is kept small for idle tunnels, and it is also the
 /// most it reads per system call: a bulk transfer would cost a system call per 4 KiB.
