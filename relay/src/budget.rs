@@ -79,6 +79,12 @@ impl Budget {
         self.size - self.bytes.available_permits()
     }
 
+    /// `bytes` from this pool, waiting for room; `None` only if the pool were closed
+    /// (never).
+    async fn acquire(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.bytes).acquire_many_owned(bytes).await.ok()
+    }
+
     fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
         let bytes = u32::try_from(bytes).ok()?;
         Arc::clone(&self.bytes).try_acquire_many_owned(bytes).ok()
@@ -94,7 +100,7 @@ impl Budget {
         if bytes == 0 {
             return Held(None);
         }
-        Held(Arc::clone(&self.bytes).acquire_many_owned(bytes).await.ok())
+        Held(self.acquire(bytes).await)
     }
 
     /// `bytes` from this pool alone if there is room now.
@@ -425,14 +431,10 @@ impl TunnelBudget {
             return Reserved::default();
         }
         // Tenant before process, as charges take them.
-        let (Ok(tenant), Ok(process)) = (
-            Arc::clone(&self.tenant().bytes)
-                .acquire_many_owned(bytes)
-                .await,
-            Arc::clone(&self.process.bytes)
-                .acquire_many_owned(bytes)
-                .await,
-        ) else {
+        let Some(tenant) = self.tenant().acquire(bytes).await else {
+            return Reserved::default();
+        };
+        let Some(process) = self.process.acquire(bytes).await else {
             return Reserved::default();
         };
         telemetry::budget_in_use(f64::from(bytes));
@@ -456,23 +458,12 @@ impl TunnelBudget {
             return Charge::default();
         }
         // Always in this order (tunnel, tenant, process), so that no two waiting charges
-        // can each hold what the other waits for. Never closed: acquiring cannot fail.
-        let Ok(tunnel) = Arc::clone(&self.tunnel.bytes)
-            .acquire_many_owned(bytes)
-            .await
-        else {
-            return Charge::default();
-        };
-        let Ok(tenant) = Arc::clone(&self.tenant().bytes)
-            .acquire_many_owned(bytes)
-            .await
-        else {
-            return Charge::default();
-        };
-        let Ok(process) = Arc::clone(&self.process.bytes)
-            .acquire_many_owned(bytes)
-            .await
-        else {
+        // can each hold what the other waits for.
+        let (Some(tunnel), Some(tenant), Some(process)) = (
+            self.tunnel.acquire(bytes).await,
+            self.tenant().acquire(bytes).await,
+            self.process.acquire(bytes).await,
+        ) else {
             return Charge::default();
         };
         telemetry::budget_in_use(f64::from(bytes));
