@@ -315,6 +315,11 @@ pub mod h2 {
     pub const MAX_CONCURRENT_STREAMS: u32 =
         (super::MAX_PENDING_EXCHANGES + super::agent::MAX_CHANNELS) as u32;
 
+    /// Streams the relay opens on a new connection before the agent's SETTINGS say how
+    /// many it takes ([`MAX_CONCURRENT_STREAMS`]): 100, hyper's default and the floor
+    /// RFC 9113 §6.5.2 recommends a peer allow. More wait in `h2`'s queue meanwhile.
+    pub const INITIAL_MAX_SEND_STREAMS: usize = 100;
+
     /// Streams the relay may reset before the agent has picked them up, before the agent
     /// ends the tunnel (`ENHANCE_YOUR_CALM`). The relay resets a stream for every client
     /// that goes away before its answer, so a burst of clients leaving at once (a load

@@ -6,19 +6,26 @@
 //! exchange resets its stream, which the agent turns into an aborted upstream call. The
 //! windows are named limits ([`crate::limits::h2`]).
 //!
-//! The [`Session`] task owns what is not hyper's: liveness (v1's JSON `ping`/`pong` on
+//! The relay drives `h2` itself rather than through hyper's HTTP/2 client: an exchange
+//! opens its stream and awaits the answer from its own task, where hyper would hand the
+//! request to its dispatch task and the answer back through a task it spawns per
+//! request (two more task wake-ups per exchange, most of `h2`'s extra cost over v1 at one
+//! request at a time). [`stream`] has the body and byte-stream adapters.
+//!
+//! The [`Session`] task owns what is not `h2`'s: liveness (v1's JSON `ping`/`pong` on
 //! text messages, so the directory heartbeat works as with v1), the `drain` message,
 //! closing, and the life of the HTTP/2 connection inside the tunnel: it starts one when
 //! the first stream asks for it, and ends it once the tunnel has carried no stream for
-//! [`Limits::h2_idle_connection`], so an idle tunnel holds none of hyper's and h2's
-//! buffers ([`crate::protocol::h2`] has the wire side). While a connection is up, the
-//! session polls hyper's dispatch future, which hands new requests to it; the
-//! connection itself (reads, writes, streams) runs in tasks hyper spawns on the relay's
-//! tracker. While none is, the session reads the WebSocket itself.
+//! [`Limits::h2_idle_connection`], so an idle tunnel holds none of `h2`'s buffers
+//! ([`crate::protocol::h2`] has the wire side). While a connection is up, it runs
+//! (reads, writes, streams) in a task of its own on the relay's tracker; while none is,
+//! the session reads the WebSocket itself.
 //!
 //! A tunnel stops taking new streams when it is closed through a handle or when the
 //! agent says `GOAWAY` (it moved to another tunnel): requests hyper had not yet written
 //! come back untouched ([`ExchangeFailure::NotDelivered`]) and are routed again.
+
+mod stream;
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -28,13 +35,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::WebSocket;
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use h2::client::SendRequest;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,16 +53,15 @@ use super::{
     ChannelEvent, ChannelInner, ChannelRequest, ExchangeError, ExchangeFailure, Opened, Permit,
     SessionEnd, TunnelHandle,
 };
-use crate::body::{Guarded, Indebted, watch_end};
+use crate::body::{Guarded, Indebted};
 use crate::budget::{Charge, Debt, Reserved, TunnelBudget};
 use crate::headers;
 use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
-use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Executor, Idle, TunnelIo};
+use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 use crate::protocol::{DRAIN_REASON, Frame, close_code};
 use crate::telemetry;
-
-type Io = TokioIo<Paying>;
+use stream::{RecvBody, SendError, StreamIo};
 
 /// The handle's side of an `h2` tunnel.
 #[derive(Debug)]
@@ -78,6 +84,8 @@ pub(crate) struct Link {
     max_channel_message: usize,
     /// What this tunnel's HTTP/2 and channel buffers are charged against.
     budget: TunnelBudget,
+    /// Where request bodies still uploading once their answer came go on being sent.
+    tracker: TaskTracker,
 }
 
 /// The HTTP/2 connection inside a tunnel, as streams see it.
@@ -86,7 +94,7 @@ enum Connection {
     /// None yet, or the last one ended: the session starts one when asked.
     Down,
     /// Up: new streams go on it, and what they hand it to send is charged to its debt.
-    Up(SendRequest<Body>, Arc<Debt>),
+    Up(SendRequest<Bytes>, Arc<Debt>),
     /// Being ended (idle): the next one starts once it has ended on both sides.
     Ending,
     /// The tunnel takes no new streams.
@@ -127,6 +135,7 @@ pub(crate) fn new(
         drain_sent: AtomicBool::new(false),
         max_channel_message: limits.max_frame_bytes,
         budget,
+        tracker: tracker.clone(),
     };
     let parts = Parts {
         shared,
@@ -144,7 +153,7 @@ async fn start_connection(
     shared: &TunnelIo<WebSocket>,
     tracker: &TaskTracker,
     budget: &TunnelBudget,
-) -> Result<(SendRequest<Body>, HttpConnection, Arc<Debt>), hyper::Error> {
+) -> Result<(SendRequest<Bytes>, HttpConnection, Arc<Debt>), h2::Error> {
     // Against the process's budget only: the window is a fixed share of one tunnel,
     // far inside the tunnel's own budget; what counts is how many tunnels hold one.
     let window = budget
@@ -162,15 +171,18 @@ async fn start_connection(
         debt: debt.clone(),
         _window: window,
     };
-    let (send, conn) = hyper::client::conn::http2::Builder::new(Executor(tracker.clone()))
-        .initial_stream_window_size(limits::h2::STREAM_WINDOW.min(granted))
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(limits::h2::STREAM_WINDOW.min(granted))
         .initial_connection_window_size(granted)
         .max_frame_size(limits::h2::MAX_FRAME)
         .max_header_list_size(limits::h2::MAX_HEADER_LIST)
-        .max_send_buf_size(limits::h2::MAX_SEND_BUFFER)
-        .handshake(TokioIo::new(io))
+        .max_send_buffer_size(limits::h2::MAX_SEND_BUFFER)
+        // Until the agent's SETTINGS say how many streams it takes (hyper's default).
+        .initial_max_send_streams(limits::h2::INITIAL_MAX_SEND_STREAMS)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
         .await?;
-    Ok((send, Box::pin(conn), debt))
+    Ok((send, tracker.spawn(conn), debt))
 }
 
 /// The byte stream of one HTTP/2 connection, paying off its [`Debt`] as the tunnel's
@@ -226,9 +238,9 @@ impl Drop for Paying {
     }
 }
 
-/// hyper's dispatch future of a connection: it hands new requests to HTTP/2, and ends
-/// when every sender is gone or the agent says `GOAWAY`.
-type HttpConnection = Pin<Box<hyper::client::conn::http2::Connection<Io, Body, Executor>>>;
+/// The task of an HTTP/2 connection: it ends once the connection has no stream left and
+/// either no sender (this side ended it) or the agent said `GOAWAY`, or when it failed.
+type HttpConnection = JoinHandle<Result<(), h2::Error>>;
 
 /// The URI of a request inside the tunnel: HTTP/2 needs a scheme and an authority.
 fn tunnel_uri(path_and_query: &str) -> Result<Uri, http::Error> {
@@ -258,7 +270,7 @@ impl Link {
     ///
     /// # Cancel safety
     /// Cancel safe.
-    async fn sender(&self) -> Option<(SendRequest<Body>, Arc<Debt>)> {
+    async fn sender(&self) -> Option<(SendRequest<Bytes>, Arc<Debt>)> {
         self.streams_started.fetch_add(1, Ordering::Relaxed);
         let mut connection = self.connection.subscribe();
         loop {
@@ -291,60 +303,103 @@ impl Link {
         }
     }
 
-    /// See [`TunnelHandle::exchange`]: `timeout` bounds the wait for the response head;
-    /// the body then streams for as long as it takes, holding `permit`.
+    /// A sender on the HTTP/2 connection that may open a stream now: `None` when the
+    /// connection takes no new streams (the agent said `GOAWAY`, or it failed), and then
+    /// the tunnel takes none either.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    async fn ready(&self) -> Result<Option<(SendRequest<Bytes>, Arc<Debt>)>, ExchangeError> {
+        let Some((send, debt)) = self.sender().await else {
+            return Ok(None);
+        };
+        match send.ready().await {
+            Ok(send) => Ok(Some((send, debt))),
+            Err(err) => {
+                debug!(error = %err, "the HTTP/2 connection takes no new streams");
+                self.stop_accepting();
+                Ok(None)
+            }
+        }
+    }
+
+    /// See [`TunnelHandle::exchange`]: `timeout` bounds the wait for the response head
+    /// once the request body has been sent whole; the body then streams for as long as it
+    /// takes, holding `permit`.
     pub(crate) async fn exchange(
         &self,
         permit: Permit,
-        mut request: Request<Body>,
+        request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Body>, ExchangeFailure> {
         if !self.is_accepting() {
             return Err(ExchangeFailure::NotDelivered(Box::new(request)));
         }
-        let path = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        match tunnel_uri(&path) {
-            Ok(uri) => *request.uri_mut() = uri,
-            Err(_) => {
-                return Err(ExchangeError::InvalidResponse("unusable request path".into()).into());
-            }
-        }
-        *request.version_mut() = Version::HTTP_2;
-        let (mut send, debt) = match tokio::time::timeout(timeout, self.sender()).await {
-            Ok(Some(sender)) => sender,
-            Ok(None) => return Err(ExchangeFailure::NotDelivered(Box::new(request))),
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let Ok(uri) = tunnel_uri(path) else {
+            return Err(ExchangeError::InvalidResponse("unusable request path".into()).into());
+        };
+        let (mut send, debt) = match tokio::time::timeout(timeout, self.ready()).await {
+            Ok(Ok(Some(sender))) => sender,
+            Ok(Ok(None)) => return Err(ExchangeFailure::NotDelivered(Box::new(request))),
+            Ok(Err(err)) => return Err(err.into()),
             Err(_) => return Err(ExchangeError::Timeout.into()),
         };
+        let (mut parts, body) = request.into_parts();
+        parts.uri = uri;
+        parts.version = Version::HTTP_2;
+        // The client's framing does not cross the hop (`headers::to_host`): a body of
+        // known length says so, as hyper's client would.
+        if let Some(len) = http_body::Body::size_hint(&body).exact()
+            && (len != 0 || !matches!(parts.method, Method::GET | Method::HEAD))
+        {
+            parts
+                .headers
+                .entry(header::CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(len));
+        }
+        let end = http_body::Body::is_end_stream(&body);
+        let (response, stream) = send
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(|err| stream_error(&err))?;
+        // What the upload hands HTTP/2 is charged until the tunnel's socket takes it.
+        let mut upload =
+            (!end).then(|| Box::pin(stream::send_body(stream, Indebted::new(body, debt))));
         // The deadline for the answer starts once the request body is sent whole: an
-        // upload takes as long as it takes. What it hands HTTP/2 is charged until written.
-        let (parts, body) = request.into_parts();
-        let (body, ended) = watch_end(Body::new(Indebted::new(body, debt)));
-        let request = Request::from_parts(parts, body);
-        let deadline = async {
-            let _ = ended.await;
-            tokio::time::sleep(timeout).await;
-        };
-        let sent = tokio::select! {
-            sent = send.try_send_request(request) => sent,
-            () = deadline => return Err(ExchangeError::Timeout.into()),
-        };
-        let response = match sent {
-            Ok(response) => response,
-            Err(mut err) => {
-                return Err(match err.take_message() {
-                    // hyper had not written it: the connection was closing or gone.
-                    Some(request) => ExchangeFailure::NotDelivered(Box::new(request)),
-                    None => exchange_error(&err.into_error()).into(),
-                });
+        // upload takes as long as it takes.
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline, response);
+        let response = loop {
+            tokio::select! {
+                biased;
+                response = &mut response => break response,
+                sent = async { upload.as_mut().expect("polled only when set").await },
+                    if upload.is_some() =>
+                {
+                    upload = None;
+                    deadline.as_mut().reset(Instant::now() + timeout);
+                    match sent {
+                        Ok(()) => {}
+                        Err(SendError::Body(err)) if crate::body::is_upload_too_slow(&*err) => {
+                            return Err(ExchangeError::BodyTooSlow.into());
+                        }
+                        Err(SendError::Body(_)) => return Err(ExchangeError::BodyUnreadable.into()),
+                        // The agent reset the stream (it may have answered already, and
+                        // needs no more) or the connection ended: the answer says which.
+                        Err(SendError::Stream(_)) => {}
+                    }
+                }
+                () = &mut deadline, if upload.is_none() => return Err(ExchangeError::Timeout.into()),
             }
         };
-        let (mut head, body) = response.into_parts();
+        // An answer before the end of the upload (a streaming echo, an early refusal):
+        // the rest of the body goes on being sent while the answer streams.
+        if let Some(upload) = upload {
+            self.tracker.spawn(upload);
+        }
+        let (mut head, body) = response.map_err(|err| stream_error(&err))?.into_parts();
         headers::from_host(&mut head.headers);
-        let body = Body::new(Guarded::new(body, permit));
+        let body = Body::new(Guarded::new(RecvBody::new(body, &head.headers), permit));
         Ok(Response::from_parts(head, body))
     }
 
@@ -365,7 +420,7 @@ impl Link {
         };
         let uri = tunnel_uri(&path)
             .map_err(|_| ExchangeError::InvalidResponse("unusable channel path".into()))?;
-        let mut connect = Request::new(Body::empty());
+        let mut connect = Request::new(());
         *connect.method_mut() = Method::CONNECT;
         *connect.uri_mut() = uri;
         *connect.version_mut() = Version::HTTP_2;
@@ -376,35 +431,34 @@ impl Link {
         );
         connect
             .extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        let (mut send, debt) = match tokio::time::timeout(timeout, self.sender()).await {
-            Ok(Some(sender)) => sender,
-            Ok(None) => return Err(ExchangeError::TunnelClosed),
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        let (mut send, debt) = match tokio::time::timeout(timeout, self.ready()).await {
+            Ok(Ok(Some(sender))) => sender,
+            Ok(Ok(None)) => return Err(ExchangeError::TunnelClosed),
+            Ok(Err(err)) => return Err(err),
             Err(_) => return Err(ExchangeError::Timeout),
         };
-        let mut response = match tokio::time::timeout(timeout, send.send_request(connect)).await {
+        let (response, stream) = send
+            .send_request(connect, false)
+            .map_err(|err| stream_error(&err))?;
+        let response = match tokio::time::timeout(timeout, response).await {
             Err(_) => return Err(ExchangeError::Timeout),
             Ok(Ok(response)) => response,
-            Ok(Err(err)) => return Err(exchange_error(&err)),
+            Ok(Err(err)) => return Err(stream_error(&err)),
         };
-        if response.status() != StatusCode::OK {
+        let (mut head, body) = response.into_parts();
+        if head.status != StatusCode::OK {
             // The local service refused the WebSocket: the client gets its answer.
-            let (mut head, body) = response.into_parts();
             headers::from_host(&mut head.headers);
-            return Ok(Opened::Refused(Response::from_parts(head, Body::new(body))));
+            let body = Body::new(RecvBody::new(body, &head.headers));
+            return Ok(Opened::Refused(Response::from_parts(head, body)));
         }
-        let protocol = response
-            .headers()
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .cloned();
-        let upgraded = hyper::upgrade::on(&mut response)
-            .await
-            .map_err(|_| ExchangeError::TunnelClosed)?;
+        let protocol = head.headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
         let mut config = WebSocketConfig::default();
         config.max_message_size = Some(self.max_channel_message);
         config.max_frame_size = Some(self.max_channel_message);
         let io = ChannelIo {
-            io: TokioIo::new(upgraded),
+            io: StreamIo::new(stream, body),
             budget: self.budget.clone(),
             assembling: Charge::default(),
             refused: false,
@@ -420,11 +474,17 @@ impl Link {
     }
 }
 
-/// What a failed HTTP/2 request means for the client.
-fn exchange_error(err: &hyper::Error) -> ExchangeError {
-    if crate::body::is_upload_too_slow(err) {
-        ExchangeError::BodyTooSlow
-    } else if err.is_closed() || err.is_canceled() || err.is_incomplete_message() {
+/// What a failed HTTP/2 stream means for the client: the tunnel went (the connection
+/// failed or ended, or the agent refused or cancelled the stream), or the agent broke
+/// the protocol.
+fn stream_error(err: &h2::Error) -> ExchangeError {
+    let gone = err.is_io()
+        || err.is_go_away()
+        || matches!(
+            err.reason(),
+            Some(h2::Reason::CANCEL | h2::Reason::REFUSED_STREAM)
+        );
+    if gone {
         ExchangeError::TunnelClosed
     } else {
         ExchangeError::InvalidResponse(format!("HTTP/2 stream failed: {err}"))
@@ -481,7 +541,7 @@ impl Session {
         quiet.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut idle = Quiet::default();
         let mut phase = Phase::Down;
-        // hyper's dispatch future of the connection that is up, until it ends.
+        // The task of the connection that is up, until it ends.
         let mut conn: Option<HttpConnection> = None;
         let end = loop {
             let reading = phase.reads(&shared);
@@ -510,23 +570,24 @@ impl Session {
                 result = async { conn.as_mut().expect("polled only when set").await },
                     if conn.is_some() =>
                 {
-                    // hyper hands no more requests to HTTP/2. Dropping the dispatch
-                    // future lets the connection end once its streams have.
+                    // The connection ended, its streams with it.
                     conn = None;
                     if phase == Phase::Up {
                         // Not ours: the agent said GOAWAY (it moved to a newer tunnel)
-                        // or the connection failed. Streams in flight go on; new
-                        // requests are routed elsewhere.
+                        // and its last stream ended, or the connection failed. Until
+                        // then streams in flight went on, and new requests were routed
+                        // elsewhere from the first that found it going away.
                         link.stop_accepting();
                         phase = Phase::Closing;
                         match result {
-                            Ok(()) => debug!("the agent stopped taking new streams (GOAWAY)"),
-                            Err(err) => debug!(error = %err, "HTTP/2 connection failed"),
+                            Ok(Ok(())) => debug!("the agent stopped taking new streams (GOAWAY)"),
+                            Ok(Err(err)) => debug!(error = %err, "HTTP/2 connection failed"),
+                            Err(err) => debug!(error = %err, "HTTP/2 connection task failed"),
                         }
                     }
                 }
                 _ = quiet.tick(), if phase == Phase::Up => {
-                    if idle.is_over(handle, link) {
+                    if idle.is_over(handle, link) && link.is_accepting() {
                         // Nothing for a whole period: end the connection, keep the tunnel.
                         debug!("ending the idle HTTP/2 connection");
                         link.connection.send_replace(Connection::Ending);
@@ -726,7 +787,7 @@ fn on_text(text: &str, handle: &TunnelHandle, link: &Link, on_pong: &impl Fn()) 
 /// builds up here, not in HTTP/2. [`Channel::recv`] gives the charge back for every
 /// message it receives. A read there is no room for fails the channel (1013).
 struct ChannelIo {
-    io: TokioIo<Upgraded>,
+    io: StreamIo,
     budget: TunnelBudget,
     assembling: Charge,
     refused: bool,
