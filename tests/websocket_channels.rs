@@ -4,7 +4,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use relay_tests::{DEADLINE, RawHost, Stack, TestRelay, WsClient, msg_id, wait_until};
+use relay_tests::{
+    DEADLINE, RawHost, Stack, TestRelay, WsClient, close_code_of, msg_id, wait_until,
+};
 use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -110,6 +112,32 @@ async fn client_close_code_reaches_host_as_ws_close() {
     let close = host.expect("ws:close").await;
     assert_eq!(close["id"], open["id"]);
     assert_eq!(close["code"], 4321);
+}
+
+/// What a WHATWG `WebSocket.close(code)` (superset's host client passes the code of a
+/// `ws:close` to one) accepts without throwing.
+fn whatwg_close_accepts(code: u64) -> bool {
+    code == 1000 || (3000..=4999).contains(&code)
+}
+
+#[tokio::test]
+async fn a_v1_host_is_sent_only_close_codes_a_whatwg_websocket_can_close_with() {
+    let relay = TestRelay::spawn().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    // A browser leaving a page closes with 1001; the others are what clients send on
+    // errors. Each reaches the host as a code its close() takes, the original named.
+    for code in [1001u16, 1002, 1003, 1007, 1008, 1011, 1000, 4000] {
+        let (mut client, open) = open_raw_channel(&relay, &mut host, "/c").await;
+        client.close(code).await;
+        let close = host.expect("ws:close").await;
+        assert_eq!(close["id"], open["id"]);
+        let sent = close["code"].as_u64().expect("a code");
+        assert!(
+            whatwg_close_accepts(sent),
+            "client code {code} reached the host as {close}, which close() rejects"
+        );
+        assert_eq!(close_code_of(&close), u64::from(code), "{close}");
+    }
 }
 
 #[tokio::test]
@@ -313,7 +341,7 @@ async fn client_message_over_max_frame_bytes_closes_channel_with_1009_both_ways(
     assert_eq!(client.recv_close_code(DEADLINE).await, 1009);
     let close = host.expect("ws:close").await;
     assert_eq!(close["id"], open["id"]);
-    assert_eq!(close["code"], 1009);
+    assert_eq!(close_code_of(&close), 1009, "{close}");
     relay.whoowns("raw-1").await.assert_status(200);
 }
 
@@ -358,7 +386,7 @@ async fn slow_client_is_closed_with_1013_without_stalling_other_channels() {
 
     assert_eq!(close["type"], "ws:close", "unexpected message: {close}");
     assert_eq!(close["id"], slow_open["id"]);
-    assert_eq!(close["code"], 1013);
+    assert_eq!(close_code_of(&close), 1013, "{close}");
     host.send_json(&json!({"type": "ws:frame", "id": other_open["id"], "data": "still flowing"}))
         .await;
     assert_eq!(other.recv_text().await, "still flowing");
@@ -405,7 +433,7 @@ async fn a_client_that_stops_reading_is_closed_1013_once_its_bytes_not_its_frame
         }
     };
     assert_eq!(close["type"], "ws:close", "unexpected message: {close}");
-    assert_eq!(close["code"], 1013);
+    assert_eq!(close_code_of(&close), 1013, "{close}");
 }
 
 #[tokio::test]
@@ -507,7 +535,7 @@ async fn a_client_that_answers_no_ping_for_two_intervals_is_closed_and_its_host_
     assert!(alive.try_recv(Duration::from_millis(1_500)).await.is_none());
     let close = host.expect("ws:close").await;
     assert_eq!(close["id"], gone_open["id"], "{close}");
-    assert_eq!(close["code"], 1001);
+    assert_eq!(close_code_of(&close), 1001, "{close}");
 
     host.send_json(&json!({"type": "ws:frame", "id": alive_open["id"], "data": "still here"}))
         .await;

@@ -61,6 +61,27 @@ pub fn msg_id(msg: &Value) -> String {
     }
 }
 
+/// The close code a `ws:close` from the relay stands for: its `code`, or for a code an
+/// application may not close with (sent as 1000), the original the relay names at the end
+/// of `reason` ("try again later (1013)").
+///
+/// # Panics
+///
+/// If the message has neither a code nor a code in its reason.
+pub fn close_code_of(msg: &Value) -> u64 {
+    if let Some(reason) = msg.get("reason").and_then(Value::as_str) {
+        assert_eq!(msg["code"], 1000, "a mapped code is sent as 1000: {msg}");
+        let code = reason
+            .rsplit_once('(')
+            .and_then(|(_, code)| code.strip_suffix(')'))
+            .and_then(|code| code.parse().ok());
+        return code.unwrap_or_else(|| panic!("no original code in the reason of {msg}"));
+    }
+    msg["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no close code in {msg}"))
+}
+
 /// A host agent driven message by message.
 pub struct RawHost {
     ws: WsClient,

@@ -84,7 +84,7 @@ pub use client::{HttpClient, HttpResponse};
 pub use fault::FaultyProxy;
 pub use front_door::FrontDoor;
 pub use grpc::{GrpcClient, GrpcServer};
-pub use host::{RawHost, TestHost, msg_id, msg_type};
+pub use host::{RawHost, TestHost, close_code_of, msg_id, msg_type};
 pub use memory::{RssSampler, peak_rss_kib, rss_kib};
 pub use metrics::counter_value;
 pub use relay_process::{

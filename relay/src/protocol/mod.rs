@@ -34,6 +34,32 @@ pub mod close_code {
     pub fn is_sendable(code: u16) -> bool {
         matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
+
+    /// Whether an application may close a WebSocket with `code` itself: a WHATWG
+    /// `WebSocket.close()` (a browser's, Node's, Bun's) throws on anything but 1000 and
+    /// 3000–4999, and v1 hosts pass the code of a `ws:close` to exactly that call.
+    pub fn is_for_application(code: u16) -> bool {
+        matches!(code, 1000 | 3000..=4999)
+    }
+
+    /// What a code the relay cannot hand an application means, for the `reason` that
+    /// goes with the 1000 it sends instead.
+    pub fn meaning(code: u16) -> &'static str {
+        match code {
+            GOING_AWAY => "going away",
+            1002 => "protocol error",
+            1003 => "unsupported data",
+            1005 => "no code",
+            1006 => "closed abnormally",
+            1007 => "invalid payload",
+            POLICY => "policy violation",
+            TOO_BIG => "message too big",
+            1010 => "extension required",
+            INTERNAL => "internal error",
+            TRY_AGAIN_LATER => "try again later",
+            _ => "closed",
+        }
+    }
 }
 
 /// The reason sent in every `drain` message.

@@ -16,7 +16,7 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::Frame;
+use super::{Frame, close_code};
 
 /// HTTP headers as v1 carries them: a JSON object from lowercase name to value.
 ///
@@ -567,7 +567,18 @@ impl RelayMessage<'_> {
             RelayMessage::WsClose { id, code } => {
                 let mut out = WireOut::of("ws:close");
                 out.id = Some(id);
-                out.code = *code;
+                // Hosts close their local socket with this code, and most cannot use
+                // any but 1000 and 3000–4999 (docs/protocol.md, "Close codes a host
+                // gets"): the rest become 1000, the original named in `reason`.
+                let reason;
+                match *code {
+                    Some(code) if !close_code::is_for_application(code) => {
+                        reason = format!("{} ({code})", close_code::meaning(code));
+                        out.code = Some(close_code::NORMAL);
+                        out.reason = Some(&reason);
+                    }
+                    code => out.code = code,
+                }
                 out.to_json()
             }
             RelayMessage::Ping => WireOut::of("ping").to_json(),
@@ -719,6 +730,41 @@ mod tests {
 
     fn text(s: &str) -> Payload<'_> {
         Payload::Text(Cow::Borrowed(s))
+    }
+
+    #[test]
+    fn a_host_is_sent_only_close_codes_an_application_may_close_with() {
+        let close = |code| {
+            value(
+                &RelayMessage::WsClose {
+                    id: "4".into(),
+                    code,
+                }
+                .to_json(),
+            )
+        };
+        // What a WHATWG WebSocket.close() takes passes as it is.
+        for code in [1000, 3000, 4321, 4999] {
+            assert_eq!(
+                close(Some(code)),
+                json!({"type":"ws:close","id":"4","code":code})
+            );
+        }
+        assert_eq!(close(None), json!({"type":"ws:close","id":"4"}));
+        // The rest would make the host's close() throw: 1000, the original in `reason`.
+        for (code, reason) in [
+            (1001, "going away (1001)"),
+            (1005, "no code (1005)"),
+            (1006, "closed abnormally (1006)"),
+            (1009, "message too big (1009)"),
+            (1013, "try again later (1013)"),
+            (2999, "closed (2999)"),
+        ] {
+            assert_eq!(
+                close(Some(code)),
+                json!({"type":"ws:close","id":"4","code":1000,"reason":reason}),
+            );
+        }
     }
 
     #[test]
