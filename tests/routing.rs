@@ -1235,3 +1235,39 @@ async fn a_bridged_message_past_the_budget_of_the_relay_in_between_ends_that_bri
     other.send_text("still bridged").await;
     assert_eq!(other.recv_text().await, "still bridged");
 }
+
+#[tokio::test]
+async fn org_machine_host_ids_register_publish_and_route_escaped_or_not() {
+    let redis = TestRedis::spawn().await;
+    let a = relay_on(&redis, "ams", "relay-a").await;
+    let b = relay_on(&redis, "fra", "relay-b").await;
+    let upstream = Upstream::spawn().await;
+    // Superset's hostIds: `<organizationId>:<machineId>`, registered as they are.
+    let host_id = "org_8f2c:machine-01";
+    let _host = host_on(&redis, &a, host_id, &upstream).await;
+    let token = b.client_token(&[host_id]);
+
+    // On the owner and on a peer; the colon as it is, and as encodeURIComponent writes it.
+    for relay in [&a, &b] {
+        for segment in [host_id, "org_8f2c%3Amachine-01", "org_8f2c%3amachine-01"] {
+            let resp = relay
+                .http()
+                .get(host_url(relay, segment, "/echo/x?y=1"))
+                .bearer(&token)
+                .send()
+                .await;
+            resp.assert_status(200);
+            assert_eq!(resp.json()["path"], "/echo/x", "{segment}");
+        }
+    }
+    // Still strict: one colon, between two parts.
+    for bad in ["org:machine:extra", ":machine", "org:"] {
+        let resp = b
+            .http()
+            .get(host_url(&b, bad, "/echo/x"))
+            .bearer(&b.client_token(&[bad]))
+            .send()
+            .await;
+        resp.assert_status(400);
+    }
+}

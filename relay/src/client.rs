@@ -64,7 +64,7 @@ async fn serve(
 ) -> Result<Response, ClientError> {
     let uri = request.uri().clone();
     let (raw_host, rest) = split_host_path(uri.path()).ok_or(ClientError::HostNotConnected)?;
-    let host = HostId::parse(raw_host)?;
+    let host = HostId::from_path_segment(raw_host)?;
     let query = uri.query();
     let token = bearer_token(request.headers(), query).ok_or(crate::auth::AuthError::Missing)?;
     relay
