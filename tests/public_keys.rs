@@ -3,59 +3,11 @@
 //! `relay token --jwt-private-key-file`. Keys are generated per test with the
 //! `openssl` command line; nothing secret is committed.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use relay_tests::{Claims, TEST_SECRET, TestHost, TestRelay, Upstream, mint, run_relay_cli};
-
-/// A key pair in a fresh directory, removed on drop.
-struct KeyPair {
-    dir: PathBuf,
-}
-
-impl KeyPair {
-    /// `openssl genpkey` with `args`, then the public half with `openssl pkey -pubout`.
-    fn generate(name: &str, args: &[&str]) -> KeyPair {
-        let dir = std::env::temp_dir().join(format!("relay-keys-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let private = dir.join("private.pem");
-        let public = dir.join("public.pem");
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap_or_else(|e| {
-                panic!("the `openssl` command is needed to generate test keys: {e}")
-            });
-            assert!(
-                out.status.success(),
-                "openssl failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("openssl")
-            .args(["genpkey", "-out"])
-            .arg(&private)
-            .args(args));
-        run(Command::new("openssl")
-            .args(["pkey", "-pubout", "-in"])
-            .arg(&private)
-            .arg("-out")
-            .arg(&public));
-        KeyPair { dir }
-    }
-
-    fn private(&self) -> PathBuf {
-        self.dir.join("private.pem")
-    }
-
-    fn public(&self) -> PathBuf {
-        self.dir.join("public.pem")
-    }
-}
-
-impl Drop for KeyPair {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use relay_tests::{
+    Claims, KeyPair, TEST_SECRET, TestHost, TestRelay, Upstream, mint, run_relay_cli,
+};
 
 /// `relay token` signed with the private key file.
 async fn mint_with_key(key: &Path, role: &str, host: &str) -> String {

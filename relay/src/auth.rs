@@ -1,9 +1,14 @@
 //! Tokens: who may register a tunnel for a host, and who may reach it.
 //!
-//! Tokens are JWTs with the claims `sub`, `exp` (both required), `role` (`host` to
-//! register a tunnel, `client` to reach one) and `hosts` (the hostIds the bearer may
-//! register or reach, or `["*"]`). The relay only verifies; `relay token` and
-//! `relay serve --dev` mint with a [`Signer`].
+//! Tokens are JWTs with the claims `sub` and `exp` (both required), verified with an
+//! HS256 secret, a public key file, or an identity provider's key set ([`crate::jwks`]),
+//! and `iss` / `aud` when configured. What a token allows is the [`Policy`]'s:
+//! - `claims` (the default): `role` (`host` to register a tunnel, `client` to reach one)
+//!   and `hosts` (the hostIds the bearer may register or reach, or `["*"]`);
+//! - `org`: hostIds are `<org>:<machine>`, and a token allows every host of every org
+//!   listed in its org claim (`organizationIds`, superset's), for hosts and clients alike.
+//!
+//! The relay only verifies; `relay token` and `relay serve --dev` mint with a [`Signer`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,6 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::host_id::HostId;
+use crate::jwks::{Jwks, Lookup};
 
 /// Clock skew tolerated on `exp`, so a token minted on a machine whose clock is slightly
 /// ahead is not refused.
@@ -57,6 +63,9 @@ pub struct Claims {
     /// hostIds the bearer may register or reach; `["*"]` for all.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Every other claim (the org claim of the `org` policy among them).
+    #[serde(flatten, default)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Claims {
@@ -66,6 +75,26 @@ impl Claims {
             .iter()
             .any(|h| h == ANY_HOST || h == host.as_str())
     }
+
+    /// Whether the array claim `claim` lists `org`.
+    fn lists(&self, claim: &str, org: &str) -> bool {
+        self.other
+            .get(claim)
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|orgs| orgs.iter().any(|o| o.as_str() == Some(org)))
+    }
+}
+
+/// What a valid token allows (`--auth-policy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// `role` and `hosts` claims.
+    Claims,
+    /// hostIds `<org>:<machine>`, allowed when `<org>` is in the array claim named here.
+    Org {
+        /// The claim listing the bearer's orgs (`organizationIds` by default).
+        claim: String,
+    },
 }
 
 /// Why a request was not authorized. Always the caller's fault.
@@ -89,6 +118,16 @@ pub enum AuthError {
     /// A valid token that does not list this host.
     #[error("token does not allow host {0}")]
     HostNotAllowed(HostId),
+    /// `org` policy: the hostId is not `<org>:<machine>`.
+    #[error("hostId {0} is not <organizationId>:<machineId>")]
+    NotOrgHost(HostId),
+    /// `org` policy: the token's org claim does not list the host's org.
+    #[error("not a member of this org")]
+    NotOrgMember,
+    /// The identity provider's keys could not be fetched since startup: not the caller's
+    /// fault; try again.
+    #[error("cannot check tokens now: the identity provider's keys are unavailable")]
+    KeysUnavailable,
 }
 
 impl AuthError {
@@ -98,9 +137,11 @@ impl AuthError {
             AuthError::Missing | AuthError::Expired | AuthError::Invalid(_) => {
                 http::StatusCode::UNAUTHORIZED
             }
-            AuthError::WrongRole { .. } | AuthError::HostNotAllowed(_) => {
-                http::StatusCode::FORBIDDEN
-            }
+            AuthError::WrongRole { .. }
+            | AuthError::HostNotAllowed(_)
+            | AuthError::NotOrgHost(_)
+            | AuthError::NotOrgMember => http::StatusCode::FORBIDDEN,
+            AuthError::KeysUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -112,6 +153,9 @@ impl AuthError {
             AuthError::Invalid(_) => "invalid",
             AuthError::WrongRole { .. } => "wrong_role",
             AuthError::HostNotAllowed(_) => "host_not_allowed",
+            AuthError::NotOrgHost(_) => "not_org_host",
+            AuthError::NotOrgMember => "not_org_member",
+            AuthError::KeysUnavailable => "keys_unavailable",
         }
     }
 }
@@ -119,8 +163,11 @@ impl AuthError {
 /// Verifies tokens with the relay's configured key.
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Keys,
+    /// `iss` and `aud` every token must carry, when set.
+    issuer: Option<String>,
+    audience: Option<String>,
+    policy: Policy,
     /// Tokens whose signature and claims were already verified, by their exact text, so a
     /// client that sends the same token with every request costs one hash lookup instead
     /// of a signature check (~11 % of the relay's CPU per request, BENCHMARKS.md). Only
@@ -132,10 +179,24 @@ pub struct Verifier {
 /// Most verified tokens remembered (a few hundred bytes each).
 pub const VERIFIED_CACHE_SIZE: usize = 10_000;
 
+/// Where the verification keys come from.
+#[derive(Clone)]
+enum Keys {
+    /// One key (a secret or a public key file).
+    Static(DecodingKey, Algorithm),
+    /// An identity provider's key set.
+    Jwks(Arc<Jwks>),
+}
+
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = match &self.keys {
+            Keys::Static(_, alg) => format!("{alg:?}"),
+            Keys::Jwks(jwks) => format!("{jwks:?}"),
+        };
         f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
+            .field("keys", &keys)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -182,33 +243,89 @@ impl Verifier {
     }
 
     fn new(key: DecodingKey, alg: Algorithm) -> Verifier {
+        Verifier::with_keys(Keys::Static(key, alg))
+    }
+
+    /// A verifier for the key set of an identity provider (not fetched yet:
+    /// [`Verifier::load_keys`]).
+    pub fn jwks(url: http::Uri) -> Verifier {
+        Verifier::with_keys(Keys::Jwks(Arc::new(Jwks::new(url))))
+    }
+
+    fn with_keys(keys: Keys) -> Verifier {
+        Verifier {
+            keys,
+            issuer: None,
+            audience: None,
+            policy: Policy::Claims,
+            verified: Arc::default(),
+        }
+    }
+
+    /// Tokens must carry `iss` = `issuer` and `aud` = (or listing) `audience`.
+    #[must_use]
+    pub fn expecting(mut self, issuer: Option<String>, audience: Option<String>) -> Verifier {
+        self.issuer = issuer;
+        self.audience = audience;
+        self
+    }
+
+    /// What valid tokens allow.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Verifier {
+        self.policy = policy;
+        self
+    }
+
+    /// Fetches the identity provider's keys, if that is where they come from (logs
+    /// the outcome; never fails: tokens are refused with 503 until they come).
+    pub async fn load_keys(&self) {
+        if let Keys::Jwks(jwks) = &self.keys {
+            jwks.load().await;
+        }
+    }
+
+    /// The tenant a tunnel registered with `claims` for `host` counts against (its
+    /// share of the byte budgets): the org under the `org` policy (every machine of
+    /// an org, whoever registered it), the token's subject otherwise.
+    pub fn tenant(&self, claims: &Claims, host: &HostId) -> String {
+        match (&self.policy, host.org()) {
+            (Policy::Org { .. }, Some(org)) => format!("org:{org}"),
+            _ => claims.sub.clone(),
+        }
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         // `nbf` when present: a token minted for later is refused until then.
         validation.validate_nbf = true;
         validation.leeway = CLOCK_LEEWAY.as_secs();
-        Verifier {
-            key,
-            validation,
-            verified: Arc::default(),
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
         }
+        match &self.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        validation
     }
 
     /// Checks `token` and that it grants `role` on `host`.
     ///
     /// # Errors
     /// [`AuthError`] saying exactly why not; it never contains the token.
-    pub fn authorize(
+    pub async fn authorize(
         &self,
         token: &str,
         role: Role,
         host: &HostId,
     ) -> Result<Arc<Claims>, AuthError> {
-        self.authorize_at(token, role, host, unix_now())
+        self.authorize_at(token, role, host, unix_now()).await
     }
 
     /// [`Verifier::authorize`] at `now` (seconds since the Unix epoch).
-    fn authorize_at(
+    async fn authorize_at(
         &self,
         token: &str,
         role: Role,
@@ -224,34 +341,71 @@ impl Verifier {
                 claims
             }
             None => {
-                let claims = Arc::new(self.verify(token)?);
+                let claims = Arc::new(self.verify(token).await?);
                 self.remember(token, &claims, now);
                 claims
             }
         };
-        if claims.role != role.as_str() {
-            return Err(AuthError::WrongRole {
-                expected: role.as_str(),
-            });
-        }
-        if !claims.allows(host) {
-            return Err(AuthError::HostNotAllowed(host.clone()));
-        }
+        self.allows(&claims, role, host)?;
         Ok(claims)
     }
 
+    /// Whether the policy lets `claims` act as `role` on `host`.
+    fn allows(&self, claims: &Claims, role: Role, host: &HostId) -> Result<(), AuthError> {
+        match &self.policy {
+            Policy::Claims => {
+                if claims.role != role.as_str() {
+                    return Err(AuthError::WrongRole {
+                        expected: role.as_str(),
+                    });
+                }
+                if !claims.allows(host) {
+                    return Err(AuthError::HostNotAllowed(host.clone()));
+                }
+            }
+            // Hosts and clients alike: superset's tokens carry no role.
+            Policy::Org { claim } => {
+                let org = host
+                    .org()
+                    .ok_or_else(|| AuthError::NotOrgHost(host.clone()))?;
+                if !claims.lists(claim, org) {
+                    return Err(AuthError::NotOrgMember);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the signature and the registered claims.
-    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+    async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let (key, alg) = match &self.keys {
+            Keys::Static(key, alg) => (key.clone(), *alg),
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|_| AuthError::Invalid("malformed token"))?;
+                match jwks.key(header.kid.as_deref()).await {
+                    Lookup::Found(found) => (found.key, found.algorithm),
+                    Lookup::Unknown => {
+                        return Err(AuthError::Invalid(
+                            "signed with a key the identity provider does not list",
+                        ));
+                    }
+                    Lookup::Unavailable => return Err(AuthError::KeysUnavailable),
+                }
+            }
+        };
+        jsonwebtoken::decode::<Claims>(token, &key, &self.validation(alg))
             .map(|data| data.claims)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("wrong algorithm"),
-                ErrorKind::MissingRequiredClaim(_) => {
-                    AuthError::Invalid("a required claim (exp, sub) is missing")
-                }
+                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid(
+                    "a required claim is missing (exp, sub, or the configured iss / aud)",
+                ),
                 ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet"),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (iss)"),
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (aud)"),
                 _ => AuthError::Invalid("malformed token"),
             })
     }
@@ -365,6 +519,7 @@ impl Signer {
             exp,
             role: role.as_str().to_owned(),
             hosts: hosts.to_vec(),
+            other: serde_json::Map::new(),
         };
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
             .map_err(|err| format!("cannot sign the token: {err}"))
@@ -379,8 +534,8 @@ mod tests {
         HostId::parse(s).unwrap()
     }
 
-    #[test]
-    fn minted_token_authorizes_its_role_and_hosts_only() {
+    #[tokio::test]
+    async fn minted_token_authorizes_its_role_and_hosts_only() {
         let signer = Signer::hs256(b"s3cret");
         let verifier = Verifier::hs256(b"s3cret");
         let token = signer
@@ -394,6 +549,7 @@ mod tests {
         assert_eq!(
             verifier
                 .authorize(&token, Role::Client, &host("h1"))
+                .await
                 .unwrap()
                 .sub,
             "alice"
@@ -401,19 +557,21 @@ mod tests {
         assert_eq!(
             verifier
                 .authorize(&token, Role::Client, &host("h2"))
+                .await
                 .unwrap_err(),
             AuthError::HostNotAllowed(host("h2"))
         );
         assert_eq!(
             verifier
                 .authorize(&token, Role::Host, &host("h1"))
+                .await
                 .unwrap_err(),
             AuthError::WrongRole { expected: "host" }
         );
     }
 
-    #[test]
-    fn a_cached_token_is_refused_once_it_expires() {
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_it_expires() {
         let signer = Signer::hs256(b"0123456789abcdef");
         let verifier = Verifier::hs256(b"0123456789abcdef");
         let token = signer
@@ -423,23 +581,27 @@ mod tests {
         assert!(
             verifier
                 .authorize_at(&token, Role::Client, &host("h"), now)
+                .await
                 .is_ok()
         );
         // Served from the cache now; still checked for role, host and expiry.
         assert!(
             verifier
                 .authorize_at(&token, Role::Client, &host("h"), now)
+                .await
                 .is_ok()
         );
         assert_eq!(
             verifier
                 .authorize_at(&token, Role::Host, &host("h"), now)
+                .await
                 .unwrap_err(),
             AuthError::WrongRole { expected: "host" }
         );
         assert_eq!(
             verifier
                 .authorize_at(&token, Role::Client, &host("other"), now)
+                .await
                 .unwrap_err(),
             AuthError::HostNotAllowed(host("other"))
         );
@@ -447,19 +609,21 @@ mod tests {
         assert_eq!(
             verifier
                 .authorize_at(&token, Role::Client, &host("h"), later)
+                .await
                 .unwrap_err(),
             AuthError::Expired
         );
     }
 
-    #[test]
-    fn only_the_identical_token_string_hits_the_cache() {
+    #[tokio::test]
+    async fn only_the_identical_token_string_hits_the_cache() {
         let verifier = Verifier::hs256(b"0123456789abcdef");
         let token = Signer::hs256(b"0123456789abcdef")
             .mint("c", Role::Client, &["h".into()], Duration::from_secs(60))
             .unwrap();
         verifier
             .authorize(&token, Role::Client, &host("h"))
+            .await
             .unwrap();
         // One character of the signature changed: verified again, and refused.
         let mut forged = token.clone();
@@ -468,36 +632,81 @@ mod tests {
         assert!(
             verifier
                 .authorize(&forged, Role::Client, &host("h"))
+                .await
                 .is_err()
         );
     }
 
-    #[test]
-    fn wildcard_allows_every_host() {
+    #[tokio::test]
+    async fn wildcard_allows_every_host() {
         let token = Signer::hs256(b"k")
             .mint("ops", Role::Host, &["*".into()], Duration::from_secs(60))
             .unwrap();
         assert!(
             Verifier::hs256(b"k")
                 .authorize(&token, Role::Host, &host("anything"))
+                .await
                 .is_ok()
         );
     }
 
-    #[test]
-    fn wrong_secret_and_garbage_are_401() {
+    #[tokio::test]
+    async fn wrong_secret_and_garbage_are_401() {
         let token = Signer::hs256(b"one")
             .mint("x", Role::Host, &["*".into()], Duration::from_secs(60))
             .unwrap();
         let err = Verifier::hs256(b"two")
             .authorize(&token, Role::Host, &host("h"))
+            .await
             .unwrap_err();
         assert_eq!(err, AuthError::Invalid("bad signature"));
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
         let err = Verifier::hs256(b"two")
             .authorize("not-a-jwt", Role::Host, &host("h"))
+            .await
             .unwrap_err();
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn the_org_policy_allows_members_of_the_hosts_org_whatever_their_role() {
+        let verifier = Verifier::hs256(b"0123456789abcdef").with_policy(Policy::Org {
+            claim: "organizationIds".into(),
+        });
+        let claims = serde_json::json!({
+            "sub": "u1", "exp": unix_now() + 60, "organizationIds": ["org-a", "org-b"]
+        });
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef"),
+        )
+        .unwrap();
+        for role in [Role::Host, Role::Client] {
+            let allowed = verifier.authorize(&token, role, &host("org-b:m1")).await;
+            assert_eq!(allowed.unwrap().sub, "u1");
+        }
+        assert_eq!(
+            verifier
+                .authorize(&token, Role::Client, &host("org-c:m1"))
+                .await
+                .unwrap_err(),
+            AuthError::NotOrgMember
+        );
+        assert_eq!(
+            verifier
+                .authorize(&token, Role::Client, &host("m1"))
+                .await
+                .unwrap_err(),
+            AuthError::NotOrgHost(host("m1"))
+        );
+        // A tunnel's share of the budgets is its org's, not its registrant's.
+        let claims = verifier
+            .authorize(&token, Role::Host, &host("org-a:m2"))
+            .await
+            .unwrap();
+        assert_eq!(verifier.tenant(&claims, &host("org-a:m2")), "org:org-a");
+        assert_eq!(Verifier::hs256(b"k").tenant(&claims, &host("org-a:m2")), "u1");
     }
 
     #[test]

@@ -70,6 +70,7 @@ async fn serve(
     relay
         .verifier()
         .authorize(&token, Role::Client, &host)
+        .await
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
 
     let key = if request.headers().contains_key(crate::headers::HOP) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::auth::Verifier;
+use crate::auth::{Policy, Verifier};
 use crate::directory::Owner;
 use crate::limits::{self, Limits};
 use crate::telemetry::LogFormat;
@@ -43,6 +43,15 @@ impl std::str::FromStr for Secret {
     fn from_str(s: &str) -> Result<Secret, String> {
         Ok(Secret(s.to_owned()))
     }
+}
+
+/// What a valid token allows (`--auth-policy`); see [`crate::auth::Policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthPolicy {
+    /// The token's `role` and `hosts` claims.
+    Claims,
+    /// hostIds `<org>:<machine>`, allowed when `<org>` is in the token's org claim.
+    Org,
 }
 
 /// JWT algorithms a public key file may be used with.
@@ -157,6 +166,28 @@ pub struct ServeArgs {
     /// Algorithm of the public key file. Default: taken from the key.
     #[arg(long, env = "RELAY_JWT_ALGORITHM", requires = "jwt_public_key_file")]
     pub jwt_algorithm: Option<KeyAlgorithm>,
+
+    /// An identity provider's key set (JWKS URL, http or https) that tokens are signed
+    /// with (RS256, ES256, EdDSA), instead of a secret or a key file.
+    #[arg(long, env = "RELAY_JWKS_URL", conflicts_with_all = ["jwt_secret", "jwt_public_key_file"])]
+    pub jwks_url: Option<String>,
+
+    /// The `iss` every token must carry.
+    #[arg(long, env = "RELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` every token must carry (or list).
+    #[arg(long, env = "RELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// What a valid token allows: `claims` (its `role` and `hosts` claims) or `org`
+    /// (hostIds `<org>:<machine>`, allowed when `<org>` is in the org claim).
+    #[arg(long, env = "RELAY_AUTH_POLICY", value_enum, default_value = "claims")]
+    pub auth_policy: AuthPolicy,
+
+    /// With `--auth-policy org`: the array claim that lists the bearer's orgs.
+    #[arg(long, env = "RELAY_ORG_CLAIM", default_value = "organizationIds")]
+    pub org_claim: String,
 
     /// Try the relay locally: an ephemeral secret, and a host and a client token printed
     /// on stdout.
@@ -342,6 +373,8 @@ pub struct ServeArgs {
 pub enum KeySource {
     /// HS256 with a shared secret.
     Secret(Secret),
+    /// An identity provider's key set.
+    Jwks(http::Uri),
     /// A public key (PEM) and its algorithm (None: from the key).
     PublicKey {
         /// Where the key was read from, for messages.
@@ -360,6 +393,12 @@ pub enum KeySource {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// The `iss` and `aud` tokens must carry, when set.
+    pub jwt_issuer: Option<String>,
+    /// See `jwt_issuer`.
+    pub jwt_audience: Option<String>,
+    /// What a valid token allows.
+    pub policy: Policy,
     /// This machine, as written in the directory.
     pub owner: Owner,
     /// Fly app name, when on Fly.
@@ -412,12 +451,29 @@ impl ServeArgs {
         let owner = Owner::new(&self.region, &machine_id)
             .map_err(|e| ConfigError(format!("{e} (FLY_REGION / FLY_MACHINE_ID)")))?;
 
+        let jwks = match self.jwks_url.as_deref() {
+            Some(url) => match url.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    return err(format!(
+                        "RELAY_JWKS_URL {url:?} must be an http:// or https:// URL"
+                    ));
+                }
+            },
+            None => None,
+        };
         let keys = match (self.dev, self.jwt_secret, self.jwt_public_key_file) {
-            (true, None, None) => KeySource::Ephemeral(Secret(random_secret())),
+            (true, None, None) if jwks.is_none() => KeySource::Ephemeral(Secret(random_secret())),
+            (false, None, None) if let Some(url) = jwks => KeySource::Jwks(url),
             (true, _, _) => {
                 return err(
                     "--dev makes its own ephemeral secret: unset RELAY_JWT_SECRET / \
-                            RELAY_JWT_PUBLIC_KEY_FILE, or drop --dev"
+                            RELAY_JWT_PUBLIC_KEY_FILE / RELAY_JWKS_URL, or drop --dev"
                         .into(),
                 );
             }
@@ -443,8 +499,9 @@ impl ServeArgs {
                 }
             }
             (false, None, None) => {
-                return err("no token key: set RELAY_JWT_SECRET (HS256) or \
-                            RELAY_JWT_PUBLIC_KEY_FILE (RS256/EdDSA/ES256), or run \
+                return err("no token key: set RELAY_JWT_SECRET (HS256), \
+                            RELAY_JWT_PUBLIC_KEY_FILE (RS256/EdDSA/ES256) or RELAY_JWKS_URL \
+                            (an identity provider's key set), or run \
                             `relay serve --dev` to try it locally"
                     .into());
             }
@@ -562,11 +619,23 @@ impl ServeArgs {
         {
             return err(format!("RELAY_ADVERTISE_ADDR {addr:?} must be host:port"));
         }
+        let policy = match self.auth_policy {
+            AuthPolicy::Claims => Policy::Claims,
+            AuthPolicy::Org if self.org_claim.is_empty() => {
+                return err("RELAY_ORG_CLAIM must name a claim".into());
+            }
+            AuthPolicy::Org => Policy::Org {
+                claim: self.org_claim,
+            },
+        };
         let config = Config {
             listen: SocketAddr::new(self.bind, self.port),
             owner,
             app_name,
             keys,
+            jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
+            jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
+            policy,
             limits,
             log_format: self.log_format,
             directory,
@@ -630,10 +699,11 @@ impl Config {
     /// # Errors
     /// When a public key file does not hold a usable key.
     pub fn verifier(&self) -> Result<Verifier, ConfigError> {
-        match &self.keys {
+        let verifier = match &self.keys {
             KeySource::Secret(secret) | KeySource::Ephemeral(secret) => {
                 Ok(Verifier::hs256(secret.expose()))
             }
+            KeySource::Jwks(url) => Ok(Verifier::jwks(url.clone())),
             KeySource::PublicKey {
                 path,
                 pem,
@@ -641,7 +711,10 @@ impl Config {
             } => Verifier::from_public_pem(pem, algorithm.map(Into::into)).map_err(|e| {
                 ConfigError(format!("RELAY_JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))
             }),
-        }
+        }?;
+        Ok(verifier
+            .expecting(self.jwt_issuer.clone(), self.jwt_audience.clone())
+            .with_policy(self.policy.clone()))
     }
 }
 

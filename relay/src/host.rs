@@ -62,7 +62,7 @@ pub(crate) async fn accept(
     }
     // The token is checked before the admission bucket is spent: a flood of bad
     // upgrades must not use up the registrations of the agents that hold good ones.
-    let authorized = authorize(&relay, &headers, query.as_deref());
+    let authorized = authorize(&relay, &headers, query.as_deref()).await;
     if authorized.is_ok()
         && let Err(wait) = relay.admit()
     {
@@ -163,7 +163,7 @@ fn too_many_registrations(wait: Duration) -> Response {
     response
 }
 
-fn authorize(
+async fn authorize(
     relay: &Relay,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -177,8 +177,12 @@ fn authorize(
         .ok_or(Refusal::MissingHostId)?;
     let host = HostId::parse(&raw)?;
     let token = bearer_token(headers, query).ok_or(AuthError::Missing)?;
-    let claims = relay.verifier().authorize(&token, Role::Host, &host)?;
-    Ok((host, claims.sub.clone()))
+    let claims = relay
+        .verifier()
+        .authorize(&token, Role::Host, &host)
+        .await?;
+    let tenant = relay.verifier().tenant(&claims, &host);
+    Ok((host, tenant))
 }
 
 /// Closes a refused tunnel with 1008 and the reason, then waits briefly for the agent's

@@ -12,7 +12,8 @@
 //! - [`protocol`]: what travels on a tunnel: close codes, and one codec per protocol
 //!   (v1 JSON messages; `h2`'s WebSocket byte stream), shared by relay and agent.
 //! - [`host_id`]: validated hostIds.
-//! - [`auth`]: JWT claims, verification and minting.
+//! - [`auth`]: JWT claims, verification, the authorization policy and minting;
+//!   [`jwks`]: an identity provider's key set; [`fetch`]: the GETs the relay makes.
 //! - [`admin`]: `GET /admin/tunnels`, for operators.
 //! - [`state`]: the shared state of one relay process ([`state::Relay`]).
 //! - [`router`]: the HTTP routes.
@@ -60,9 +61,11 @@ pub mod connections;
 pub mod directory;
 pub mod drain;
 pub mod error;
+pub mod fetch;
 pub mod headers;
 pub mod host;
 pub mod host_id;
+pub mod jwks;
 pub mod limits;
 pub mod listener;
 pub mod ownership;

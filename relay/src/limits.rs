@@ -261,6 +261,29 @@ impl Default for Limits {
     }
 }
 
+/// The identity provider's key set (`--jwks-url`).
+pub mod jwks {
+    use std::time::Duration;
+
+    /// How long one fetch of the key set may take: 5 s. A token with a key the relay
+    /// does not know yet waits for it, so this is also the longest such a request waits.
+    pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Largest key set accepted: 1 MiB (real ones are a few KiB; a provider answering
+    /// with something endless must not fill the relay).
+    pub const MAX_BYTES: usize = 1024 * 1024;
+
+    /// The key set is fetched again this long after the last success: 10 min, so keys a
+    /// provider withdraws stop working within minutes, at one request per relay.
+    pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+    /// At most one fetch in this long, whatever asks for it (a token naming an unknown
+    /// key, a failed fetch being retried): 5 s, so tokens with made-up key ids cannot
+    /// turn the relay into a flood of requests to the provider, while a rotated key is
+    /// picked up within seconds.
+    pub const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+}
+
 /// Flow control and buffers of `h2` tunnels (HTTP/2 inside the tunnel), on both sides:
 /// the relay is the HTTP/2 client, the agent the server, and each advertises these for
 /// what it receives.

@@ -63,6 +63,9 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     // Install the recorder before anything is counted.
     telemetry::metrics_handle();
+    // An identity provider's keys, before the first token (bounded by its timeout; a
+    // provider that does not answer is logged, and tried again as tokens come).
+    relay.verifier().load_keys().await;
     let advertise = relay.config().advertise_addr(addr);
     relay.set_advertise_addr(advertise.clone());
     ownership::spawn_background(&relay);

@@ -59,6 +59,7 @@ pub mod fault;
 pub mod front_door;
 pub mod grpc;
 pub mod host;
+pub mod keys;
 pub mod memory;
 pub mod metrics;
 pub mod raw_h2;
@@ -85,6 +86,7 @@ pub use fault::FaultyProxy;
 pub use front_door::FrontDoor;
 pub use grpc::{GrpcClient, GrpcServer};
 pub use host::{RawHost, TestHost, close_code_of, msg_id, msg_type};
+pub use keys::KeyPair;
 pub use memory::{RssSampler, peak_rss_kib, rss_kib};
 pub use metrics::counter_value;
 pub use relay_process::{

@@ -1,0 +1,323 @@
+//! Bring your own identity provider: tokens shaped like superset's (RS256 from the API's
+//! key set, `iss` and `aud` the API's URL, `organizationIds`, no `role` / `hosts`), hostIds
+//! `<org>:<machine>`, `--auth-policy org`. A local JWKS server plays the provider and
+//! counts its fetches; keys are generated per test (`openssl`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use futures_util::StreamExt;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use relay_tests::keys::RSA;
+use relay_tests::{
+    DEADLINE, KeyPair, TestHost, TestRelay, Upstream, unix_now, unused_port, wait_until_async,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+const API: &str = "https://api.example.test";
+
+/// A signing key of the provider, with its `kid`.
+struct SigningKey {
+    kid: String,
+    key: EncodingKey,
+    jwk: Jwk,
+}
+
+impl SigningKey {
+    fn rsa(kid: &str, pair: &KeyPair) -> SigningKey {
+        let pem = std::fs::read(pair.private()).unwrap();
+        let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        SigningKey {
+            kid: kid.to_owned(),
+            key,
+            jwk,
+        }
+    }
+
+    /// A token with `claims`, `kid` in its header.
+    fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+    }
+}
+
+/// Claims as superset's API mints them: for `sub`, a member of `orgs`.
+fn superset_claims(sub: &str, orgs: &[&str]) -> Value {
+    json!({
+        "sub": sub,
+        "email": format!("{sub}@example.test"),
+        "organizationIds": orgs,
+        "iss": API,
+        "aud": API,
+        "iat": unix_now(),
+        "exp": unix_now() + 600,
+    })
+}
+
+/// The provider: serves `/.well-known/jwks.json` with the keys of the moment, counting
+/// requests.
+#[derive(Clone, Default)]
+struct Provider {
+    keys: Arc<Mutex<Vec<Jwk>>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl Provider {
+    fn publish(&self, keys: &[&SigningKey]) {
+        *self.keys.lock().unwrap() = keys.iter().map(|k| k.jwk.clone()).collect();
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Serves on `addr` until the returned task is aborted.
+    async fn serve(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        async fn jwks(State(provider): State<Provider>) -> axum::Json<JwkSet> {
+            provider.fetches.fetch_add(1, Ordering::SeqCst);
+            axum::Json(JwkSet {
+                keys: provider.keys.lock().unwrap().clone(),
+            })
+        }
+        let app = Router::new()
+            .route("/.well-known/jwks.json", get(jwks))
+            .with_state(self.clone());
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })
+    }
+}
+
+/// A relay verifying with the provider at `port`, superset's way.
+async fn relay_for(port: u16) -> TestRelay {
+    TestRelay::builder()
+        .no_secret()
+        .arg(
+            "--jwks-url",
+            &format!("http://127.0.0.1:{port}/.well-known/jwks.json"),
+        )
+        .arg("--jwt-issuer", API)
+        .arg("--jwt-audience", API)
+        .arg("--auth-policy", "org")
+        .spawn()
+        .await
+}
+
+/// The status and `error` of a GET of `path` on `host_id` with `token`.
+async fn get_as(relay: &TestRelay, host_id: &str, token: &str) -> (u16, String) {
+    let resp = relay
+        .http()
+        .get(relay.http_url(&format!("/hosts/{host_id}/echo")))
+        .bearer(token)
+        .send()
+        .await;
+    let error = if resp.status == 200 {
+        String::new()
+    } else {
+        resp.json()["error"].as_str().unwrap_or_default().to_owned()
+    };
+    (resp.status.as_u16(), error)
+}
+
+/// The Close frame a tunnel registration gets: code and reason.
+async fn tunnel_refusal(relay: &TestRelay, host_id: &str, token: &str) -> (u16, String) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(relay.tunnel_url(host_id, token))
+        .await
+        .expect("the relay upgrades, then closes");
+    let next = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap();
+    match next {
+        Some(Ok(Message::Close(Some(frame)))) => (u16::from(frame.code), frame.reason.to_string()),
+        other => panic!("expected a Close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn superset_tokens_from_a_key_set_reach_their_orgs_hosts_and_each_denial_says_why() {
+    let pair = KeyPair::generate("jwks-org", RSA);
+    let key = SigningKey::rsa("k1", &pair);
+    let provider = Provider::default();
+    provider.publish(&[&key]);
+    let port = unused_port();
+    let _server = provider
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    let relay = relay_for(port).await;
+    let upstream = Upstream::spawn().await;
+
+    // The host service registers with its user's token; a member of the org reaches it.
+    let host_token = key.sign(&superset_claims("user-1", &["org-a"]));
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("org-a:machine-1", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    let member = key.sign(&superset_claims("user-2", &["org-z", "org-a"]));
+    relay
+        .wait_host_connected_with("org-a:machine-1", &member)
+        .await;
+    assert_eq!(get_as(&relay, "org-a:machine-1", &member).await.0, 200);
+
+    // Every denial says why, in the HTTP body and in the tunnel's close reason.
+    let outsider = key.sign(&superset_claims("user-3", &["org-b"]));
+    assert_eq!(
+        get_as(&relay, "org-a:machine-1", &outsider).await,
+        (403, "not a member of this org".into())
+    );
+    assert_eq!(
+        tunnel_refusal(&relay, "org-a:machine-2", &outsider).await,
+        (1008, "not a member of this org".into())
+    );
+    let (status, why) = get_as(&relay, "machine-1", &member).await;
+    assert_eq!(status, 403);
+    assert!(why.contains("<organizationId>:<machineId>"), "{why}");
+    let mut claims = superset_claims("user-2", &["org-a"]);
+    claims["iss"] = json!("https://elsewhere.test");
+    assert_eq!(
+        get_as(&relay, "org-a:machine-1", &key.sign(&claims)).await,
+        (401, "invalid token: wrong issuer (iss)".into())
+    );
+    let mut claims = superset_claims("user-2", &["org-a"]);
+    claims["aud"] = json!("https://elsewhere.test");
+    assert_eq!(
+        get_as(&relay, "org-a:machine-1", &key.sign(&claims)).await,
+        (401, "invalid token: wrong audience (aud)".into())
+    );
+    let mut claims = superset_claims("user-2", &["org-a"]);
+    claims["nbf"] = json!(unix_now() + 3600);
+    assert_eq!(
+        get_as(&relay, "org-a:machine-1", &key.sign(&claims)).await,
+        (401, "invalid token: token not valid yet".into())
+    );
+    let mut claims = superset_claims("user-2", &["org-a"]);
+    claims["exp"] = json!(unix_now() - 3600);
+    assert_eq!(
+        get_as(&relay, "org-a:machine-1", &key.sign(&claims)).await,
+        (401, "token expired".into())
+    );
+    // Signed by a key the provider does not list (same kid, another key pair).
+    let stranger = SigningKey::rsa("k1", &KeyPair::generate("jwks-stranger", RSA));
+    assert_eq!(
+        get_as(
+            &relay,
+            "org-a:machine-1",
+            &stranger.sign(&superset_claims("user-2", &["org-a"]))
+        )
+        .await,
+        (401, "invalid token: bad signature".into())
+    );
+    // No token text in any reason.
+    let (_, why) = tunnel_refusal(&relay, "org-a:machine-3", &outsider).await;
+    assert!(!why.contains(&outsider[..20]), "{why}");
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_fetched_when_a_token_names_it_and_made_up_key_ids_do_not_flood_the_provider()
+ {
+    let old = SigningKey::rsa("old", &KeyPair::generate("jwks-rotate-old", RSA));
+    let new_pair = KeyPair::generate("jwks-rotate-new", RSA);
+    let provider = Provider::default();
+    provider.publish(&[&old]);
+    let port = unused_port();
+    let _server = provider
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    let relay = relay_for(port).await;
+    let upstream = Upstream::spawn().await;
+    let host_token = old.sign(&superset_claims("user-1", &["org-a"]));
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("org-a:m", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    let client = old.sign(&superset_claims("user-2", &["org-a"]));
+    relay.wait_host_connected_with("org-a:m", &client).await;
+    let at_start = provider.fetches();
+    assert!(at_start >= 1, "the relay fetched the key set at startup");
+
+    // Tokens naming keys nobody published, as fast as a client can send them: at most
+    // one fetch per 5 s, each refused with a reason.
+    for i in 0..40 {
+        let bogus = SigningKey::rsa(&format!("made-up-{i}"), &new_pair);
+        let (status, why) = get_as(
+            &relay,
+            "org-a:m",
+            &bogus.sign(&superset_claims("x", &["org-a"])),
+        )
+        .await;
+        assert_eq!(status, 401);
+        assert!(why.contains("does not list"), "{why}");
+    }
+    let flood_fetches = provider.fetches() - at_start;
+    assert!(
+        flood_fetches <= 2,
+        "{flood_fetches} fetches for 40 unknown key ids"
+    );
+
+    // The provider rotates: a token signed with the new key is served once the relay
+    // has fetched the set again (within the 5 s rate limit), the old key still works.
+    let new = SigningKey::rsa("new", &new_pair);
+    provider.publish(&[&old, &new]);
+    let rotated = new.sign(&superset_claims("user-2", &["org-a"]));
+    wait_until_async(
+        "a token signed with the rotated key is served",
+        Duration::from_secs(15),
+        || async { get_as(&relay, "org-a:m", &rotated).await.0 == 200 },
+    )
+    .await;
+    assert_eq!(get_as(&relay, "org-a:m", &client).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_provider_down_at_startup_gets_503_until_it_answers_and_known_keys_outlive_it() {
+    let key = SigningKey::rsa("k1", &KeyPair::generate("jwks-down", RSA));
+    let provider = Provider::default();
+    provider.publish(&[&key]);
+    let port = unused_port();
+    // Nothing listens on `port` yet: the relay starts anyway.
+    let relay = relay_for(port).await;
+    let member = key.sign(&superset_claims("user-1", &["org-a"]));
+    let (status, why) = get_as(&relay, "org-a:m", &member).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("keys are unavailable"), "{why}");
+
+    // The provider comes up: tokens are checked again (a 503 for the host that is not
+    // connected, no longer one for the keys).
+    let server = provider
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    wait_until_async(
+        "tokens are checked once the provider answers",
+        Duration::from_secs(15),
+        || async {
+            !get_as(&relay, "org-a:m", &member)
+                .await
+                .1
+                .contains("keys are unavailable")
+        },
+    )
+    .await;
+    let upstream = Upstream::spawn().await;
+    let _host =
+        TestHost::connect_url(&relay.tunnel_url("org-a:m", &member), None, upstream.addr()).await;
+    relay.wait_host_connected_with("org-a:m", &member).await;
+
+    // The provider goes away again: tokens signed with the keys already known keep
+    // working, a new one included (not a cache hit of the same text).
+    server.abort();
+    let fresh = key.sign(&superset_claims("user-9", &["org-a"]));
+    assert_eq!(get_as(&relay, "org-a:m", &fresh).await.0, 200);
+}
