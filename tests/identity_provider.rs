@@ -321,3 +321,133 @@ async fn a_provider_down_at_startup_gets_503_until_it_answers_and_known_keys_out
     let fresh = key.sign(&superset_claims("user-9", &["org-a"]));
     assert_eq!(get_as(&relay, "org-a:m", &fresh).await.0, 200);
 }
+
+/// The deployment's API, for the access check: superset's tRPC `host.checkAccess`
+/// shape. Allows the hostIds in `allowed`; records every call (bearer and hostId).
+#[derive(Clone, Default)]
+struct Api {
+    allowed: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Api {
+    fn calls_for(&self, host_id: &str) -> Vec<String> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(_, h)| h == host_id)
+            .map(|(bearer, _)| bearer.clone())
+            .collect()
+    }
+
+    async fn serve(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        async fn check(
+            State(api): State<Api>,
+            axum::extract::Query(query): axum::extract::Query<
+                std::collections::HashMap<String, String>,
+            >,
+            headers: http::HeaderMap,
+        ) -> axum::Json<Value> {
+            let input: Value = serde_json::from_str(&query["input"]).unwrap();
+            let host_id = input["json"]["hostId"].as_str().unwrap().to_owned();
+            let bearer = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            api.calls.lock().unwrap().push((bearer, host_id.clone()));
+            let allowed = api.allowed.lock().unwrap().contains(&host_id);
+            axum::Json(json!({"result": {"data": {"json": {"allowed": allowed}}}}))
+        }
+        let app = Router::new()
+            .route("/trpc/host.checkAccess", get(check))
+            .with_state(self.clone());
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_access_check_asks_the_api_with_the_callers_token_and_caches_its_answers() {
+    let key = SigningKey::rsa("k1", &KeyPair::generate("jwks-access", RSA));
+    let provider = Provider::default();
+    provider.publish(&[&key]);
+    let jwks_port = unused_port();
+    let _jwks = provider
+        .serve(SocketAddr::from(([127, 0, 0, 1], jwks_port)))
+        .await;
+    let api = Api::default();
+    api.allowed.lock().unwrap().push("org-a:m1".into());
+    let api_port = unused_port();
+    let api_server = api
+        .serve(SocketAddr::from(([127, 0, 0, 1], api_port)))
+        .await;
+    // Superset's tRPC call, expressed with the template and the pointer.
+    let template = format!(
+        "http://127.0.0.1:{api_port}/trpc/host.checkAccess?input=%7B%22json%22%3A%7B%22hostId%22%3A%22{{hostId}}%22%7D%7D"
+    );
+    let relay = TestRelay::builder()
+        .no_secret()
+        .arg(
+            "--jwks-url",
+            &format!("http://127.0.0.1:{jwks_port}/.well-known/jwks.json"),
+        )
+        .arg("--auth-policy", "org")
+        .arg("--access-check-url", &template)
+        .arg("--access-check-allow-pointer", "/result/data/json/allowed")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let host_token = key.sign(&superset_claims("user-1", &["org-a"]));
+    let _host = TestHost::connect_url(
+        &relay.tunnel_url("org-a:m1", &host_token),
+        None,
+        upstream.addr(),
+    )
+    .await;
+    let client = key.sign(&superset_claims("user-2", &["org-a"]));
+    relay.wait_host_connected_with("org-a:m1", &client).await;
+
+    // Allowed: asked once per (user, host) with the caller's own token, then cached.
+    for _ in 0..5 {
+        assert_eq!(get_as(&relay, "org-a:m1", &client).await.0, 200);
+    }
+    let client_calls: Vec<_> = api
+        .calls_for("org-a:m1")
+        .into_iter()
+        .filter(|bearer| *bearer == format!("Bearer {client}"))
+        .collect();
+    assert_eq!(
+        client_calls.len(),
+        1,
+        "{:?}",
+        api.calls_for("org-a:m1").len()
+    );
+    assert!(
+        api.calls_for("org-a:m1")
+            .contains(&format!("Bearer {host_token}")),
+        "the host's registration was checked with the host's token"
+    );
+
+    // Denied by the API although the org matches: 403 with the reason, cached too.
+    for _ in 0..3 {
+        assert_eq!(
+            get_as(&relay, "org-a:m2", &client).await,
+            (403, "no access to this host".into())
+        );
+    }
+    assert_eq!(api.calls_for("org-a:m2").len(), 1);
+
+    // The API goes down: what is cached still stands; a question it cannot answer
+    // is a 503, never an allowance.
+    api_server.abort();
+    assert_eq!(get_as(&relay, "org-a:m1", &client).await.0, 200);
+    let other = key.sign(&superset_claims("user-3", &["org-a"]));
+    let (status, why) = get_as(&relay, "org-a:m1", &other).await;
+    assert_eq!(
+        (status, why.as_str()),
+        (503, "cannot check access to this host now")
+    );
+}

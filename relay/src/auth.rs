@@ -20,6 +20,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Access, AccessCheck};
 use crate::host_id::HostId;
 use crate::jwks::{Jwks, Lookup};
 
@@ -124,6 +125,12 @@ pub enum AuthError {
     /// `org` policy: the token's org claim does not list the host's org.
     #[error("not a member of this org")]
     NotOrgMember,
+    /// The access check said no.
+    #[error("no access to this host")]
+    AccessDenied,
+    /// The access check did not answer: not the caller's fault; try again.
+    #[error("cannot check access to this host now")]
+    AccessCheckFailed,
     /// The identity provider's keys could not be fetched since startup: not the caller's
     /// fault; try again.
     #[error("cannot check tokens now: the identity provider's keys are unavailable")]
@@ -140,8 +147,11 @@ impl AuthError {
             AuthError::WrongRole { .. }
             | AuthError::HostNotAllowed(_)
             | AuthError::NotOrgHost(_)
-            | AuthError::NotOrgMember => http::StatusCode::FORBIDDEN,
-            AuthError::KeysUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            | AuthError::NotOrgMember
+            | AuthError::AccessDenied => http::StatusCode::FORBIDDEN,
+            AuthError::KeysUnavailable | AuthError::AccessCheckFailed => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -156,6 +166,8 @@ impl AuthError {
             AuthError::NotOrgHost(_) => "not_org_host",
             AuthError::NotOrgMember => "not_org_member",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::AccessDenied => "access_denied",
+            AuthError::AccessCheckFailed => "access_check_failed",
         }
     }
 }
@@ -168,6 +180,8 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     policy: Policy,
+    /// Asked after the policy allows, when configured.
+    access: Option<Arc<Access>>,
     /// Tokens whose signature and claims were already verified, by their exact text, so a
     /// client that sends the same token with every request costs one hash lookup instead
     /// of a signature check (~11 % of the relay's CPU per request, BENCHMARKS.md). Only
@@ -258,6 +272,7 @@ impl Verifier {
             issuer: None,
             audience: None,
             policy: Policy::Claims,
+            access: None,
             verified: Arc::default(),
         }
     }
@@ -274,6 +289,13 @@ impl Verifier {
     #[must_use]
     pub fn with_policy(mut self, policy: Policy) -> Verifier {
         self.policy = policy;
+        self
+    }
+
+    /// After the policy, asks `check` (cached) whether the bearer may use the host.
+    #[must_use]
+    pub fn with_access_check(mut self, check: Option<AccessCheck>) -> Verifier {
+        self.access = check.map(|check| Arc::new(Access::new(check)));
         self
     }
 
@@ -347,6 +369,9 @@ impl Verifier {
             }
         };
         self.allows(&claims, role, host)?;
+        if let Some(access) = &self.access {
+            access.check(&claims.sub, token, host).await?;
+        }
         Ok(claims)
     }
 
@@ -706,7 +731,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(verifier.tenant(&claims, &host("org-a:m2")), "org:org-a");
-        assert_eq!(Verifier::hs256(b"k").tenant(&claims, &host("org-a:m2")), "u1");
+        assert_eq!(
+            Verifier::hs256(b"k").tenant(&claims, &host("org-a:m2")),
+            "u1"
+        );
     }
 
     #[test]

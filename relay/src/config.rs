@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::access::AccessCheck;
 use crate::auth::{Policy, Verifier};
 use crate::directory::Owner;
 use crate::limits::{self, Limits};
@@ -188,6 +189,21 @@ pub struct ServeArgs {
     /// With `--auth-policy org`: the array claim that lists the bearer's orgs.
     #[arg(long, env = "RELAY_ORG_CLAIM", default_value = "organizationIds")]
     pub org_claim: String,
+
+    /// After the policy allows, ask this URL whether the bearer may use the host: GET
+    /// with the bearer's token, `{hostId}` replaced by the (percent-encoded) hostId;
+    /// allowed on 2xx. Cached per (sub, hostId): allowed 15 min, denied 30 s.
+    #[arg(long, env = "RELAY_ACCESS_CHECK_URL")]
+    pub access_check_url: Option<String>,
+
+    /// With `--access-check-url`: a 2xx allows only if this JSON pointer in the answer
+    /// is `true` (e.g. `/result/data/json/allowed`).
+    #[arg(
+        long,
+        env = "RELAY_ACCESS_CHECK_ALLOW_POINTER",
+        requires = "access_check_url"
+    )]
+    pub access_check_allow_pointer: Option<String>,
 
     /// Try the relay locally: an ephemeral secret, and a host and a client token printed
     /// on stdout.
@@ -399,6 +415,8 @@ pub struct Config {
     pub jwt_audience: Option<String>,
     /// What a valid token allows.
     pub policy: Policy,
+    /// The access check asked after the policy, if any.
+    pub access_check: Option<AccessCheck>,
     /// This machine, as written in the directory.
     pub owner: Owner,
     /// Fly app name, when on Fly.
@@ -628,8 +646,37 @@ impl ServeArgs {
                 claim: self.org_claim,
             },
         };
+        let access_check = match self.access_check_url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(template) => {
+                let sample = template.replace("{hostId}", "org%3Amachine");
+                let usable = sample.parse::<http::Uri>().is_ok_and(|uri| {
+                    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+                });
+                if !usable || !template.contains("{hostId}") {
+                    return err(format!(
+                        "RELAY_ACCESS_CHECK_URL {template:?} must be an http:// or https:// URL \
+                         with {{hostId}} where the hostId goes"
+                    ));
+                }
+                let allow_pointer = self.access_check_allow_pointer.filter(|p| !p.is_empty());
+                if let Some(pointer) = &allow_pointer
+                    && !pointer.starts_with('/')
+                {
+                    return err(format!(
+                        "RELAY_ACCESS_CHECK_ALLOW_POINTER {pointer:?} must be a JSON pointer \
+                         (starting with /)"
+                    ));
+                }
+                Some(AccessCheck {
+                    url_template: template,
+                    allow_pointer,
+                })
+            }
+        };
         let config = Config {
             listen: SocketAddr::new(self.bind, self.port),
+            access_check,
             owner,
             app_name,
             keys,
@@ -714,7 +761,8 @@ impl Config {
         }?;
         Ok(verifier
             .expecting(self.jwt_issuer.clone(), self.jwt_audience.clone())
-            .with_policy(self.policy.clone()))
+            .with_policy(self.policy.clone())
+            .with_access_check(self.access_check.clone()))
     }
 }
 

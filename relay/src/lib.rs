@@ -13,7 +13,8 @@
 //!   (v1 JSON messages; `h2`'s WebSocket byte stream), shared by relay and agent.
 //! - [`host_id`]: validated hostIds.
 //! - [`auth`]: JWT claims, verification, the authorization policy and minting;
-//!   [`jwks`]: an identity provider's key set; [`fetch`]: the GETs the relay makes.
+//!   [`jwks`]: an identity provider's key set; [`access`]: the access check against
+//!   the deployment's API; [`fetch`]: the GETs the relay makes.
 //! - [`admin`]: `GET /admin/tunnels`, for operators.
 //! - [`state`]: the shared state of one relay process ([`state::Relay`]).
 //! - [`router`]: the HTTP routes.
@@ -47,6 +48,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod auth;

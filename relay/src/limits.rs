@@ -261,6 +261,28 @@ impl Default for Limits {
     }
 }
 
+/// The access check (`--access-check-url`).
+pub mod access {
+    use std::time::Duration;
+
+    /// How long an "allowed" answer is trusted: 15 min (superset's relay's figure), so
+    /// a revoked member loses a host within minutes at one API call per user and host.
+    pub const ALLOWED_FOR: Duration = Duration::from_secs(15 * 60);
+
+    /// How long a "denied" answer is trusted: 30 s, so a member just added gets in
+    /// soon, while a client retrying in a loop costs the API one call per 30 s.
+    pub const DENIED_FOR: Duration = Duration::from_secs(30);
+
+    /// Answers remembered, least recently used dropped first: 10,000 (~200 B each).
+    pub const CACHE_ENTRIES: usize = 10_000;
+
+    /// How long one check may take before the request gets 503: 5 s.
+    pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Largest answer read: 64 KiB.
+    pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+}
+
 /// The identity provider's key set (`--jwks-url`).
 pub mod jwks {
     use std::time::Duration;
