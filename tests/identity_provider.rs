@@ -100,6 +100,22 @@ impl Provider {
     }
 }
 
+/// A provider publishing `keys` on a free port: the provider, its port and its task.
+async fn provider_with(keys: &[&SigningKey]) -> (Provider, u16, tokio::task::JoinHandle<()>) {
+    let provider = Provider::default();
+    provider.publish(keys);
+    let port = unused_port();
+    let server = provider
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await;
+    (provider, port, server)
+}
+
+/// A host agent for `host_id` registered with `token`, in front of `upstream`.
+async fn host_with(relay: &TestRelay, host_id: &str, token: &str, upstream: &Upstream) -> TestHost {
+    TestHost::connect_url(&relay.tunnel_url(host_id, token), None, upstream.addr()).await
+}
+
 /// A relay verifying with the provider at `port`, superset's way.
 async fn relay_for(port: u16) -> TestRelay {
     TestRelay::builder()
@@ -147,23 +163,13 @@ async fn tunnel_refusal(relay: &TestRelay, host_id: &str, token: &str) -> (u16, 
 async fn superset_tokens_from_a_key_set_reach_their_orgs_hosts_and_each_denial_says_why() {
     let pair = KeyPair::generate("jwks-org", RSA);
     let key = SigningKey::rsa("k1", &pair);
-    let provider = Provider::default();
-    provider.publish(&[&key]);
-    let port = unused_port();
-    let _server = provider
-        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await;
+    let (_provider, port, _server) = provider_with(&[&key]).await;
     let relay = relay_for(port).await;
     let upstream = Upstream::spawn().await;
 
     // The host service registers with its user's token; a member of the org reaches it.
     let host_token = key.sign(&superset_claims("user-1", &["org-a"]));
-    let _host = TestHost::connect_url(
-        &relay.tunnel_url("org-a:machine-1", &host_token),
-        None,
-        upstream.addr(),
-    )
-    .await;
+    let _host = host_with(&relay, "org-a:machine-1", &host_token, &upstream).await;
     let member = key.sign(&superset_claims("user-2", &["org-z", "org-a"]));
     relay
         .wait_host_connected_with("org-a:machine-1", &member)
@@ -228,21 +234,11 @@ async fn a_rotated_key_is_fetched_when_a_token_names_it_and_made_up_key_ids_do_n
  {
     let old = SigningKey::rsa("old", &KeyPair::generate("jwks-rotate-old", RSA));
     let new_pair = KeyPair::generate("jwks-rotate-new", RSA);
-    let provider = Provider::default();
-    provider.publish(&[&old]);
-    let port = unused_port();
-    let _server = provider
-        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await;
+    let (provider, port, _server) = provider_with(&[&old]).await;
     let relay = relay_for(port).await;
     let upstream = Upstream::spawn().await;
     let host_token = old.sign(&superset_claims("user-1", &["org-a"]));
-    let _host = TestHost::connect_url(
-        &relay.tunnel_url("org-a:m", &host_token),
-        None,
-        upstream.addr(),
-    )
-    .await;
+    let _host = host_with(&relay, "org-a:m", &host_token, &upstream).await;
     let client = old.sign(&superset_claims("user-2", &["org-a"]));
     relay.wait_host_connected_with("org-a:m", &client).await;
     let at_start = provider.fetches();
@@ -311,8 +307,7 @@ async fn a_provider_down_at_startup_gets_503_until_it_answers_and_known_keys_out
     )
     .await;
     let upstream = Upstream::spawn().await;
-    let _host =
-        TestHost::connect_url(&relay.tunnel_url("org-a:m", &member), None, upstream.addr()).await;
+    let _host = host_with(&relay, "org-a:m", &member, &upstream).await;
     relay.wait_host_connected_with("org-a:m", &member).await;
 
     // The provider goes away again: tokens signed with the keys already known keep
@@ -372,12 +367,7 @@ impl Api {
 #[tokio::test]
 async fn the_access_check_asks_the_api_with_the_callers_token_and_caches_its_answers() {
     let key = SigningKey::rsa("k1", &KeyPair::generate("jwks-access", RSA));
-    let provider = Provider::default();
-    provider.publish(&[&key]);
-    let jwks_port = unused_port();
-    let _jwks = provider
-        .serve(SocketAddr::from(([127, 0, 0, 1], jwks_port)))
-        .await;
+    let (_provider, jwks_port, _jwks) = provider_with(&[&key]).await;
     let api = Api::default();
     api.allowed.lock().unwrap().push("org-a:m1".into());
     let api_port = unused_port();
@@ -401,12 +391,7 @@ async fn the_access_check_asks_the_api_with_the_callers_token_and_caches_its_ans
         .await;
     let upstream = Upstream::spawn().await;
     let host_token = key.sign(&superset_claims("user-1", &["org-a"]));
-    let _host = TestHost::connect_url(
-        &relay.tunnel_url("org-a:m1", &host_token),
-        None,
-        upstream.addr(),
-    )
-    .await;
+    let _host = host_with(&relay, "org-a:m1", &host_token, &upstream).await;
     let client = key.sign(&superset_claims("user-2", &["org-a"]));
     relay.wait_host_connected_with("org-a:m1", &client).await;
 
