@@ -16,7 +16,8 @@ use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use relay_tests::keys::RSA;
 use relay_tests::{
-    DEADLINE, KeyPair, TestHost, TestRelay, Upstream, unix_now, unused_port, wait_until_async,
+    DEADLINE, KeyPair, TestHost, TestRelay, Upstream, run_relay_cli, unix_now, unused_port,
+    wait_until_async,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -435,4 +436,71 @@ async fn the_access_check_asks_the_api_with_the_callers_token_and_caches_its_ans
         (status, why.as_str()),
         (503, "cannot check access to this host now")
     );
+}
+
+#[tokio::test]
+async fn unusable_provider_and_access_check_settings_exit_64_naming_the_setting() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--jwks-url", "ftp://keys.example/jwks"], "RELAY_JWKS_URL"),
+        (&["--jwks-url", "not a url"], "RELAY_JWKS_URL"),
+        (
+            &[
+                "--jwt-secret",
+                "0123456789abcdef",
+                "--access-check-url",
+                "http://api.example/check",
+            ],
+            "{hostId}",
+        ),
+        (
+            &[
+                "--jwt-secret",
+                "0123456789abcdef",
+                "--access-check-url",
+                "http://api.example/check/{hostId}",
+                "--access-check-allow-pointer",
+                "result.allowed",
+            ],
+            "RELAY_ACCESS_CHECK_ALLOW_POINTER",
+        ),
+    ];
+    for (args, named) in cases {
+        let mut argv = vec!["serve", "--bind", "127.0.0.1", "--port", "0"];
+        argv.extend_from_slice(args);
+        let out = run_relay_cli(&argv, &[("RUST_LOG", "info")]).await;
+        assert_eq!(out.code, Some(64), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(named), "{args:?}: {}", out.stderr);
+    }
+}
+
+#[tokio::test]
+async fn a_key_set_url_that_answers_something_else_is_logged_and_tokens_get_503() {
+    // Any JSON that is not a JWK set: the echo upstream's answer.
+    let upstream = Upstream::spawn().await;
+    let relay = TestRelay::builder()
+        .no_secret()
+        .arg(
+            "--jwks-url",
+            &format!("http://{}/echo/jwks", upstream.addr()),
+        )
+        .arg("--auth-policy", "org")
+        .spawn()
+        .await;
+    let key = SigningKey::rsa("k1", &KeyPair::generate("jwks-garbage", RSA));
+    let (status, why) = get_as(
+        &relay,
+        "org-a:m",
+        &key.sign(&superset_claims("u", &["org-a"])),
+    )
+    .await;
+    assert_eq!(
+        (status, why.as_str()),
+        (
+            503,
+            "cannot check tokens now: the identity provider's keys are unavailable"
+        )
+    );
+    relay
+        .wait_for_log("cannot fetch the identity provider's keys", DEADLINE)
+        .await;
 }
