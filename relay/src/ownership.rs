@@ -18,7 +18,7 @@ use crate::directory::{Directory, Owner};
 use crate::host_id::HostId;
 use crate::limits::{
     CLAIMS_PASS_TIME, CLAIMS_PER_PASS, DIRECTORY_SWEEP_BATCH, DIRECTORY_SWEEP_INTERVAL,
-    DIRECTORY_TIMEOUT, PEER_PROBE_TIMEOUT, RECONCILE_BATCH, RESYNC_FIRST_RETRY,
+    DIRECTORY_TIMEOUT, MOVING_MARK_TTL, PEER_PROBE_TIMEOUT, RECONCILE_BATCH, RESYNC_FIRST_RETRY,
     STARTUP_CLEAR_TIMEOUT,
 };
 use crate::state::Relay;
@@ -100,6 +100,46 @@ pub(crate) async fn unpublish(relay: &Relay, host: &HostId) {
     // flight, and the entry it wrote has the same owner value: put it back.
     if relay.registry().contains(host) {
         publish(relay, host).await;
+    }
+}
+
+/// Lets `hosts` go while draining (`None`: every host this machine still owns): their
+/// entries are removed and marked *moving* for [`MOVING_MARK_TTL`], so that every relay
+/// holds requests for them while they register elsewhere ([`is_moving`]). Returns how
+/// many were removed, or `None` when the directory did not answer (logged).
+pub(crate) async fn retire(relay: &Relay, hosts: Option<&[HostId]>) -> Option<usize> {
+    let owner = &relay.config().owner;
+    match timeout(
+        DIRECTORY_TIMEOUT,
+        relay.directory().retire(owner, hosts, MOVING_MARK_TTL),
+    )
+    .await
+    {
+        Ok(Ok(removed)) => Some(removed),
+        Ok(Err(err)) => {
+            telemetry::directory_error("retire", owner, &err);
+            None
+        }
+        Err(_) => {
+            telemetry::directory_error("retire", owner, &"timed out");
+            None
+        }
+    }
+}
+
+/// Whether `host` is moving: a draining relay let it go moments ago. False when the
+/// directory cannot say (logged).
+pub(crate) async fn is_moving(relay: &Relay, host: &HostId) -> bool {
+    match timeout(DIRECTORY_TIMEOUT, relay.directory().is_moving(host)).await {
+        Ok(Ok(moving)) => moving,
+        Ok(Err(err)) => {
+            telemetry::directory_error("is_moving", host, &err);
+            false
+        }
+        Err(_) => {
+            telemetry::directory_error("is_moving", host, &"timed out");
+            false
+        }
     }
 }
 

@@ -74,6 +74,23 @@ impl Directory for Instrumented {
         measured("clear_owned", self.inner.clear_owned(owner)).await
     }
 
+    async fn retire(
+        &self,
+        owner: &Owner,
+        hosts: Option<&[HostId]>,
+        mark_for: Duration,
+    ) -> Result<usize, DirectoryError> {
+        measured("retire", self.inner.retire(owner, hosts, mark_for)).await
+    }
+
+    async fn is_moving(&self, host: &HostId) -> Result<bool, DirectoryError> {
+        measured("is_moving", self.inner.is_moving(host)).await
+    }
+
+    async fn last_seen_many(&self, hosts: &[HostId]) -> Result<Vec<Option<u64>>, DirectoryError> {
+        measured("last_seen_many", self.inner.last_seen_many(hosts)).await
+    }
+
     async fn sweep(&self, owner: &Owner, limit: usize) -> Result<usize, DirectoryError> {
         measured("sweep", self.inner.sweep(owner, limit)).await
     }

@@ -30,6 +30,12 @@ struct State {
     /// Advertised address of each owner, with its expiry. Expired ones are dropped when
     /// read or overwritten; there is one per machine, so they never pile up.
     addresses: HashMap<Owner, (String, Instant)>,
+    /// Hosts let go while draining, until when ([`Directory::retire`]). Pruned by the
+    /// sweep (and when read).
+    moving: HashMap<HostId, Instant>,
+    /// When each host was last seen: ms since the epoch, and when to forget it. Pruned
+    /// by the sweep.
+    seen: HashMap<HostId, (u64, Instant)>,
 }
 
 #[derive(Debug)]
@@ -85,6 +91,14 @@ impl State {
             .insert(host.clone());
     }
 
+    fn saw(&mut self, host: &HostId, now: Instant) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.seen
+            .insert(host.clone(), (ms, now + crate::limits::SEEN_TTL));
+    }
+
     fn live_owner(&self, host: &HostId, now: Instant) -> Option<&Owner> {
         self.entries
             .get(host)
@@ -111,6 +125,7 @@ impl Directory for MemoryDirectory {
             .filter(|prev| *prev != owner)
             .cloned();
         state.insert(host, owner, now + self.ttl);
+        state.saw(host, now);
         Ok(previous)
     }
 
@@ -167,6 +182,7 @@ impl Directory for MemoryDirectory {
         match state.entries.get_mut(host) {
             Some(entry) if entry.owner == *owner && entry.expires_at > now => {
                 entry.expires_at = now + self.ttl;
+                state.saw(host, now);
                 Ok(true)
             }
             _ => Ok(false),
@@ -196,11 +212,68 @@ impl Directory for MemoryDirectory {
         Ok(removed)
     }
 
+    async fn retire(
+        &self,
+        owner: &Owner,
+        hosts: Option<&[HostId]>,
+        mark_for: Duration,
+    ) -> Result<usize, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let hosts: Vec<HostId> = match hosts {
+            Some(hosts) => hosts.to_vec(),
+            None => state
+                .by_owner
+                .get(owner)
+                .map(|hosts| hosts.iter().cloned().collect())
+                .unwrap_or_default(),
+        };
+        let mut removed = 0;
+        for host in hosts {
+            if state.live_owner(&host, now) == Some(owner) {
+                state.remove(&host);
+                state.moving.insert(host, now + mark_for);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn is_moving(&self, host: &HostId) -> Result<bool, DirectoryError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        match state.moving.get(host) {
+            Some(until) if *until > now => Ok(true),
+            Some(_) => {
+                state.moving.remove(host);
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn last_seen_many(&self, hosts: &[HostId]) -> Result<Vec<Option<u64>>, DirectoryError> {
+        let now = Instant::now();
+        let state = self.state();
+        Ok(hosts
+            .iter()
+            .map(|host| {
+                state
+                    .seen
+                    .get(host)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(ms, _)| *ms)
+            })
+            .collect())
+    }
+
     /// Drops at most `limit` expired entries, whoever owns them: in one process every
-    /// entry is this machine's.
+    /// entry is this machine's. Expired moving marks and last-seen times go too.
     async fn sweep(&self, _owner: &Owner, limit: usize) -> Result<usize, DirectoryError> {
         let now = Instant::now();
         let mut state = self.state();
+        state.moving.retain(|_, until| *until > now);
+        state.seen.retain(|_, (_, until)| *until > now);
         let expired: Vec<HostId> = state
             .entries
             .iter()
@@ -285,6 +358,35 @@ mod tests {
     }
     fn owner(s: &str) -> Owner {
         s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retired_hosts_are_marked_moving_until_the_mark_expires() {
+        let dir = MemoryDirectory::new(Duration::from_secs(60));
+        let (a, b) = (owner("ams:a"), owner("fra:b"));
+        for h in ["h1", "h2", "h3"] {
+            dir.register(&host(h), &a).await.unwrap();
+        }
+        dir.register(&host("h2"), &b).await.unwrap();
+        let mark = Duration::from_secs(10);
+        assert_eq!(
+            dir.retire(&a, Some(&[host("h1"), host("h2")]), mark)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(dir.is_moving(&host("h1")).await.unwrap());
+        assert!(
+            !dir.is_moving(&host("h2")).await.unwrap(),
+            "taken over: arrived"
+        );
+        assert_eq!(dir.lookup(&host("h2")).await.unwrap(), Some(b));
+        assert_eq!(dir.retire(&a, None, mark).await.unwrap(), 1);
+        assert!(dir.is_moving(&host("h3")).await.unwrap());
+        tokio::time::advance(mark).await;
+        assert!(!dir.is_moving(&host("h1")).await.unwrap());
+        let seen = dir.last_seen_many(&[host("h1"), host("x")]).await.unwrap();
+        assert!(seen[0].is_some() && seen[1].is_none(), "{seen:?}");
     }
 
     #[tokio::test]

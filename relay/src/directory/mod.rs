@@ -162,6 +162,27 @@ pub trait Directory: Send + Sync + fmt::Debug + 'static {
     /// proportional to what it owns. Returns how many were removed.
     async fn clear_owned(&self, owner: &Owner) -> Result<usize, DirectoryError>;
 
+    /// Lets hosts go while draining: removes each of `hosts` (`None`: every host) that
+    /// `owner` still owns (compare-and-delete) and leaves for each a mark that it is
+    /// *moving*, for `mark_for`: relays hold requests for a moving host a little while
+    /// it registers again ([`Directory::is_moving`]) instead of answering that it is not
+    /// connected. Hosts another machine took over stay, unmarked. Returns how many were
+    /// removed. One backend request.
+    async fn retire(
+        &self,
+        owner: &Owner,
+        hosts: Option<&[HostId]>,
+        mark_for: Duration,
+    ) -> Result<usize, DirectoryError>;
+
+    /// Whether a draining relay let `host` go less than its mark's lifetime ago
+    /// ([`Directory::retire`]).
+    async fn is_moving(&self, host: &HostId) -> Result<bool, DirectoryError>;
+
+    /// When each of `hosts` was last seen (registered, or heartbeat), in milliseconds
+    /// since the Unix epoch, if within [`crate::limits::SEEN_TTL`]; one backend request.
+    async fn last_seen_many(&self, hosts: &[HostId]) -> Result<Vec<Option<u64>>, DirectoryError>;
+
     /// Tidies up after `owner`, a bounded amount of work per call: drops at most `limit`
     /// stale records. Returns how many were dropped; call it periodically.
     ///

@@ -10,6 +10,8 @@
 //! | `relay:owned:<region:machineId>` | set | hostIds that owner registered | none (see the sweep) |
 //! | `relay:addr:<region:machineId>` | string | address peers forward to | `PX ttl` of the advertisement |
 //! | `relay:hop-key` | string | the relays' hop key ([`Directory::hop_key`]) | none |
+//! | `relay:moving:<hostId>` | string | owner that let the host go while draining ([`Directory::retire`]) | `PX` the mark's lifetime |
+//! | `relay:seen:<hostId>` | string | when the host was last seen, ms since the epoch (presence) | `PX` [`crate::limits::SEEN_TTL`] |
 //!
 //! hostIds and owners are restricted to `[A-Za-z0-9._-]` (plus the one `:` of an owner),
 //! so keys need no escaping.
@@ -113,6 +115,7 @@ struct Scripts {
     sweep: Script,
     hop_key: Script,
     take_over: Script,
+    retire: Script,
 }
 
 impl Scripts {
@@ -126,6 +129,7 @@ impl Scripts {
             sweep: Script::new(include_str!("sweep.lua")),
             hop_key: Script::new(include_str!("hop_key.lua")),
             take_over: Script::new(include_str!("take_over.lua")),
+            retire: Script::new(include_str!("retire.lua")),
         }
     }
 }
@@ -271,6 +275,14 @@ impl RedisDirectory {
         format!("{}owned:{owner}", self.prefix)
     }
 
+    fn seen_key(&self, host: &HostId) -> String {
+        format!("{}seen:{host}", self.prefix)
+    }
+
+    fn moving_key(&self, host: &HostId) -> String {
+        format!("{}moving:{host}", self.prefix)
+    }
+
     fn addr_key(&self, owner: &Owner) -> String {
         format!("{}addr:{owner}", self.prefix)
     }
@@ -354,7 +366,10 @@ impl Directory for RedisDirectory {
             .arg(owner.to_string())
             .arg(self.ttl_ms)
             .arg(host.as_str())
-            .arg(&self.prefix);
+            .arg(&self.prefix)
+            .key(self.seen_key(host))
+            .arg(now_ms())
+            .arg(millis(crate::limits::SEEN_TTL));
         let previous: Option<Vec<u8>> = self.eval("register", &script).await?;
         match previous.map(|value| decode_owner(&self.host_key(host), value)) {
             None => Ok(None),
@@ -455,7 +470,10 @@ impl Directory for RedisDirectory {
             .key(self.owned_key(owner))
             .arg(owner.to_string())
             .arg(self.ttl_ms)
-            .arg(host.as_str());
+            .arg(host.as_str())
+            .key(self.seen_key(host))
+            .arg(now_ms())
+            .arg(millis(crate::limits::SEEN_TTL));
         self.eval("heartbeat", &script).await
     }
 
@@ -466,6 +484,55 @@ impl Directory for RedisDirectory {
             .arg(owner.to_string())
             .arg(&self.prefix);
         self.eval("clear_owned", &script).await
+    }
+
+    async fn retire(
+        &self,
+        owner: &Owner,
+        hosts: Option<&[HostId]>,
+        mark_for: Duration,
+    ) -> Result<usize, DirectoryError> {
+        if hosts.is_some_and(<[HostId]>::is_empty) {
+            return Ok(0);
+        }
+        let mut script = self.scripts.retire.prepare_invoke();
+        script
+            .key(self.owned_key(owner))
+            .arg(owner.to_string())
+            .arg(&self.prefix)
+            .arg(millis(mark_for));
+        match hosts {
+            None => {
+                script.arg("all");
+            }
+            Some(hosts) => {
+                script.arg("some");
+                for host in hosts {
+                    script.arg(host.as_str());
+                }
+            }
+        }
+        self.eval("retire", &script).await
+    }
+
+    async fn is_moving(&self, host: &HostId) -> Result<bool, DirectoryError> {
+        let key = self.moving_key(host);
+        self.query("is_moving", ::redis::cmd("EXISTS").arg(&key))
+            .await
+    }
+
+    async fn last_seen_many(&self, hosts: &[HostId]) -> Result<Vec<Option<u64>>, DirectoryError> {
+        if hosts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = hosts.iter().map(|host| self.seen_key(host)).collect();
+        let values: Vec<Option<String>> = self
+            .query("last_seen_many", ::redis::cmd("MGET").arg(&keys))
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|value| value.and_then(|v| v.parse().ok()))
+            .collect())
     }
 
     /// One step of an `SSCAN` walk over `owner`'s index: looks at about `limit` members
@@ -596,7 +663,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(MAX).clamp(1, MAX)
 }
 
-/// An owner read from `key`.
+/// Now, in milliseconds since the Unix epoch (this machine's clock: last-seen times are
+/// for display, never compared across machines).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// `s` with the glob characters of a Redis `MATCH` pattern escaped, so that a key prefix
 /// matches only itself.
 fn glob_escape(s: &str) -> String {
@@ -610,6 +684,7 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// An owner read from `key`.
 fn decode_owner(key: &str, value: Vec<u8>) -> Result<Owner, DirectoryError> {
     let text =
         String::from_utf8(value).map_err(|err| DirectoryError::Corrupt(format!("{key}: {err}")))?;

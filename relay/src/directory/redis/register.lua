@@ -7,6 +7,9 @@
 -- ARGV[3]  hostId
 -- ARGV[4]  key prefix, to name the previous owner's index (not declared in KEYS:
 --          this is why Redis Cluster is not supported)
+-- KEYS[3]  <prefix>seen:<hostId>        when the host was last seen (presence)
+-- ARGV[5]  now, in milliseconds since the Unix epoch
+-- ARGV[6]  lifetime of the seen key, in milliseconds
 --
 -- Returns the previous live owner when it is another one, else nil.
 local previous = redis.call('GET', KEYS[1])
@@ -15,6 +18,7 @@ if previous and previous ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 if previous == ARGV[1] then
   return false
 end

@@ -675,3 +675,73 @@ async fn take_over_moves_only_an_entry_that_still_names_the_previous_owner_and_b
         "it expires like any entry"
     );
 }
+
+#[tokio::test]
+async fn retire_removes_only_its_own_hosts_and_marks_them_moving_for_a_while() {
+    let redis = TestRedis::spawn().await;
+    let mut raw = redis.raw().await;
+    let dir = redis.directory(Duration::from_secs(60));
+    let (a, b) = (owner("ams:a"), owner("fra:b"));
+    for h in ["h1", "h2", "h3", "org:m4"] {
+        dir.register(&host(h), &a).await.unwrap();
+    }
+    // b took h2 over: it has already arrived, so it is neither removed nor marked.
+    dir.register(&host("h2"), &b).await.unwrap();
+
+    let some = [host("h1"), host("h2")];
+    assert_eq!(
+        dir.retire(&a, Some(&some), Duration::from_millis(300))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(dir.lookup(&host("h1")).await.unwrap(), None);
+    assert!(dir.is_moving(&host("h1")).await.unwrap());
+    assert!(!dir.is_moving(&host("h2")).await.unwrap());
+    assert_eq!(dir.lookup(&host("h2")).await.unwrap(), Some(b.clone()));
+    assert!(!is_member(&mut raw, "ams:a", "h1").await);
+    assert!(
+        !dir.is_moving(&host("h3")).await.unwrap(),
+        "not retired yet"
+    );
+
+    // Every host still owned: h3 and org:m4; the index goes.
+    assert_eq!(
+        dir.retire(&a, None, Duration::from_secs(60)).await.unwrap(),
+        2
+    );
+    assert!(dir.is_moving(&host("org:m4")).await.unwrap());
+    assert!(!exists(&mut raw, "test:owned:ams:a").await);
+
+    // Marks expire on their own.
+    let deadline = Instant::now() + DEADLINE;
+    while dir.is_moving(&host("h1")).await.unwrap() {
+        assert!(Instant::now() < deadline, "the moving mark never expired");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test]
+async fn registration_and_heartbeats_record_when_a_host_was_last_seen() {
+    let redis = TestRedis::spawn().await;
+    let dir = redis.directory(Duration::from_secs(60));
+    let a = owner("ams:a");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    dir.register(&host("h1"), &a).await.unwrap();
+    let seen = dir
+        .last_seen_many(&[host("h1"), host("never")])
+        .await
+        .unwrap();
+    assert!(seen[0].is_some_and(|ms| ms >= before), "{seen:?}");
+    assert_eq!(seen[1], None);
+    // Still known once the host is gone: that is what "last seen" is for.
+    dir.unregister(&host("h1"), &a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    dir.register(&host("h1"), &a).await.unwrap();
+    assert!(dir.heartbeat(&host("h1"), &a).await.unwrap());
+    let again = dir.last_seen_many(&[host("h1")]).await.unwrap();
+    assert!(again[0] > seen[0], "{again:?} after {seen:?}");
+}
