@@ -40,11 +40,17 @@ pub(crate) async fn host_request(
 ) -> Response {
     let started = Instant::now();
     let mut route = "none";
+    let trpc = split_host_path(request.uri().path())
+        .is_some_and(|(_, rest)| crate::error::is_trpc_path(rest));
     let response = match serve(relay, peer, request, &mut route).await {
         Ok(response) => response,
         Err(err) => {
             debug!(%err, status = err.status().as_u16(), "client request refused");
-            err.into_response()
+            if trpc {
+                err.into_trpc_response()
+            } else {
+                err.into_response()
+            }
         }
     };
     telemetry::client_request(

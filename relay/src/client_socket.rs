@@ -375,3 +375,31 @@ impl ClientSocket {
         .await;
     }
 }
+
+/// A superset v2 host's dial-back socket is a WebSocket like a client's, charged alike.
+#[async_trait::async_trait]
+impl crate::tunnel::v2::DialSocket for ClientSocket {
+    async fn recv(&mut self) -> crate::tunnel::v2::DialEvent {
+        use crate::tunnel::v2::DialEvent;
+        loop {
+            return match ClientSocket::recv(self).await {
+                Received::Frame(frame) => DialEvent::Frame(frame),
+                Received::Control => continue,
+                Received::Close(frame) => DialEvent::Closed(frame.map(|(code, _)| code)),
+                Received::Failed { .. } | Received::Ended => DialEvent::Ended,
+            };
+        }
+    }
+
+    async fn send(&mut self, frame: Frame) -> Result<(), ()> {
+        ClientSocket::send(self, frame).await.map_err(|_| ())
+    }
+
+    async fn close(self: Box<Self>, code: Option<u16>, reason: &str) {
+        ClientSocket::close(*self, code, reason).await;
+    }
+
+    async fn finish(self: Box<Self>) {
+        ClientSocket::finish(*self).await;
+    }
+}

@@ -219,6 +219,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_MISSED_PONGS", default_value_t = limits::MAX_MISSED_PONGS)]
     pub max_missed_pongs: u32,
 
+    /// How long a stream for a superset v2 host waits for the host to dial back before
+    /// 504.
+    #[arg(long, env = "RELAY_DIAL_TIMEOUT", value_parser = humantime::parse_duration,
+          default_value = "10s")]
+    pub dial_timeout: Duration,
+
     /// How long a client HTTP exchange waits for the host before 504.
     #[arg(long, env = "RELAY_EXCHANGE_TIMEOUT", value_parser = humantime::parse_duration,
           default_value = "30s")]
@@ -582,6 +588,7 @@ impl ServeArgs {
             max_channels_per_client: self.max_channels_per_client,
             upload_grace: self.upload_grace,
             min_upload_rate: self.min_upload_rate,
+            dial_timeout: positive("RELAY_DIAL_TIMEOUT", self.dial_timeout)?,
         };
         if limits.directory_ttl <= limits.ping_interval {
             return err(format!(

@@ -7,7 +7,11 @@
 //! 1. **Mark draining.** `/ready` answers 503; new tunnel registrations are refused and
 //!    pointed elsewhere (`fly-replay: elsewhere=true` on Fly, else 503 `Retry-After: 0`).
 //! 2. **Tell every tunnel**: v1 `{"type":"drain"}`. Agents open a new tunnel elsewhere at
-//!    once and keep the old one for what is in flight.
+//!    once and keep the old one for what is in flight. A tunnel whose protocol has no such
+//!    message (superset's v2 control channels) is let go instead: its host's entry is
+//!    removed and marked *moving* (so every relay holds requests for it until it
+//!    registers again, [`crate::routing`]), and its control channel closed (4001), which
+//!    makes the host reconnect elsewhere; its streams in flight run on.
 //! 3. **Keep serving** the tunnels still here (direct, replayed or forwarded requests;
 //!    channels continue). Once a host has registered elsewhere, new requests for it are
 //!    routed to its new owner. Ends when every agent has closed its old tunnel; or when
@@ -16,9 +20,10 @@
 //!    an idle old tunnel open after moving do not hold the drain); or after the drain
 //!    grace (`RELAY_DRAIN_GRACE`, 3 s).
 //! 4. **Stop accepting** TCP connections, then remove every directory entry this machine
-//!    still owns with the one clear-owned script, and wait for it. Entries that agents
-//!    already re-registered elsewhere survive (compare-and-delete). A Redis that is down
-//!    fails this step fast, logged.
+//!    still owns with the one retire script, and wait for it: each is marked moving, so
+//!    requests for hosts whose agents ignored the drain are held while they come back.
+//!    Entries that agents already re-registered elsewhere survive (compare-and-delete).
+//!    A Redis that is down fails this step fast, logged.
 //! 5. **Close** every remaining tunnel with 4001 (preceded by `drain` if it missed it) and
 //!    its channels with 1001; answers to exchanges in flight still get through during the
 //!    close handshake, for at most 1.5 s.
@@ -44,6 +49,8 @@ use crate::tunnel::TunnelHandle;
 pub struct DrainReport {
     /// Tunnels that were sent `drain` in step 2.
     pub notified: usize,
+    /// Tunnels without a drain message, let go and closed in step 2.
+    pub let_go: usize,
     /// Time to queue `drain` on every tunnel (step 2).
     pub notify_time: Duration,
     /// Why step 3 ended.
@@ -101,11 +108,22 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
     // 2.
     let step = Instant::now();
     let handles = relay.registry().handles();
-    report.notified = handles.iter().filter(|h| h.drain(DRAIN_REASON)).count();
+    let (told, untold): (Vec<_>, Vec<_>) = handles.iter().partition(|h| h.hears_drain());
+    report.notified = told.iter().filter(|h| h.drain(DRAIN_REASON)).count();
+    report.let_go = untold.len();
+    for batch in untold.chunks(LOOKUP_BATCH) {
+        let hosts: Vec<HostId> = batch.iter().map(|h| h.host().clone()).collect();
+        crate::ownership::retire(relay, Some(&hosts)).await;
+        for handle in batch {
+            handle.mark_moved();
+            handle.close(close_code::DRAINING);
+        }
+    }
     report.notify_time = step.elapsed();
     info!(
         tunnels = handles.len(),
         notified = report.notified,
+        let_go = report.let_go,
         elapsed = ?report.notify_time,
         "drain 2/6: drain sent to every tunnel"
     );
@@ -134,12 +152,7 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
     // 4.
     let step = Instant::now();
     stop_accepting();
-    let owner = &config.owner;
-    match timeout(DIRECTORY_TIMEOUT, relay.directory().clear_owned(owner)).await {
-        Ok(Ok(removed)) => report.cleared = Some(removed),
-        Ok(Err(err)) => telemetry::directory_error("clear_owned", owner, &err),
-        Err(_) => telemetry::directory_error("clear_owned", owner, &"timed out"),
-    }
+    report.cleared = crate::ownership::retire(relay, None).await;
     relay.mark_directory_cleared();
     report.clear_time = step.elapsed();
     match report.cleared {

@@ -86,3 +86,54 @@ impl IntoResponse for ClientError {
         response
     }
 }
+
+impl ClientError {
+    /// The answer for a request under the host's `/trpc/` (superset's API): the error in
+    /// tRPC's shape, which its clients parse (`{"error":{"json":{"message","code",
+    /// "data":{"code","httpStatus"}}}}`, superjson-serialized), with the same status and
+    /// headers as [`IntoResponse`] gives.
+    pub fn into_trpc_response(self) -> Response {
+        let message = self.to_string();
+        let mut response = self.into_response();
+        let status = response.status();
+        let (key, code) = trpc_code(status);
+        *response.body_mut() = axum::body::Body::from(
+            json!({
+                "error": {
+                    "json": {
+                        "message": message,
+                        "code": code,
+                        "data": { "code": key, "httpStatus": status.as_u16() },
+                    }
+                }
+            })
+            .to_string(),
+        );
+        response
+    }
+}
+
+/// Whether a host-local path is one of superset's tRPC calls, whose errors its clients
+/// read in tRPC's shape.
+pub fn is_trpc_path(path: &str) -> bool {
+    path == "/trpc" || path.starts_with("/trpc/")
+}
+
+/// tRPC's error key and JSON-RPC code for an HTTP status (`TRPC_ERROR_CODES_BY_KEY`).
+fn trpc_code(status: StatusCode) -> (&'static str, i32) {
+    match status.as_u16() {
+        400 => ("BAD_REQUEST", -32600),
+        401 => ("UNAUTHORIZED", -32001),
+        403 => ("FORBIDDEN", -32003),
+        404 => ("NOT_FOUND", -32004),
+        408 => ("TIMEOUT", -32008),
+        413 => ("PAYLOAD_TOO_LARGE", -32013),
+        415 => ("UNSUPPORTED_MEDIA_TYPE", -32015),
+        426 => ("BAD_REQUEST", -32600),
+        429 => ("TOO_MANY_REQUESTS", -32029),
+        502 => ("BAD_GATEWAY", -32603),
+        503 => ("SERVICE_UNAVAILABLE", -32603),
+        504 => ("GATEWAY_TIMEOUT", -32603),
+        _ => ("INTERNAL_SERVER_ERROR", -32603),
+    }
+}

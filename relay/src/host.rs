@@ -1,4 +1,6 @@
-//! The host side: `GET /tunnel?hostId=<id>` turns a host agent's WebSocket into a tunnel.
+//! The host side: `GET /tunnel?hostId=<id>` turns a host agent's WebSocket into a tunnel;
+//! `GET /v2/control?hostId=<id>&token=<jwt>` does the same for superset's v2 hosts (their
+//! control channel; their dials are [`crate::dial`]'s).
 //!
 //! Registration order matters: the tunnel is put in the local registry before it is
 //! published in the directory, so a request routed here by the directory always finds it;
@@ -44,6 +46,15 @@ enum Refusal {
     Auth(#[from] AuthError),
 }
 
+/// Which door a host came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Door {
+    /// `GET /tunnel`: v1, or `h2` when the agent offers it.
+    Tunnel,
+    /// `GET /v2/control`: superset's v2 control channel.
+    V2Control,
+}
+
 /// `GET /tunnel?hostId=<id>`.
 pub(crate) async fn accept(
     State(relay): State<Relay>,
@@ -53,6 +64,54 @@ pub(crate) async fn accept(
     RawQuery(query): RawQuery,
     reads: Option<Extension<ReadCharge>>,
 ) -> Response {
+    let arrival = Arrival {
+        peer,
+        headers,
+        query,
+        reads,
+    };
+    register(relay, upgrade, arrival, Door::Tunnel).await
+}
+
+/// `GET /v2/control?hostId=<id>&token=<jwt>`: a superset v2 host's control channel.
+/// Refusals close with superset's codes (4400 bad request, 4401 token, 4403 access).
+pub(crate) async fn accept_v2(
+    State(relay): State<Relay>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    reads: Option<Extension<ReadCharge>>,
+) -> Response {
+    let arrival = Arrival {
+        peer,
+        headers,
+        query,
+        reads,
+    };
+    register(relay, upgrade, arrival, Door::V2Control).await
+}
+
+/// What a registration request brought.
+struct Arrival {
+    peer: SocketAddr,
+    headers: HeaderMap,
+    query: Option<String>,
+    reads: Option<Extension<ReadCharge>>,
+}
+
+async fn register(
+    relay: Relay,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    arrival: Arrival,
+    door: Door,
+) -> Response {
+    let Arrival {
+        peer,
+        headers,
+        query,
+        reads,
+    } = arrival;
     let Ok(upgrade) = upgrade else {
         return ClientError::NotWebSocket.into_response();
     };
@@ -69,8 +128,13 @@ pub(crate) async fn accept(
         telemetry::admission_rejected("rate");
         return too_many_registrations(wait);
     }
-    let wants_h2 = offers_h2(&headers);
+    let wants_h2 = door == Door::Tunnel && offers_h2(&headers);
     let mut upgrade = crate::websocket::configure(upgrade, &relay.config().limits);
+    if door == Door::V2Control {
+        upgrade = upgrade
+            .max_message_size(limits::v2::MAX_CONTROL_MESSAGE)
+            .max_frame_size(limits::v2::MAX_CONTROL_MESSAGE);
+    }
     if wants_h2 {
         // Binary messages carry HTTP/2 bytes in chunks of at most 64 KiB: a lower cap
         // than v1's whole-body frames.
@@ -82,7 +146,9 @@ pub(crate) async fn accept(
     let tracker = relay.tracker().clone();
     match authorized {
         Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
-            let protocol = if socket.protocol().is_some_and(|p| p == h2::SUBPROTOCOL) {
+            let protocol = if door == Door::V2Control {
+                Protocol::V2
+            } else if socket.protocol().is_some_and(|p| p == h2::SUBPROTOCOL) {
                 Protocol::H2
             } else {
                 Protocol::V1
@@ -114,7 +180,11 @@ pub(crate) async fn accept(
                     .into_response();
             }
             telemetry::tunnel_refused(&peer, &refusal);
-            upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, refusal)))
+            let (code, reason) = match door {
+                Door::Tunnel => (close_code::POLICY, refusal.to_string()),
+                Door::V2Control => refusal.v2_close(),
+            };
+            upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, code, reason)))
         }
     }
     .into_response()
@@ -185,14 +255,30 @@ async fn authorize(
     Ok((host, tenant))
 }
 
-/// Closes a refused tunnel with 1008 and the reason, then waits briefly for the agent's
-/// Close so it reads the code rather than a reset.
-async fn refuse(mut socket: WebSocket, refusal: Refusal) {
-    let reason = refusal.to_string();
+impl Refusal {
+    /// The close code and reason of a refused v2 control channel, in superset's codes.
+    fn v2_close(&self) -> (u16, String) {
+        use crate::protocol::v2::close;
+        let code = match self {
+            Refusal::MissingHostId | Refusal::InvalidHostId(_) => close::BAD_REQUEST,
+            Refusal::Auth(err) => match err.status() {
+                StatusCode::UNAUTHORIZED => close::AUTH_EXPIRED,
+                StatusCode::FORBIDDEN => close::FORBIDDEN,
+                // Keys or the access check unavailable: not the host's fault, try again.
+                _ => close_code::TRY_AGAIN_LATER,
+            },
+        };
+        (code, self.to_string())
+    }
+}
+
+/// Closes a refused tunnel with `code` (1008 for `/tunnel`) and the reason, then waits
+/// briefly for the agent's Close so it reads the code rather than a reset.
+async fn refuse(mut socket: WebSocket, code: u16, reason: String) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         socket
             .send(Message::Close(Some(CloseFrame {
-                code: close_code::POLICY,
+                code,
                 reason: crate::websocket::close_reason(&reason).into(),
             })))
             .await?;
@@ -239,6 +325,7 @@ async fn serve_tunnel(relay: Relay, socket: WebSocket, tunnel: Tunnel) {
         ),
         relay.shutdown_token(),
         relay.tracker(),
+        relay.v2(),
     );
     let span =
         info_span!("tunnel", host = %host, tunnel = %handle.id(), protocol = protocol.as_str());

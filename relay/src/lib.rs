@@ -25,7 +25,9 @@
 //! - [`listener`]: the listening socket, which a drain closes without dropping
 //!   connections already accepted.
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
-//! - [`host`]: the host side: `/tunnel` registrations.
+//! - [`host`]: the host side: `/tunnel` registrations (and superset's `/v2/control`);
+//!   [`dial`]: the WebSockets superset's v2 hosts dial back for each stream.
+//! - [`presence`]: `GET /presence`, which hosts are online.
 //! - [`client`]: the client side: `/hosts/{hostId}/...` exchanges and channels.
 //! - [`tunnel`]: the per-tunnel actor and its handle, protocol-blind outside the module:
 //!   exchanges and channels over `http` types, v1 or `h2` inside.
@@ -60,6 +62,7 @@ pub mod client_socket;
 pub mod clients;
 pub mod config;
 pub mod connections;
+pub mod dial;
 pub mod directory;
 pub mod drain;
 pub mod error;
@@ -72,6 +75,7 @@ pub mod limits;
 pub mod listener;
 pub mod ownership;
 pub mod peers;
+pub mod presence;
 pub mod protocol;
 pub mod query;
 pub mod registry;

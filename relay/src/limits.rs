@@ -230,6 +230,8 @@ pub struct Limits {
     pub memory_budget: usize,
     /// See [`tenant_budget`]; 0 derives it from the memory budget.
     pub tenant_budget: usize,
+    /// See [`v2::DIAL_TIMEOUT`].
+    pub dial_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -257,6 +259,7 @@ impl Default for Limits {
             min_upload_rate: MIN_UPLOAD_RATE,
             memory_budget: 0,
             tenant_budget: 0,
+            dial_timeout: v2::DIAL_TIMEOUT,
         }
     }
 }
@@ -412,6 +415,55 @@ pub mod h2 {
     /// that asked for the connection fails instead of waiting for the ping timeout.
     pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 }
+
+/// Superset's dial-back tunnels ("v2", [`crate::protocol::v2`]).
+///
+/// A v2 host is stale (closed 4408) after `ping_interval` × `max_missed_pongs` without a
+/// message on its control channel: 90 s by default, the three missed 30 s keepalives of
+/// superset's own relay. The HTTP exchange over a dial is bounded by `exchange_timeout`
+/// (30 s, superset's too).
+pub mod v2 {
+    use std::time::Duration;
+
+    /// How long a stream waits for the host to dial back before it fails (504): 10 s,
+    /// superset's `DIAL_TIMEOUT_MS`. `--dial-timeout`.
+    pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Largest message on a control channel: 64 KiB. The host only ever sends
+    /// `{"type":"ping"}`; anything bigger is not a v2 host.
+    pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+    /// Dial messages that may wait to be written to one control channel: a burst of
+    /// this many streams opening at once is queued, more fail at once (503) instead of
+    /// queueing without bound behind a host that stopped reading.
+    pub const CONTROL_QUEUE: usize = 1_024;
+
+    /// Most hostIds one `GET /presence` may ask about: 50, as superset's relay.
+    pub const MAX_PRESENCE_HOSTS: usize = 50;
+}
+
+/// How long a request for a *moving* host (its relay let it go while draining; see
+/// [`crate::ownership::retire`]) waits for the host to register again before it is
+/// answered 503: 5 s. Superset's v2 hosts reconnect within 1-5 s of their control channel
+/// closing; v1 and `h2` agents that ignored the drain message come back as fast.
+pub const HOLD_FOR_MOVING_HOST: Duration = Duration::from_secs(5);
+
+/// How long a draining relay's mark that a host is moving lives in the directory: 10 s,
+/// a host's reconnect plus a request's whole hold. Past it a request for a host that
+/// never came back is answered 503 at once, as for any unknown host.
+pub const MOVING_MARK_TTL: Duration = Duration::from_secs(10);
+
+/// Requests one relay holds at once for moving hosts: 1,024. Each holds a task and its
+/// unread request (a few KiB); past this, a request for a moving host gets 503 at once.
+pub const MAX_HELD_REQUESTS: usize = 1_024;
+
+/// How long the directory remembers when a host was last seen (`GET /presence`'s
+/// `lastSeenAt`): 30 days. One small key per host that registered in that time.
+pub const SEEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often a held request looks for its host again (the local registry, then the
+/// directory): 100 ms, so a host is used within a tenth of a second of registering.
+pub const HOLD_POLL: Duration = Duration::from_millis(100);
 
 /// How long a client connection may take to send a whole request head once the relay
 /// is ready for one: 20 s. Also how long an idle keep-alive connection is kept (hyper

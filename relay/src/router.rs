@@ -24,6 +24,9 @@ pub fn app(relay: Relay) -> Router {
         .route("/metrics", get(metrics))
         .route("/admin/tunnels", get(crate::admin::tunnels))
         .route("/tunnel", get(host::accept))
+        .route("/v2/control", get(host::accept_v2))
+        .route("/v2/dial", get(crate::dial::accept))
+        .route("/presence", get(crate::presence::presence))
         .route("/relay/holds/{host}", get(crate::routing::holds))
         .route("/hosts/{host}", any(client::host_request))
         .route("/hosts/{host}/", any(client::host_request))
@@ -44,6 +47,9 @@ async fn health(State(relay): State<Relay>) -> impl IntoResponse {
         "ok": true,
         "region": relay.config().owner.region,
         "machine": relay.config().owner.machine_id,
+        // Superset's host client speaks its v2 (dial-back) protocol to a relay that says
+        // this; anything else gets its v1 client.
+        "proto": crate::protocol::v2::HEALTH_PROTO,
     }))
 }
 

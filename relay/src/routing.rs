@@ -12,7 +12,13 @@
 //! forwarded to does not hold the host after all (the agent moved between the lookup and
 //! the hop), that relay answers 503 with [`NOT_HERE_HEADER`]; nothing reached a host, so
 //! the forwarding relay looks the host up again and, if it names another machine, tries
-//! that one, once. The client's
+//! that one, once.
+//!
+//! A host whose relay let it go while draining is *moving* ([`ownership::retire`]): a
+//! request for it is held (at most [`HOLD_FOR_MOVING_HOST`]) until the host registers
+//! again, here or elsewhere, and then served, instead of being told the host is not
+//! connected. Superset's v2 hosts need it (they learn of a drain only by their control
+//! channel closing); so do agents that ignore the drain message. The client's
 //! credentials travel unchanged and the owner checks them again: forwarding never
 //! weakens authorization.
 
@@ -40,7 +46,10 @@ use crate::directory::Owner;
 use crate::error::ClientError;
 use crate::headers;
 use crate::host_id::HostId;
-use crate::limits::{CLOSE_TIMEOUT, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN, PEER_REPLAY_BODY};
+use crate::limits::{
+    CLOSE_TIMEOUT, HOLD_FOR_MOVING_HOST, HOLD_POLL, PEER_CONNECT_TIMEOUT, PEER_EXCHANGE_MARGIN,
+    PEER_REPLAY_BODY,
+};
 use crate::ownership;
 use crate::protocol::{Frame, close_code};
 use crate::state::Relay;
@@ -123,6 +132,8 @@ pub enum Route {
 /// `hopped` says the request was already routed here by another machine (or replayed by
 /// Fly): then only a local tunnel will do, so a request can never loop.
 ///
+/// A moving host is waited for ([`hold`]).
+///
 /// # Errors
 /// [`ClientError::HostNotConnected`] when no machine holds a tunnel for `host`, when the
 /// directory names this machine but the tunnel is not here (a stale entry), or when the
@@ -160,8 +171,43 @@ pub async fn route(relay: &Relay, host: &HostId, hopped: bool) -> Result<Route, 
             Err(ClientError::HostNotConnected)
         }
         Some(owner) => Ok(Route::Remote(owner)),
+        None if ownership::is_moving(relay, host).await => hold(relay, host).await,
         None => Err(ClientError::HostNotConnected),
     }
+}
+
+/// Waits, at most [`HOLD_FOR_MOVING_HOST`], for a moving host to register again (here, or
+/// in the directory), looking every [`HOLD_POLL`]. At most
+/// [`crate::limits::MAX_HELD_REQUESTS`] wait at once: past it, 503 at once.
+async fn hold(relay: &Relay, host: &HostId) -> Result<Route, ClientError> {
+    let Some(_place) = relay.hold_place() else {
+        telemetry::held("full");
+        return Err(ClientError::HostNotConnected);
+    };
+    debug!(%host, "host is moving; holding the request until it registers again");
+    let deadline = tokio::time::Instant::now() + HOLD_FOR_MOVING_HOST;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(HOLD_POLL).await;
+        if let Some(tunnel) = relay.registry().get(host) {
+            telemetry::held("found");
+            return Ok(Route::Local(tunnel));
+        }
+        match ownership::lookup(relay, host).await {
+            Some(owner) if owner == relay.config().owner => {
+                if let Some(tunnel) = relay.registry().get(host) {
+                    telemetry::held("found");
+                    return Ok(Route::Local(tunnel));
+                }
+            }
+            Some(owner) => {
+                telemetry::held("found");
+                return Ok(Route::Remote(owner));
+            }
+            None => {}
+        }
+    }
+    telemetry::held("timeout");
+    Err(ClientError::HostNotConnected)
 }
 
 /// `GET /relay/holds/{hostId}`: whether this machine holds the host's tunnel, asked by
@@ -406,7 +452,7 @@ impl HopBody {
 /// Bridges a client WebSocket to the owner: connect to the owner first (so its refusal,
 /// say a 403, reaches the client as a status), then upgrade the client and carry frames
 /// and close codes both ways.
-async fn bridge_websocket(
+pub(crate) async fn bridge_websocket(
     relay: &Relay,
     host: &HostId,
     mut owner: Owner,

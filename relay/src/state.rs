@@ -63,6 +63,10 @@ struct Inner {
     refusals: Refusals,
     /// The relays' shared hop key, once the directory gave it.
     hop_key: tokio::sync::OnceCell<String>,
+    /// Where v2 tunnels live: the dials this relay waits for, and this machine.
+    v2: crate::tunnel::v2::Place,
+    /// Requests held for moving hosts ([`crate::limits::MAX_HELD_REQUESTS`]).
+    holds: Arc<tokio::sync::Semaphore>,
 }
 
 impl Relay {
@@ -108,6 +112,13 @@ impl Relay {
             inner: Arc::new(Inner {
                 verifier: config.verifier()?,
                 registry: Registry::default(),
+                v2: crate::tunnel::v2::Place {
+                    dials: Arc::default(),
+                    issuer: config.owner.clone(),
+                },
+                holds: Arc::new(tokio::sync::Semaphore::new(
+                    crate::limits::MAX_HELD_REQUESTS,
+                )),
                 directory,
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -205,6 +216,16 @@ impl Relay {
     /// The token verifier.
     pub fn verifier(&self) -> &Verifier {
         &self.inner.verifier
+    }
+
+    /// Where v2 tunnels live: the dials this relay waits for, and this machine.
+    pub fn v2(&self) -> &crate::tunnel::v2::Place {
+        &self.inner.v2
+    }
+
+    /// A place to hold a request for a moving host, if one is free.
+    pub fn hold_place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.holds).try_acquire_owned().ok()
     }
 
     /// The local tunnels.

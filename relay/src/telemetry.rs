@@ -383,6 +383,18 @@ pub fn redelivered() {
     metrics::counter!("relay_requests_redelivered_total").increment(1);
 }
 
+/// A request for a moving host was held: `outcome` is `found` (the host registered
+/// again in time), `timeout` or `full` (too many held already).
+pub fn held(outcome: &'static str) {
+    metrics::counter!("relay_held_requests_total", "outcome" => outcome).increment(1);
+}
+
+/// A superset v2 dial arrived: `outcome` is `paired`, `unknown_ticket` or `forwarded`
+/// (issued by another machine).
+pub fn dial(outcome: &'static str) {
+    metrics::counter!("relay_v2_dials_total", "outcome" => outcome).increment(1);
+}
+
 /// The reconciler wrote `n` directory entries back.
 pub fn reconciled(n: usize) {
     metrics::counter!("relay_reconcile_writes_total").increment(n as u64);

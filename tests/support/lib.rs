@@ -21,6 +21,11 @@
 //!   close-code helpers, used by visitors and by [`RawHost`].
 //! - [`host`]: v1 host agents. [`RawHost`] gives message-level control;
 //!   [`TestHost`] runs in the background and forwards to an [`Upstream`].
+//! - [`v2_host`]: tunnel v2 (dial-back) hosts as superset's
+//!   `tunnel-client-v2.ts` speaks it: [`V2Host`](v2_host::V2Host) (control
+//!   with pings and reconnects over a list of relays, ws and http dials to an
+//!   [`Upstream`], observers and knobs), [`V2Control`](v2_host::V2Control)
+//!   and [`dial_raw`](v2_host::dial_raw) for playing the host by hand.
 //! - [`upstream`]: a real local HTTP + WebSocket server ([`Upstream`]) with
 //!   `/echo`, `/slow` and `/ws/echo`.
 //! - [`stack`]: [`Stack`], the usual relay + upstream + connected host fixture.
@@ -73,6 +78,7 @@ pub mod stub_relay;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
+pub mod v2_host;
 pub mod wait;
 pub mod ws;
 

@@ -252,6 +252,32 @@ impl WsClient {
         }
     }
 
+    /// Reads until the peer's Close frame and returns its code (1005 when it
+    /// carried none) and reason, skipping any data frames on the way.
+    ///
+    /// # Panics
+    ///
+    /// If the stream ends without a Close frame or `timeout` passes.
+    pub async fn recv_close(&mut self, timeout: Duration) -> (u16, String) {
+        let close = async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        return frame.map_or((1005, String::new()), |f| {
+                            (u16::from(f.code), f.reason.as_str().to_owned())
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => {
+                        panic!("expected a Close frame, but the WebSocket failed: {err}")
+                    }
+                    None => panic!("expected a Close frame, but the WebSocket ended"),
+                }
+            }
+        };
+        within("a Close frame", timeout, close).await
+    }
+
     /// The underlying stream, for tests that need full control.
     pub fn stream_mut(&mut self) -> &mut WsStream {
         &mut self.stream

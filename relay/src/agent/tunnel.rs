@@ -233,6 +233,7 @@ pub async fn run(
     match protocol {
         Protocol::V1 => super::v1::serve(shared, relay, watchdogs, socket, cancel).await,
         Protocol::H2 => super::h2::serve(shared, relay, watchdogs, socket, cancel).await,
+        Protocol::V2 => unreachable!("the agent asks for v1 or h2 only"),
     }
 }
 

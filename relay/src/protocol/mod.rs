@@ -4,9 +4,12 @@
 //!
 //! - [`v1`]: the JSON protocol existing host agents speak (text frames only).
 //! - [`h2`]: HTTP/2 inside the tunnel, negotiated with the `relay-h2` subprotocol.
+//! - [`v2`]: superset's dial-back tunnels (`/v2/control`, `/v2/dial`), for its newer
+//!   host client, unchanged.
 
 pub mod h2;
 pub mod v1;
+pub mod v2;
 
 use std::fmt;
 

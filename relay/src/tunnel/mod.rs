@@ -5,7 +5,9 @@
 //! module needs to know about:
 //! - [`v1`]: the JSON protocol of existing agents; bodies are buffered whole;
 //! - [`h2`]: HTTP/2 inside the tunnel; the relay is an HTTP/2 client of the agent, and
-//!   bodies, channels, flow control and cancellation are hyper's.
+//!   bodies, channels, flow control and cancellation are hyper's;
+//! - [`v2`]: superset's dial-back tunnels: the tunnel is a control channel, and the host
+//!   dials a WebSocket back for every stream.
 //!
 //! Everything else reaches a tunnel through a cloneable [`TunnelHandle`], over `http`
 //! types: [`TunnelHandle::exchange`] takes an `http::Request` and gives an
@@ -17,6 +19,7 @@
 
 pub mod h2;
 pub mod v1;
+pub mod v2;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
@@ -55,14 +58,17 @@ pub enum Protocol {
     V1,
     /// HTTP/2 inside the tunnel (subprotocol `relay-h2`).
     H2,
+    /// Superset's dial-back tunnels (`/v2/control`).
+    V2,
 }
 
 impl Protocol {
-    /// `"v1"` or `"h2"`, as `/admin/tunnels` and the metrics show it.
+    /// `"v1"`, `"h2"` or `"v2"`, as `/admin/tunnels` and the metrics show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::V1 => "v1",
             Protocol::H2 => "h2",
+            Protocol::V2 => "v2",
         }
     }
 }
@@ -166,6 +172,8 @@ pub enum SessionEnd {
     TooBig,
     /// Closed through a handle (replaced, drain, shutdown) with this code.
     Closed(u16),
+    /// The host sent something its protocol does not allow (v2's control channel).
+    BadMessage(&'static str),
 }
 
 impl SessionEnd {
@@ -176,6 +184,7 @@ impl SessionEnd {
             SessionEnd::PingTimeout => Some((close_code::GOING_AWAY, "ping timeout")),
             SessionEnd::TooBig => Some((close_code::TOO_BIG, "message over the frame limit")),
             SessionEnd::Closed(code) => Some((*code, close_reason(*code))),
+            SessionEnd::BadMessage(why) => Some((close_code::POLICY, why)),
         }
     }
 
@@ -189,6 +198,7 @@ impl SessionEnd {
             SessionEnd::Closed(close_code::REPLACED) => "replaced",
             SessionEnd::Closed(close_code::DRAINING) => "draining",
             SessionEnd::Closed(_) => "closed",
+            SessionEnd::BadMessage(_) => "bad_message",
         }
     }
 }
@@ -241,6 +251,7 @@ pub(crate) struct Inner {
 pub(crate) enum Link {
     V1(v1::Link),
     H2(h2::Link),
+    V2(v2::Link),
 }
 
 /// The actor of one tunnel: run it until the tunnel ends ([`Session::run`]).
@@ -252,6 +263,8 @@ pub enum Session {
     V1(v1::Session, WebSocket),
     /// An `h2` tunnel (its socket is shared with hyper's connection).
     H2(h2::Session),
+    /// A v2 tunnel: its control channel.
+    V2(v2::Session),
 }
 
 impl Session {
@@ -280,6 +293,7 @@ impl Session {
                 Box::pin(session.run(socket, on_pong)).await
             }
             Session::H2(session) => Box::pin(session.run(on_pong)).await,
+            Session::V2(session) => Box::pin(session.run(on_pong)).await,
         }
     }
 }
@@ -319,7 +333,9 @@ impl TunnelHandle {
     /// session that must be run. Its buffers are charged against `budget` (its own, its
     /// tenant's and the process's). `cancel` is the parent token (the relay's shutdown);
     /// tasks the tunnel spawns (`h2` connections and streams) are tracked by `tracker`.
-    /// An `h2` tunnel starts its HTTP/2 connection on its first stream.
+    /// An `h2` tunnel starts its HTTP/2 connection on its first stream. A v2 tunnel's
+    /// dials are waited for in `place`.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         host: HostId,
         protocol: Protocol,
@@ -328,6 +344,7 @@ impl TunnelHandle {
         budget: TunnelBudget,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
+        place: &v2::Place,
     ) -> (TunnelHandle, Session) {
         match protocol {
             Protocol::V1 => {
@@ -340,6 +357,13 @@ impl TunnelHandle {
                     TunnelHandle::with_link(host, Protocol::H2, limits, cancel, Link::H2(link));
                 let session = h2::Session::new(handle.clone(), parts, limits.clone());
                 (handle, Session::H2(session))
+            }
+            Protocol::V2 => {
+                let (link, parts) = v2::new(&host, socket, limits, budget, tracker, place, cancel);
+                let handle =
+                    TunnelHandle::with_link(host, Protocol::V2, limits, cancel, Link::V2(link));
+                let session = v2::Session::new(handle.clone(), parts, limits.clone());
+                (handle, Session::V2(session))
             }
         }
     }
@@ -378,6 +402,7 @@ impl TunnelHandle {
         match &self.inner.link {
             Link::V1(link) => link.budget(),
             Link::H2(link) => link.budget(),
+            Link::V2(link) => link.budget(),
         }
     }
 
@@ -439,6 +464,7 @@ impl TunnelHandle {
             || match &self.inner.link {
                 Link::V1(link) => link.is_closed(),
                 Link::H2(link) => !link.is_accepting(),
+                Link::V2(link) => link.is_closed(),
             }
     }
 
@@ -464,12 +490,21 @@ impl TunnelHandle {
     }
 
     /// Sends the in-band `drain` message. Does not wait for room: a tunnel too backed
-    /// up to take it will be closed with 4001 anyway.
+    /// up to take it will be closed with 4001 anyway. False when it could not be sent, or
+    /// the protocol has none ([`TunnelHandle::hears_drain`]).
     pub fn drain(&self, reason: &str) -> bool {
         match &self.inner.link {
             Link::V1(link) => link.drain(reason),
             Link::H2(link) => link.drain(reason),
+            Link::V2(_) => false,
         }
+    }
+
+    /// Whether the host can be told to move (the `drain` message) and keep this tunnel
+    /// for its work in flight meanwhile. Superset's v2 hosts cannot: closing the control
+    /// channel is what moves them (their streams are sockets of their own and run on).
+    pub fn hears_drain(&self) -> bool {
+        !matches!(self.inner.link, Link::V2(_))
     }
 
     /// Sends a `ping` now. Best effort: a full queue means the tunnel is busy, and the
@@ -478,6 +513,8 @@ impl TunnelHandle {
         match &self.inner.link {
             Link::V1(link) => link.ping_now(),
             Link::H2(link) => link.ping_now(),
+            // A v2 host pings; the relay only answers.
+            Link::V2(_) => {}
         }
     }
 
@@ -515,6 +552,7 @@ impl TunnelHandle {
         match &self.inner.link {
             Link::V1(link) => link.exchange(self, permit, request, timeout).await,
             Link::H2(link) => link.exchange(permit, request, timeout).await,
+            Link::V2(link) => link.exchange(permit, request, timeout).await,
         }
     }
 
@@ -540,6 +578,7 @@ impl TunnelHandle {
         let opened = match &self.inner.link {
             Link::V1(link) => link.open_channel(self, request).await,
             Link::H2(link) => link.open_channel(self, request, timeout).await,
+            Link::V2(link) => link.open_channel(self, request).await,
         };
         if !matches!(opened, Ok(Opened::Channel { .. })) {
             self.channel_closed();
@@ -619,6 +658,8 @@ enum ChannelInner {
     V1(v1::Channel),
     /// Boxed: a WebSocket codec is much larger than a v1 channel's queues.
     H2(Box<h2::Channel>),
+    /// The host's dial socket.
+    V2(v2::Channel),
 }
 
 impl Channel {
@@ -630,6 +671,7 @@ impl Channel {
         match &mut self.inner {
             ChannelInner::V1(channel) => channel.recv().await,
             ChannelInner::H2(channel) => channel.recv().await,
+            ChannelInner::V2(channel) => channel.recv().await,
         }
     }
 
@@ -641,6 +683,7 @@ impl Channel {
         match &mut self.inner {
             ChannelInner::V1(channel) => channel.send(frame).await,
             ChannelInner::H2(channel) => channel.send(frame).await,
+            ChannelInner::V2(channel) => channel.send(frame).await,
         }
     }
 
@@ -649,6 +692,7 @@ impl Channel {
         match &mut self.inner {
             ChannelInner::V1(channel) => channel.close(code).await,
             ChannelInner::H2(channel) => channel.close(code).await,
+            ChannelInner::V2(channel) => channel.close(code).await,
         }
     }
 }

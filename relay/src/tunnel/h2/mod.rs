@@ -530,7 +530,9 @@ impl Session {
         let handle = &handle;
         let link = match handle.link() {
             super::Link::H2(link) => link,
-            super::Link::V1(_) => unreachable!("an h2 session runs an h2 tunnel"),
+            super::Link::V1(_) | super::Link::V2(_) => {
+                unreachable!("an h2 session runs an h2 tunnel")
+            }
         };
         let cancel = handle.cancel_token().clone();
         let interval = limits.ping_interval;

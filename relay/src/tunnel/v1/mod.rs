@@ -474,7 +474,9 @@ impl Channel {
     fn link(&self) -> &Link {
         match self.tunnel.link() {
             super::Link::V1(link) => link,
-            super::Link::H2(_) => unreachable!("a v1 channel lives on a v1 tunnel"),
+            super::Link::H2(_) | super::Link::V2(_) => {
+                unreachable!("a v1 channel lives on a v1 tunnel")
+            }
         }
     }
 

@@ -464,7 +464,9 @@ fn on_text(text: &str, handle: &TunnelHandle, shared: &Shared, on_pong: &impl Fn
 fn commands(handle: &TunnelHandle) -> &mpsc::Sender<Command> {
     match handle.link() {
         crate::tunnel::Link::V1(link) => &link.tx,
-        crate::tunnel::Link::H2(_) => unreachable!("a v1 session runs a v1 tunnel"),
+        crate::tunnel::Link::H2(_) | crate::tunnel::Link::V2(_) => {
+            unreachable!("a v1 session runs a v1 tunnel")
+        }
     }
 }
 
