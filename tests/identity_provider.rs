@@ -504,3 +504,45 @@ async fn a_key_set_url_that_answers_something_else_is_logged_and_tokens_get_503(
         .wait_for_log("cannot fetch the identity provider's keys", DEADLINE)
         .await;
 }
+
+#[tokio::test]
+async fn supersets_v2_host_registers_with_its_users_token_and_a_non_member_is_refused_4403() {
+    use relay_tests::v2_host::{V2Control, V2Host};
+    let pair = KeyPair::generate("jwks-v2", RSA);
+    let key = SigningKey::rsa("k1", &pair);
+    let (_provider, port, _server) = provider_with(&[&key]).await;
+    let relay = relay_for(port).await;
+    let upstream = Upstream::spawn().await;
+    let base = relay.http_url("");
+
+    let host_token = key.sign(&superset_claims("user-1", &["org-a"]));
+    let host = V2Host::builder("org-a:machine-1", &host_token, upstream.addr())
+        .relay(&base)
+        .spawn();
+    host.wait_connected(DEADLINE).await;
+    let member = key.sign(&superset_claims("user-2", &["org-a"]));
+    relay
+        .wait_host_connected_with("org-a:machine-1", &member)
+        .await;
+    assert_eq!(get_as(&relay, "org-a:machine-1", &member).await.0, 200);
+    assert_eq!(
+        host.dials("http"),
+        1,
+        "one dial for the one request (_whoowns is the relay's own)"
+    );
+
+    let outsider = key.sign(&superset_claims("user-3", &["org-b"]));
+    let mut refused = V2Control::connect(&base, "org-a:machine-2", &outsider)
+        .await
+        .expect("the upgrade completes, then the relay closes");
+    assert_eq!(
+        refused.ws_mut().recv_close(DEADLINE).await,
+        (4403, "not a member of this org".to_owned())
+    );
+    let mut expired_claims = superset_claims("user-1", &["org-a"]);
+    expired_claims["exp"] = json!(unix_now() - 3600);
+    let mut expired = V2Control::connect(&base, "org-a:machine-2", &key.sign(&expired_claims))
+        .await
+        .expect("the upgrade completes, then the relay closes");
+    assert_eq!(expired.ws_mut().recv_close_code(DEADLINE).await, 4401);
+}

@@ -644,3 +644,286 @@ async fn a_dial_landing_on_another_relay_reaches_the_one_that_issued_its_ticket(
         2.0
     );
 }
+
+/// One `GET path` on a new connection to `addr` (as a load balancer's client would make
+/// it; no keep-alive race); the status and body, or what went wrong.
+async fn get_fresh(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|err| format!("connect: {err}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|err| format!("handshake: {err}"))?;
+        let driver = tokio::spawn(conn);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("a valid request");
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|err| format!("request: {err}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| format!("status {status}, body: {err}"))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".to_owned()))
+}
+
+#[tokio::test]
+async fn a_request_for_a_host_whose_relay_let_it_go_is_held_until_it_registers_again() {
+    // A v1 host that ignores the drain message: the relay closes it (4001) at the end of
+    // its drain, and it comes back on another relay a moment later.
+    let redis = relay_tests::TestRedis::spawn().await;
+    let relay_on = |machine: &str| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .rust_log("info,relay::routing=debug")
+            .spawn()
+    };
+    let (mut a, b) = (relay_on("relay-a").await, relay_on("relay-b").await);
+    redis.wait_advertised(&b).await;
+    let upstream = Upstream::spawn().await;
+    let old = TestHost::connect(&a, "web-1", &upstream).await;
+    redis.wait_host_owner("web-1", &a).await;
+    a.send_sigterm();
+    assert_eq!(a.wait_exit(DEADLINE).await.code(), Some(0));
+    old.wait_ended(DEADLINE).await;
+    let token = b.client_token(&["web-1"]);
+    let request = {
+        let addr = b.addr();
+        let token = token.clone();
+        tokio::spawn(async move { get_fresh(addr, "/hosts/web-1/echo/held", &token).await })
+    };
+    b.wait_for_log("holding the request", DEADLINE).await;
+    let _new = TestHost::connect(&b, "web-1", &upstream).await;
+    let (status, body) = within("the held request's answer", DEADLINE, request)
+        .await
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        b.counter("relay_held_requests_total", &[("outcome", "found")])
+            .await,
+        1.0
+    );
+    // A host that was never let go is answered at once, as before.
+    let (status, _) = get_fresh(b.addr(), "/hosts/web-2/echo", &b.client_token(&["web-2"]))
+        .await
+        .expect("an answer");
+    assert_eq!(status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_fails_no_request_to_v2_hosts_and_lets_their_streams_finish() {
+    const HOSTS: usize = 3;
+    let redis = relay_tests::TestRedis::spawn().await;
+    let builder = |machine: &str, port: u16| {
+        TestRelay::builder()
+            .machine_id(machine)
+            .redis(&redis.url())
+            .routing("proxy")
+            .port(port)
+    };
+    let mut relays = vec![
+        builder("relay-a", 0).spawn().await,
+        builder("relay-b", 0).spawn().await,
+    ];
+    for relay in &relays {
+        redis.wait_advertised(relay).await;
+    }
+    let addrs: Vec<_> = relays.iter().map(TestRelay::addr).collect();
+    let front = std::sync::Arc::new(relay_tests::FrontDoor::spawn(&addrs).await);
+    let front_base = format!("http://{}", front.addr());
+    let upstream = Upstream::spawn().await;
+    let ids: Vec<String> = (0..HOSTS).map(|i| format!("org1:m{i}")).collect();
+    // Superset's client: the public URL, reconnecting 1 s after a close.
+    let hosts: Vec<V2Host> = ids
+        .iter()
+        .map(|id| {
+            V2Host::builder(id, &relays[0].host_token(id), upstream.addr())
+                .relay(&front_base)
+                .reconnect_delay(std::time::Duration::from_secs(1))
+                .spawn()
+        })
+        .collect();
+    let token = relays[0].client_token(&["*"]);
+    for id in &ids {
+        let path = format!("/hosts/{id}/echo/warm-up");
+        relay_tests::wait_until_async(&format!("{id} answers"), DEADLINE, || async {
+            matches!(get_fresh(front.addr(), &path, &token).await, Ok((200, _)))
+        })
+        .await;
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (front, token, id) = (front.clone(), token.clone(), id.clone());
+            let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+            tokio::spawn(async move {
+                let mut seq = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    seq += 1;
+                    let path = format!("/hosts/{id}/echo/{seq}");
+                    match get_fresh(front.addr(), &path, &token).await {
+                        Ok((200, _)) => {
+                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        other => failures.lock().unwrap().push(format!("{path}: {other:?}")),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+
+    for (i, machine) in ["relay-a", "relay-b"].into_iter().enumerate() {
+        // A channel to a host whose control channel is on the relay about to drain: its
+        // dial runs on during the drain.
+        let mut holder = None;
+        for id in &ids {
+            if redis.get(&relay_tests::host_key(id)).await.as_deref()
+                == Some(relays[i].owner().as_str())
+            {
+                holder = Some(id.clone());
+            }
+        }
+        let holder = holder.unwrap_or_else(|| panic!("no host is on {machine}"));
+        let mut channel = WsClient::connect_ok(
+            &relays[i].ws_url(&format!("/hosts/{holder}/ws/echo")),
+            Some(&token),
+        )
+        .await;
+        let before = served.load(std::sync::atomic::Ordering::Relaxed);
+        let port = relays[i].addr().port();
+        relays[i].send_sigterm();
+        for n in 0..5 {
+            let text = format!("during the drain {n}");
+            channel.send_text(&text).await;
+            assert_eq!(channel.recv_data().await, Message::Text(text.into()));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(relays[i].wait_exit(DEADLINE).await.code(), Some(0));
+        relays[i] = builder(machine, port).spawn().await;
+        redis.wait_advertised(&relays[i]).await;
+        wait_until("requests are served again", DEADLINE, || {
+            served.load(std::sync::atomic::Ordering::Relaxed) >= before + 3 * HOSTS
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        within("a load task to stop", DEADLINE, task).await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let served = served.load(std::sync::atomic::Ordering::Relaxed);
+    println!("served {served}, failed {}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rolling restart: {failures:#?}",
+        failures.len(),
+        served + failures.len()
+    );
+    for host in &hosts {
+        assert!(
+            host.control_closes().iter().any(|(code, _)| *code == 4001),
+            "each host was moved by its control channel closing 4001: {:?}",
+            host.control_closes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_host_that_breaks_the_contract_is_told_so_and_its_clients_get_502_or_504() {
+    let relay = TestRelay::builder().exchange_timeout("1s").spawn().await;
+    let token = relay.client_token(&[HOST]);
+    let mut control = V2Control::connect(&base(&relay), HOST, &relay.host_token(HOST))
+        .await
+        .unwrap();
+    relay.wait_host_connected(HOST).await;
+    let get = |path: &'static str| {
+        let http = relay.http().clone();
+        let url = relay.http_url(&format!("/hosts/{HOST}{path}"));
+        let token = token.clone();
+        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
+    };
+    // Dials, reads the request, answers `reply` (if any).
+    async fn dial_and(
+        relay: &TestRelay,
+        control: &mut V2Control,
+        reply: Option<Message>,
+    ) -> WsClient {
+        let dial = control.expect_dial(DEADLINE).await;
+        let mut ws = dial_raw(&relay.http_url(""), HOST, dial["ticket"].as_str().unwrap())
+            .await
+            .unwrap();
+        let _head = ws.recv_text().await;
+        let _end = ws.recv_text().await;
+        if let Some(reply) = reply {
+            ws.send(reply).await;
+        }
+        ws
+    }
+
+    // Silent after the request: 504 once the exchange timeout passes.
+    let client = get("/silent");
+    let _silent = dial_and(&relay, &mut control, None).await;
+    let response = within("the answer", DEADLINE, client).await.unwrap();
+    assert_eq!(response.status, 504);
+
+    // Not JSON where the head should be: 502, and the dial closed 4400.
+    let client = get("/garbage");
+    let mut ws = dial_and(&relay, &mut control, Some(Message::Text("{oops".into()))).await;
+    let response = within("the answer", DEADLINE, client).await.unwrap();
+    assert_eq!(response.status, 502);
+    assert!(
+        response.error().contains("not a JSON message"),
+        "{}",
+        response.error()
+    );
+    assert_eq!(ws.recv_close_code(DEADLINE).await, 4400);
+
+    // Body before the head, and a status out of range: 502 too.
+    for reply in [
+        Message::Binary(b"early".to_vec().into()),
+        Message::Text(r#"{"type":"http:response","status":1000,"headers":{}}"#.into()),
+    ] {
+        let client = get("/bad");
+        let _ws = dial_and(&relay, &mut control, Some(reply)).await;
+        let response = within("the answer", DEADLINE, client).await.unwrap();
+        assert_eq!(response.status, 502);
+    }
+
+    // A control channel that sends something other than JSON text is closed 4400.
+    control.ws_mut().send_binary(b"\x00").await;
+    let (code, reason) = control.ws_mut().recv_close(DEADLINE).await;
+    assert_eq!(code, 4400);
+    assert!(reason.contains("text"), "{reason}");
+    let mut control = V2Control::connect(&base(&relay), HOST, &relay.host_token(HOST))
+        .await
+        .unwrap();
+    control.ws_mut().send_text("hello?").await;
+    assert_eq!(control.ws_mut().recv_close_code(DEADLINE).await, 4400);
+}
