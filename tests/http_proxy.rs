@@ -462,7 +462,7 @@ async fn health_reports_ok_region_and_machine() {
     resp.assert_status(200);
     assert_eq!(
         resp.json(),
-        json!({"ok": true, "region": "ap-south", "machine": "machine-42"})
+        json!({"ok": true, "region": "ap-south", "machine": "machine-42", "proto": 2})
     );
 }
 
