@@ -927,3 +927,40 @@ async fn a_host_that_breaks_the_contract_is_told_so_and_its_clients_get_502_or_5
     control.ws_mut().send_text("hello?").await;
     assert_eq!(control.ws_mut().recv_close_code(DEADLINE).await, 4400);
 }
+
+#[tokio::test]
+async fn v1_and_v2_registrations_of_one_host_take_it_over_from_each_other() {
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    let v1 = TestHost::connect(&relay, HOST, &upstream).await;
+    let mut v2 = V2Control::connect(&base(&relay), HOST, &relay.host_token(HOST))
+        .await
+        .unwrap();
+    // The v1 tunnel is replaced as by any newer tunnel (4002); the v2 control serves.
+    assert_eq!(
+        v1.wait_ended(DEADLINE).await,
+        relay_tests::WsEnd::Close(4002)
+    );
+    let client = {
+        let http = relay.http().clone();
+        let url = relay.http_url(&format!("/hosts/{HOST}/to-v2"));
+        let token = relay.client_token(&[HOST]);
+        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
+    };
+    answer_http_dial(&base(&relay), &mut v2, 200).await;
+    assert_eq!(
+        within("the answer", DEADLINE, client).await.unwrap().status,
+        200
+    );
+    // And back: a v1 registration replaces the v2 control (4409, in its codes).
+    let _v1_again = TestHost::connect(&relay, HOST, &upstream).await;
+    assert_eq!(v2.ws_mut().recv_close_code(DEADLINE).await, 4409);
+    let response = relay
+        .http()
+        .get(relay.http_url(&format!("/hosts/{HOST}/echo/v1")))
+        .bearer(&relay.client_token(&[HOST]))
+        .send()
+        .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["path"], "/echo/v1");
+}
