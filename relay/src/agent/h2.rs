@@ -1,5 +1,6 @@
-//! An `h2` tunnel, the agent's side: an HTTP/2 server (hyper) in front of the local
-//! service, over the tunnel's WebSocket ([`crate::protocol::h2`]).
+//! An `h2` tunnel, the agent's side: an HTTP/2 server in front of the local service, over
+//! the tunnel's WebSocket ([`crate::protocol::h2`]); its connections and streams are
+//! [`super::streams`]'s.
 //!
 //! Each stream the relay opens is one request to the local service, streamed both ways
 //! under HTTP/2 flow control: a client that reads slowly slows the local service, and a
@@ -16,28 +17,19 @@
 //! relay sends new requests elsewhere while the streams in flight finish.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Body;
-use http::header::SEC_WEBSOCKET_PROTOCOL;
-use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::time::sleep;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::config::RelayUrl;
+use super::streams::Connection;
 use super::tunnel::{Alarm, EndCause, Shared, TunnelEnd, Watchdogs};
-use super::upstream::Upgrade;
-use crate::headers;
 use crate::limits::agent::CLOSE_GRACE;
-use crate::limits::h2 as limits;
 use crate::protocol::close_code;
-use crate::protocol::h2::{Ended, Executor, Idle, TunnelIo};
+use crate::protocol::h2::{Ended, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 
 /// Serves an open `h2` tunnel until it ends.
@@ -58,23 +50,6 @@ where
     let (shared_io, control, mut inbox) = TunnelIo::new(socket, || {
         debug!("control messages from the relay arrive faster than they are read; dropped one");
     });
-    let service = {
-        let shared = shared.clone();
-        service_fn(move |request| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, request).await) }
-        })
-    };
-    let mut builder = hyper::server::conn::http2::Builder::new(Executor(shared.tasks.clone()));
-    builder
-        .enable_connect_protocol()
-        .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(limits::MAX_PENDING_ACCEPT_RESETS)
-        .initial_stream_window_size(limits::STREAM_WINDOW)
-        .initial_connection_window_size(limits::CONNECTION_WINDOW)
-        .max_frame_size(limits::MAX_FRAME)
-        .max_header_list_size(limits::MAX_HEADER_LIST)
-        .max_send_buf_size(limits::MAX_SEND_BUFFER);
     // The HTTP/2 connection inside the tunnel, while one is up: the relay starts one for
     // its first stream and ends it when idle (see `crate::protocol::h2`).
     let start = || {
@@ -83,7 +58,7 @@ where
         // connection ends, with [`crate::protocol::h2::END`]: the relay decides whether
         // the tunnel goes on. Ending the tunnel (shutdown, drain) says so explicitly.
         shared_io.end_on_shutdown();
-        Box::pin(builder.serve_connection(TokioIo::new(io), service.clone()))
+        Connection::new(io, shared.clone())
     };
     let mut conn = None;
     // Set once this side started to end the tunnel (GOAWAY sent): how it ends then.
@@ -101,7 +76,7 @@ where
                     // As for a drain, below.
                     control.close(close_code::NORMAL, "agent shutting down");
                 } else {
-                    conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                    conn.get_or_insert_with(start).graceful_shutdown();
                 }
                 shutdown_deadline
                     .as_mut()
@@ -167,7 +142,7 @@ where
                         control.close(close_code::NORMAL, "drained");
                     } else {
                         // Started here if none is up.
-                        conn.get_or_insert_with(start).as_mut().graceful_shutdown();
+                        conn.get_or_insert_with(start).graceful_shutdown();
                     }
                     ending = Some(EndCause::Drained);
                 }
@@ -197,73 +172,6 @@ fn end_cause(ended: Option<Ended>, otherwise: String) -> EndCause {
     }
 }
 
-/// Answers one stream: a WebSocket channel, or an exchange with the local service.
-async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
-    if is_websocket_connect(&request) {
-        return open_channel(shared, request).await;
-    }
-    let (parts, body) = request.into_parts();
-    let request = Request::from_parts(parts, Body::new(body));
-    match shared.upstream.send(request).await {
-        Ok(response) => {
-            let (mut head, body) = response.into_parts();
-            headers::from_upstream(&mut head.headers);
-            head.version = Version::HTTP_2;
-            Response::from_parts(head, Body::new(body))
-        }
-        Err(failure) => failure.response(),
-    }
-}
-
-/// Whether the relay opens a WebSocket channel (RFC 8441 extended CONNECT).
-fn is_websocket_connect(request: &Request<Incoming>) -> bool {
-    request.method() == Method::CONNECT
-        && request
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
-}
-
-/// Opens the local WebSocket, then answers the CONNECT with its subprotocol and splices
-/// the two streams until either side ends.
-async fn open_channel(shared: &Shared, mut request: Request<Incoming>) -> Response<Body> {
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let local = match shared.upstream.upgrade(&path, request.headers()).await {
-        Ok(Upgrade::Open(local)) => local,
-        Ok(Upgrade::Refused(response)) => return response,
-        Err(failure) => return failure.response(),
-    };
-    let protocol = local
-        .response
-        .headers()
-        .get(SEC_WEBSOCKET_PROTOCOL)
-        .cloned();
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let mut local_io = local.io;
-    shared.tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let mut relay_io = TokioIo::new(upgraded);
-                // Ends when either side ends its stream (after the close handshake) or
-                // fails (the stream was reset, the tunnel or the service went away).
-                let _ = tokio::io::copy_bidirectional(&mut relay_io, &mut local_io).await;
-            }
-            Err(err) => debug!(error = %err, "the relay's side of a channel never opened"),
-        }
-    });
-    let mut response = Response::new(Body::empty());
-    if let Some(protocol) = protocol {
-        response
-            .headers_mut()
-            .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -275,6 +183,9 @@ mod tests {
     use tokio_util::task::TaskTracker;
 
     use super::*;
+    use axum::body::Body;
+    use hyper_util::rt::TokioIo;
+
     use crate::agent::config::{ProtocolChoice, TokenSource, UpstreamUrl};
     use crate::agent::status::StatusHandle;
     use crate::agent::upstream::Upstream;
@@ -381,7 +292,8 @@ mod tests {
         tokio::task::JoinHandle<hyper::Result<()>>,
     ) {
         let io = TokioIo::new(relay.start_connection());
-        let (client, conn) = hyper::client::conn::http2::Builder::new(Executor(TaskTracker::new()))
+        let executor = crate::protocol::h2::Executor(TaskTracker::new());
+        let (client, conn) = hyper::client::conn::http2::Builder::new(executor)
             .handshake::<_, Body>(io)
             .await
             .expect("h2 handshake");

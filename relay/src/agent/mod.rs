@@ -8,7 +8,8 @@
 //! - [`tunnel`]: one tunnel connection: connect (negotiating the protocol), register,
 //!   watchdogs.
 //! - [`v1`]: serving a v1 tunnel (JSON messages, bodies whole).
-//! - [`h2`]: serving an `h2` tunnel (an HTTP/2 server in front of the local service).
+//! - [`h2`]: serving an `h2` tunnel (an HTTP/2 server in front of the local service);
+//!   `streams`: its connections and their streams, served from the connection's task.
 //! - [`upstream`]: the local service: pooled HTTP exchanges and WebSocket upgrades.
 //! - [`status`]: the operator status, its log lines and its HTTP endpoint.
 //!
@@ -32,6 +33,7 @@ pub mod config;
 pub mod h2;
 pub mod retry_after;
 pub mod status;
+mod streams;
 pub mod tunnel;
 pub mod upstream;
 pub mod v1;

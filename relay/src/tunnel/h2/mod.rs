@@ -25,7 +25,6 @@
 //! agent says `GOAWAY` (it moved to another tunnel): requests hyper had not yet written
 //! come back untouched ([`ExchangeFailure::NotDelivered`]) and are routed again.
 
-mod stream;
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -61,7 +60,7 @@ use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Idle, TunnelI
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 use crate::protocol::{DRAIN_REASON, Frame, close_code};
 use crate::telemetry;
-use stream::{RecvBody, SendError, StreamIo};
+use crate::protocol::h2::stream::{self, RecvBody, SendError, StreamIo};
 
 /// The handle's side of an `h2` tunnel.
 #[derive(Debug)]

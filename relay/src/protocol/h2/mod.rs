@@ -33,6 +33,8 @@
 //! reaches it through a [`Control`] handle, so nothing is locked across an await and the
 //! byte path takes no lock at all.
 
+pub(crate) mod stream;
+
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;

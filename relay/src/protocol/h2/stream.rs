@@ -1,11 +1,12 @@
-//! One HTTP/2 stream inside an `h2` tunnel, the relay's side, as `http` and tokio types:
-//! a request body sent under the stream's flow control ([`send_body`]), a response body
-//! that gives the window back as it is read ([`RecvBody`]), and the byte stream of an
-//! extended CONNECT (a channel's WebSocket, [`StreamIo`]).
+//! One HTTP/2 stream inside an `h2` tunnel, on either side, as `http` and tokio types: a
+//! body sent under the stream's flow control ([`send_body`]: the relay's requests, the
+//! agent's responses), a body that gives the window back as it is read ([`RecvBody`]:
+//! the agent's responses at the relay, the relay's requests at the agent), and the byte
+//! stream of an extended CONNECT (a channel's WebSocket, [`StreamIo`]).
 //!
-//! These are what hyper's HTTP/2 client wraps around `h2` for the same purpose; the
-//! relay drives `h2` itself so that an exchange sends its stream and awaits the answer
-//! from its own task. Flow control, framing and resets stay `h2`'s.
+//! These are what hyper wraps around `h2` for the same purpose; relay and agent drive
+//! `h2` themselves so that a stream is served from one task, without hyper's hand-offs
+//! between tasks. Flow control, framing and resets stay `h2`'s.
 
 use std::io;
 use std::pin::Pin;
