@@ -546,3 +546,101 @@ async fn supersets_v2_host_registers_with_its_users_token_and_a_non_member_is_re
         .expect("the upgrade completes, then the relay closes");
     assert_eq!(expired.ws_mut().recv_close_code(DEADLINE).await, 4401);
 }
+
+/// Serves `app` over HTTPS with `ca`'s certificate for 127.0.0.1, on a free port.
+async fn serve_https(app: Router, ca: &relay_tests::TestCa) -> (u16, tokio::task::JoinHandle<()>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(ca.server_cert())
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(ca.server_key()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request| {
+                    tower::ServiceExt::oneshot(app.clone(), request)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn a_key_set_over_https_is_fetched_when_its_ca_is_trusted_and_refused_otherwise() {
+    let pair = KeyPair::generate("jwks-https", RSA);
+    let key = SigningKey::rsa("k1", &pair);
+    let provider = Provider::default();
+    provider.publish(&[&key]);
+    let ca = relay_tests::TestCa::generate();
+    let app = Router::new()
+        .route(
+            "/.well-known/jwks.json",
+            get(|State(provider): State<Provider>| async move {
+                provider.fetches.fetch_add(1, Ordering::SeqCst);
+                axum::Json(JwkSet {
+                    keys: provider.keys.lock().unwrap().clone(),
+                })
+            }),
+        )
+        .with_state(provider.clone());
+    let (port, _server) = serve_https(app, &ca).await;
+    let url = format!("https://127.0.0.1:{port}/.well-known/jwks.json");
+    let relay_with = |trust: bool| {
+        let mut builder = TestRelay::builder()
+            .no_secret()
+            .arg("--jwks-url", &url)
+            .arg("--jwt-issuer", API)
+            .arg("--jwt-audience", API)
+            .arg("--auth-policy", "org");
+        if trust {
+            builder = builder.arg("--fetch-ca-file", ca.ca_file().to_str().unwrap());
+        }
+        builder.spawn()
+    };
+    let member = key.sign(&superset_claims("user-2", &["org-a"]));
+
+    let trusting = relay_with(true).await;
+    let (status, why) = get_as(&trusting, "org-a:machine-1", &member).await;
+    assert_eq!(
+        (status, why.as_str()),
+        (503, "host not connected"),
+        "the token is good"
+    );
+
+    // The provider's certificate is not one of the web's: without the CA, no keys.
+    let fetches = provider.fetches();
+    let wary = relay_with(false).await;
+    let (status, why) = get_as(&wary, "org-a:machine-1", &member).await;
+    assert_eq!(status, 503);
+    assert!(why.contains("keys are unavailable"), "{why}");
+    assert_eq!(
+        provider.fetches(),
+        fetches,
+        "no request got past the TLS handshake"
+    );
+    wary.wait_for_log("TLS", DEADLINE).await;
+}

@@ -107,26 +107,19 @@ pub enum DirectoryConfig {
     },
 }
 
-/// Reads a PEM file of CA certificates, checking that it holds at least one.
-fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+/// Reads a PEM file of CA certificates (the setting `name`), checking that it holds at
+/// least one.
+fn read_ca_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
 
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cannot read RELAY_REDIS_CA_FILE {}: {e}", path.display()))?;
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read {name} {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "RELAY_REDIS_CA_FILE {} is not valid PEM: {e}",
-                path.display()
-            )
-        })?;
+        .map_err(|e| format!("{name} {} is not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "RELAY_REDIS_CA_FILE {} holds no certificate",
-            path.display()
-        ));
+        return Err(format!("{name} {} holds no certificate", path.display()));
     }
     Ok(pem)
 }
@@ -339,6 +332,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 
+    /// PEM CA certificates the identity provider's key set (`--jwks-url`) and the access
+    /// check (`--access-check-url`) may chain to over HTTPS, besides the public web
+    /// roots (an internal API behind a private CA).
+    #[arg(long, env = "RELAY_FETCH_CA_FILE")]
+    pub fetch_ca_file: Option<PathBuf>,
+
     /// Prefix of every Redis key.
     #[arg(long, env = "RELAY_REDIS_PREFIX", default_value = "relay:")]
     pub redis_prefix: String,
@@ -423,6 +422,9 @@ pub struct Config {
     pub policy: Policy,
     /// The access check asked after the policy, if any.
     pub access_check: Option<AccessCheck>,
+    /// PEM CA certificates trusted for the relay's own HTTPS requests, besides the web
+    /// roots (`--fetch-ca-file`).
+    pub fetch_ca: Option<Vec<u8>>,
     /// This machine, as written in the directory.
     pub owner: Owner,
     /// Fly app name, when on Fly.
@@ -623,7 +625,9 @@ impl ServeArgs {
                             path.display()
                         ));
                     }
-                    Some(path) => Some(read_ca_file(path).map_err(ConfigError)?),
+                    Some(path) => {
+                        Some(read_ca_file("RELAY_REDIS_CA_FILE", path).map_err(ConfigError)?)
+                    }
                     None => None,
                 };
                 DirectoryConfig::Redis {
@@ -681,9 +685,14 @@ impl ServeArgs {
                 })
             }
         };
+        let fetch_ca = match &self.fetch_ca_file {
+            Some(path) => Some(read_ca_file("RELAY_FETCH_CA_FILE", path).map_err(ConfigError)?),
+            None => None,
+        };
         let config = Config {
             listen: SocketAddr::new(self.bind, self.port),
             access_check,
+            fetch_ca,
             owner,
             app_name,
             keys,
@@ -824,14 +833,22 @@ mod tests {
     }
 
     #[test]
-    fn redis_ca_file_needs_a_tls_url_and_a_readable_pem_with_a_certificate() {
+    fn ca_files_need_a_readable_pem_with_a_certificate_and_redis_a_tls_url() {
         let dir = std::env::temp_dir().join(format!("relay-ca-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "no certificate in here\n").unwrap();
         let missing = dir.join("missing.pem");
         let base = ["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"];
-        let cases: [(&[&str], &str); 4] = [
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["--fetch-ca-file", empty.to_str().unwrap()],
+                "RELAY_FETCH_CA_FILE",
+            ),
+            (
+                &["--fetch-ca-file", missing.to_str().unwrap()],
+                "cannot read RELAY_FETCH_CA_FILE",
+            ),
             (
                 &[
                     "--redis-url",

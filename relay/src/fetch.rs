@@ -1,5 +1,6 @@
-//! The HTTP requests the relay makes itself (an identity provider's key set): one GET on
-//! a fresh connection, HTTP or HTTPS (rustls, the web's roots), bounded in time and size.
+//! The HTTP requests the relay makes itself (an identity provider's key set, the access
+//! check): one GET on a fresh connection, HTTP or HTTPS (rustls: the web's roots, and
+//! the CAs of `--fetch-ca-file`), bounded in time and size.
 //!
 //! Rare by design (the answers are cached by their users), so no pool.
 
@@ -130,14 +131,35 @@ async fn get_inner(
     Ok((status, body))
 }
 
-/// Built once: the web's roots (webpki-roots), ring, TLS 1.2 and 1.3.
+/// CAs trusted besides the web's roots, set once at startup ([`trust`]).
+static EXTRA_ROOTS: OnceLock<Vec<rustls_pki_types::CertificateDer<'static>>> = OnceLock::new();
+
+/// Trusts the CA certificates of `pem` (checked by the configuration) for every HTTPS
+/// request from now on, besides the web's roots. Call it once, at startup, before the
+/// first request; later calls change nothing.
+pub fn trust(pem: &[u8]) {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect();
+    let _ = EXTRA_ROOTS.set(certs);
+}
+
+/// Built once: the web's roots (webpki-roots) and those of [`trust`], ring, TLS 1.2 and
+/// 1.3.
 fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let roots = rustls::RootCertStore {
+            let mut roots = rustls::RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             };
+            for cert in EXTRA_ROOTS.get().into_iter().flatten() {
+                if let Err(err) = roots.add(cert.clone()) {
+                    tracing::warn!(error = %err, "ignored a RELAY_FETCH_CA_FILE certificate");
+                }
+            }
             let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))

@@ -108,6 +108,9 @@ impl Relay {
         directory: Arc<dyn Directory>,
     ) -> Result<Relay, ConfigError> {
         let memory = crate::limits::memory_budget(config.limits.memory_budget);
+        if let Some(pem) = &config.fetch_ca {
+            crate::fetch::trust(pem);
+        }
         Ok(Relay {
             inner: Arc::new(Inner {
                 verifier: config.verifier()?,

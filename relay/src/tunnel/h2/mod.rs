@@ -25,7 +25,6 @@
 //! agent says `GOAWAY` (it moved to another tunnel): requests hyper had not yet written
 //! come back untouched ([`ExchangeFailure::NotDelivered`]) and are routed again.
 
-
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,11 +55,11 @@ use crate::body::{Guarded, Indebted};
 use crate::budget::{Charge, Debt, Reserved, TunnelBudget};
 use crate::headers;
 use crate::limits::{self, CLOSE_TIMEOUT, DRAIN_CLOSE_WAIT, Limits};
+use crate::protocol::h2::stream::{self, RecvBody, SendError, StreamIo};
 use crate::protocol::h2::{AUTHORITY, ConnectionIo, Control, Ended, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 use crate::protocol::{DRAIN_REASON, Frame, close_code};
 use crate::telemetry;
-use crate::protocol::h2::stream::{self, RecvBody, SendError, StreamIo};
 
 /// The handle's side of an `h2` tunnel.
 #[derive(Debug)]
