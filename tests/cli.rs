@@ -244,3 +244,87 @@ async fn serve_logs_one_uncolored_listening_line_with_the_bound_address() {
         "no ANSI escapes when stderr is not a terminal: {logs:?}"
     );
 }
+
+#[tokio::test]
+async fn dev_mode_keeps_its_secret_across_restarts_and_prints_what_to_paste() {
+    let state = std::env::temp_dir().join(format!("relay-dev-restart-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+    let dev = || {
+        TestRelay::builder()
+            .dev()
+            .env("RELAY_DEV_STATE_FILE", state.to_str().unwrap())
+            .spawn()
+    };
+    let mut first = dev().await;
+    let client_token = printed_token(&first, "client token:").await;
+    let admin_token = printed_token(&first, "admin token:").await;
+    let logs = first.logs().join("\n");
+    assert!(
+        logs.contains(&format!("{}", state.display())),
+        "names its state file"
+    );
+    assert!(
+        logs.contains(" agent --relay ws://localhost:")
+            && logs.contains("--to http://127.0.0.1:3000"),
+        "prints the agent command: {logs}"
+    );
+    assert!(
+        logs.contains("/hosts/demo/?token="),
+        "prints the browser URL"
+    );
+    first.terminate().await;
+
+    let second = dev().await;
+    // A token printed by the first run still works: the secret was kept.
+    let resp = second.whoowns_with("demo", &client_token).await;
+    assert_eq!(
+        resp.status,
+        503,
+        "authorized (no such host yet): {}",
+        resp.text()
+    );
+    let admin = second
+        .http()
+        .get(second.http_url("/admin/tunnels"))
+        .bearer(&admin_token)
+        .send()
+        .await;
+    assert_eq!(
+        admin.status, 200,
+        "the printed admin token works across restarts too"
+    );
+
+    // A dev token from a run whose secret is gone is told so.
+    drop(second);
+    std::fs::remove_file(&state).unwrap();
+    let third = dev().await;
+    let resp = third.whoowns_with("demo", &client_token).await;
+    assert_eq!(resp.status, 401);
+    assert!(
+        resp.error().contains("earlier `relay serve --dev`"),
+        "{}",
+        resp.error()
+    );
+    std::fs::remove_file(&state).unwrap();
+}
+
+#[tokio::test]
+async fn boolean_variables_take_1_and_yes_as_well_as_true() {
+    for value in ["1", "yes", "true"] {
+        let state = std::env::temp_dir().join(format!(
+            "relay-dev-bool-{}-{value}.json",
+            std::process::id()
+        ));
+        let relay = TestRelay::builder()
+            .no_secret()
+            .env("RELAY_DEV", value)
+            .env("RELAY_DEV_STATE_FILE", state.to_str().unwrap())
+            .spawn()
+            .await;
+        assert!(
+            !printed_token(&relay, "client token:").await.is_empty(),
+            "RELAY_DEV={value} turns dev mode on"
+        );
+        let _ = std::fs::remove_file(&state);
+    }
+}

@@ -182,6 +182,8 @@ pub struct Verifier {
     policy: Policy,
     /// Asked after the policy allows, when configured.
     access: Option<Arc<Access>>,
+    /// `relay serve --dev`'s verifier ([`Verifier::in_dev_mode`]).
+    dev: bool,
     /// Tokens whose signature and claims were already verified, by their exact text, so a
     /// client that sends the same token with every request costs one hash lookup instead
     /// of a signature check (~11 % of the relay's CPU per request, BENCHMARKS.md). Only
@@ -219,6 +221,14 @@ impl Verifier {
     /// A verifier for HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8]) -> Verifier {
         Verifier::new(DecodingKey::from_secret(secret), Algorithm::HS256)
+    }
+
+    #[must_use]
+    /// This verifier checks `relay serve --dev`'s tokens: a token that an earlier dev run
+    /// minted with a secret since lost is told so, not merely "bad signature".
+    pub fn in_dev_mode(mut self) -> Verifier {
+        self.dev = true;
+        self
     }
 
     /// A verifier for a public key in PEM form. Without `algorithm`, it is taken from the
@@ -273,6 +283,7 @@ impl Verifier {
             audience: None,
             policy: Policy::Claims,
             access: None,
+            dev: false,
             verified: Arc::default(),
         }
     }
@@ -423,6 +434,12 @@ impl Verifier {
             .map(|data| data.claims)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature if self.dev && minted_by_dev(token) => {
+                    AuthError::Invalid(
+                        "minted by an earlier `relay serve --dev` whose secret is gone: use the \
+                     tokens this run printed",
+                    )
+                }
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("wrong algorithm"),
                 ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid(
@@ -549,6 +566,23 @@ impl Signer {
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
             .map_err(|err| format!("cannot sign the token: {err}"))
     }
+}
+
+/// Whether `token`, whose signature did not check, names one of `relay serve --dev`'s
+/// subjects: it was minted by a dev run with another secret. The payload is read
+/// unverified, only to choose the error message.
+fn minted_by_dev(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(payload) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|claims| claims["sub"].as_str().map(str::to_owned))
+        .is_some_and(|sub| crate::dev::DEV_SUBJECTS.contains(&sub.as_str()))
 }
 
 #[cfg(test)]

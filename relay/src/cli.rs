@@ -165,8 +165,8 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let KeySource::Ephemeral(secret) = &relay.config().keys {
-            print_dev_tokens(secret, listener.local_addr().map(|a| a.port()).unwrap_or(0));
+        if let KeySource::Dev(dev) = &relay.config().keys {
+            print_dev_tokens(dev, listener.local_addr().map(|a| a.port()).unwrap_or(0));
         }
         match server::serve(listener, relay, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -183,30 +183,27 @@ async fn shutdown_signal() {
     crate::shutdown::signal_then_exit_on_second().await;
 }
 
-/// `--dev`: print a host and a client token for every host, and how to use them.
-fn print_dev_tokens(secret: &Secret, port: u16) {
-    let signer = Signer::hs256(secret.expose());
+/// `--dev`: print a host and a client token for every host, and the commands that use
+/// them (the agent command names this very binary).
+fn print_dev_tokens(dev: &crate::dev::DevMode, port: u16) {
+    let signer = Signer::hs256(dev.secret.expose());
     let all = [ANY_HOST.to_owned()];
-    let ttl = Duration::from_secs(24 * 3600);
+    let ttl = Duration::from_secs(30 * 24 * 3600);
+    let [host_sub, client_sub] = crate::dev::DEV_SUBJECTS;
     let (Ok(host), Ok(client)) = (
-        signer.mint("dev-host", Role::Host, &all, ttl),
-        signer.mint("dev-client", Role::Client, &all, ttl),
+        signer.mint(host_sub, Role::Host, &all, ttl),
+        signer.mint(client_sub, Role::Client, &all, ttl),
     ) else {
         eprintln!("relay: could not mint dev tokens");
         return;
     };
-    println!(
-        "relay dev mode: ephemeral secret; these tokens work until this process exits (24h max)"
-    );
-    println!("host token: {host}");
-    println!("client token: {client}");
-    println!("try it:");
-    println!(
-        "  host agent:  ws://localhost:{port}/tunnel?hostId=demo  (Authorization: Bearer <host token>)"
-    );
-    println!(
-        "  client:      curl -H \"Authorization: Bearer <client token>\" http://localhost:{port}/hosts/demo/"
-    );
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|path| path.to_str().map(str::to_owned))
+        .unwrap_or_else(|| "relay".to_owned());
+    let banner = crate::dev::banner(dev, &host, &client, port, &exe);
+    // Ignored when stdout is closed: the relay serves on.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), banner.as_bytes());
 }
 
 fn token(args: TokenArgs) -> ExitCode {

@@ -27,6 +27,11 @@ pub const MIN_SECRET_BYTES: usize = 16;
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret.
+    pub fn new(secret: String) -> Secret {
+        Secret(secret)
+    }
+
     /// The secret's bytes.
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
@@ -198,10 +203,16 @@ pub struct ServeArgs {
     )]
     pub access_check_allow_pointer: Option<String>,
 
-    /// Try the relay locally: an ephemeral secret, and a host and a client token printed
-    /// on stdout.
-    #[arg(long, env = "RELAY_DEV")]
+    /// Try the relay locally: tokens and the commands that use them printed on stdout;
+    /// the secret (RELAY_JWT_SECRET, or one kept in --dev-state-file) survives restarts.
+    /// The variable takes 1/0, true/false, yes/no.
+    #[arg(long, env = "RELAY_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     pub dev: bool,
+
+    /// Where `--dev` keeps its secret and admin token (default
+    /// `$XDG_STATE_HOME/relay/dev.json`, else `~/.local/state/relay/dev.json`).
+    #[arg(long, env = "RELAY_DEV_STATE_FILE")]
+    pub dev_state_file: Option<PathBuf>,
 
     /// Interval between pings on every tunnel.
     #[arg(long, env = "RELAY_PING_INTERVAL", value_parser = humantime::parse_duration,
@@ -405,8 +416,8 @@ pub enum KeySource {
         /// The algorithm, if given.
         algorithm: Option<KeyAlgorithm>,
     },
-    /// `--dev`: a secret generated for this process only.
-    Ephemeral(Secret),
+    /// `--dev`: a secret kept across restarts (or `RELAY_JWT_SECRET`), and what to print.
+    Dev(crate::dev::DevMode),
 }
 
 /// A validated configuration.
@@ -494,12 +505,26 @@ impl ServeArgs {
             None => None,
         };
         let keys = match (self.dev, self.jwt_secret, self.jwt_public_key_file) {
-            (true, None, None) if jwks.is_none() => KeySource::Ephemeral(Secret(random_secret())),
+            (true, secret, None) if jwks.is_none() => {
+                if let Some(secret) = &secret
+                    && secret.0.len() < MIN_SECRET_BYTES
+                {
+                    return err(format!(
+                        "RELAY_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"
+                    ));
+                }
+                let state_file = self
+                    .dev_state_file
+                    .clone()
+                    .unwrap_or_else(crate::dev::default_state_file);
+                let admin = self.admin_token.clone().filter(|t| !t.0.is_empty());
+                KeySource::Dev(crate::dev::load(secret, admin, &state_file).map_err(ConfigError)?)
+            }
             (false, None, None) if let Some(url) = jwks => KeySource::Jwks(url),
             (true, _, _) => {
                 return err(
-                    "--dev makes its own ephemeral secret: unset RELAY_JWT_SECRET / \
-                            RELAY_JWT_PUBLIC_KEY_FILE / RELAY_JWKS_URL, or drop --dev"
+                    "--dev signs its own tokens (with RELAY_JWT_SECRET, or a secret it keeps): \
+                     unset RELAY_JWT_PUBLIC_KEY_FILE / RELAY_JWKS_URL, or drop --dev"
                         .into(),
                 );
             }
@@ -689,6 +714,11 @@ impl ServeArgs {
             Some(path) => Some(read_ca_file("RELAY_FETCH_CA_FILE", path).map_err(ConfigError)?),
             None => None,
         };
+        // `--dev` makes (and keeps) an admin token unless one is given.
+        let keys_admin = match &keys {
+            KeySource::Dev(dev) => Some(dev.admin_token.clone()),
+            _ => None,
+        };
         let config = Config {
             listen: SocketAddr::new(self.bind, self.port),
             access_check,
@@ -711,7 +741,10 @@ impl ServeArgs {
                 .ok_or_else(|| ConfigError("RELAY_ADMISSION_RATE must be at least 1".into()))?,
             admission_burst: std::num::NonZeroU32::new(self.admission_burst)
                 .ok_or_else(|| ConfigError("RELAY_ADMISSION_BURST must be at least 1".into()))?,
-            admin_token: self.admin_token.filter(|t| !t.0.is_empty()),
+            admin_token: match &keys_admin {
+                Some(dev) => Some(dev.clone()),
+                None => self.admin_token.filter(|t| !t.0.is_empty()),
+            },
             client_ip_header,
         };
         if let Some(token) = &config.admin_token
@@ -763,9 +796,8 @@ impl Config {
     /// When a public key file does not hold a usable key.
     pub fn verifier(&self) -> Result<Verifier, ConfigError> {
         let verifier = match &self.keys {
-            KeySource::Secret(secret) | KeySource::Ephemeral(secret) => {
-                Ok(Verifier::hs256(secret.expose()))
-            }
+            KeySource::Secret(secret) => Ok(Verifier::hs256(secret.expose())),
+            KeySource::Dev(dev) => Ok(Verifier::hs256(dev.secret.expose()).in_dev_mode()),
             KeySource::Jwks(url) => Ok(Verifier::jwks(url.clone())),
             KeySource::PublicKey {
                 path,
@@ -799,12 +831,6 @@ fn default_machine_id() -> String {
         .collect();
     let id = id.trim_matches('-').to_owned();
     if id.is_empty() { "relay".into() } else { id }
-}
-
-fn random_secret() -> String {
-    use rand::Rng as _;
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

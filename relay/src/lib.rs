@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`cli`]: the `relay` command line (`serve`, `token`, `agent`); the binary only calls it.
+//!   [`dev`]: `relay serve --dev`'s kept secret and what it prints.
 //! - [`config`]: flags and environment of `relay serve`, validated before binding.
 //! - [`limits`]: every timeout and limit, with its default and why.
 //! - [`protocol`]: what travels on a tunnel: close codes, and one codec per protocol
@@ -62,6 +63,7 @@ pub mod client_socket;
 pub mod clients;
 pub mod config;
 pub mod connections;
+pub mod dev;
 pub mod dial;
 pub mod directory;
 pub mod drain;

@@ -333,6 +333,24 @@ impl RelayBuilder {
         .collect();
         if self.dev {
             args.push("--dev".to_owned());
+            // Never the developer's own state file: one per relay, in the temp directory,
+            // unless the test names one (to restart a dev relay on the same secret).
+            if !self
+                .extra_env
+                .iter()
+                .any(|(k, _)| k == "RELAY_DEV_STATE_FILE")
+            {
+                static NEXT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "relay-test-dev-{}-{}.json",
+                    std::process::id(),
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                let _ = std::fs::remove_file(&path);
+                args.push("--dev-state-file".to_owned());
+                args.push(path.to_string_lossy().into_owned());
+            }
         }
         args.extend(self.extra_args.iter().cloned());
         let mut env = vec![("RUST_LOG".to_owned(), self.rust_log.clone())];
