@@ -1150,3 +1150,65 @@ async fn invalid_agent_flags_exit_64() {
     .await;
     assert_eq!(out.code, Some(64), "no credential; stderr:\n{}", out.stderr);
 }
+
+#[tokio::test]
+async fn the_agent_prints_one_line_with_its_public_url_and_protocol_when_registered() {
+    let (relay, _upstream, agent) = relay_with_agent("announce-1").await;
+    let line = agent.wait_for_log("is reachable at", DEADLINE).await;
+    let expected = format!(
+        "relay agent: announce-1 is reachable at {} (tunnel protocol h2, to http://",
+        relay.http_url("/hosts/announce-1/")
+    );
+    assert!(line.starts_with(&expected), "{line}");
+    // The URL it prints works.
+    let response = relay
+        .http()
+        .get(relay.http_url("/hosts/announce-1/echo"))
+        .bearer(&relay.client_token(&["announce-1"]))
+        .send()
+        .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        agent.log_count("is reachable at"),
+        1,
+        "one line, not one per ping"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_whose_stdout_is_closed_serves_on() {
+    let relay = TestRelay::spawn().await;
+    let upstream = Upstream::spawn().await;
+    // `relay agent … | head -1`: the reader of its stdout is gone before it prints.
+    let mut child = tokio::process::Command::new(relay_tests::relay_binary())
+        .args([
+            "agent",
+            "--relay",
+            &relay.ws_url(""),
+            "--host-id",
+            "closed-out",
+            "--to",
+            &format!("http://{}", upstream.addr()),
+        ])
+        .env("RELAY_TOKEN", relay.host_token("closed-out"))
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the agent starts");
+    drop(child.stdout.take());
+    relay.wait_host_connected("closed-out").await;
+    let response = relay
+        .http()
+        .get(relay.http_url("/hosts/closed-out/echo"))
+        .bearer(&relay.client_token(&["closed-out"]))
+        .send()
+        .await;
+    assert_eq!(response.status, 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent is still running after writing to a closed stdout"
+    );
+}

@@ -387,6 +387,23 @@ impl RelayUrl {
         Ok(RelayUrl { base })
     }
 
+    /// Where clients reach `host` through this relay: `http(s)://<relay>[/prefix]/hosts/<host>/`.
+    ///
+    /// ```
+    /// use relay::agent::config::RelayUrl;
+    /// use relay::host_id::HostId;
+    /// let url = RelayUrl::parse("wss://relay.example.com/r").unwrap();
+    /// let host = HostId::parse("demo").unwrap();
+    /// assert_eq!(url.public_url(&host), "https://relay.example.com/r/hosts/demo/");
+    /// ```
+    pub fn public_url(&self, host: &HostId) -> String {
+        let http = match self.base.strip_prefix("wss://") {
+            Some(rest) => format!("https://{rest}"),
+            None => format!("http://{}", self.base.trim_start_matches("ws://")),
+        };
+        format!("{http}/hosts/{host}/")
+    }
+
     /// The tunnel endpoint for `host`: `<base>/tunnel?hostId=<host>`. A valid hostId needs
     /// no escaping.
     pub fn tunnel_url(&self, host: &HostId) -> String {

@@ -141,6 +141,9 @@ struct Supervisor {
     newest: watch::Sender<u64>,
     next_attempt: Option<Instant>,
     root: CancellationToken,
+    /// What the last registration line said (relay index, protocol): printed again only
+    /// when it changes.
+    announced: Option<(usize, &'static str)>,
 }
 
 // === impl Supervisor ===
@@ -186,6 +189,7 @@ impl Supervisor {
             newest: watch::Sender::new(0),
             next_attempt: None,
             root,
+            announced: None,
         }
     }
 
@@ -284,7 +288,8 @@ impl Supervisor {
                     return;
                 };
                 current.registered_at = Some(Instant::now());
-                let relay = self.relays[current.relay].to_string();
+                let index = current.relay;
+                let relay = self.relays[index].to_string();
                 self.newest.send_if_modified(|newest| {
                     let newer = generation > *newest;
                     if newer {
@@ -293,6 +298,17 @@ impl Supervisor {
                     newer
                 });
                 self.status().connected(&relay, protocol.as_str());
+                let said = (index, protocol.as_str());
+                if self.announced != Some(said) {
+                    self.announced = Some(said);
+                    let url = self.relays[index].public_url(&self.shared.host_id);
+                    announce(&format!(
+                        "relay agent: {} is reachable at {url} (tunnel protocol {}, to {})",
+                        self.shared.host_id,
+                        protocol.as_str(),
+                        self.shared.upstream.url()
+                    ));
+                }
             }
             Event::Drain { generation, reason } => {
                 let Some(current) = self.current.take_if(|c| c.generation == generation) else {
@@ -485,6 +501,14 @@ pub fn classify(
             (*registered_for, Some(outcome), Some(text))
         }
     }
+}
+
+/// Prints one line on stdout for whoever started the agent. A closed stdout (`relay agent
+/// … | head -1`) is ignored: the agent serves on, and logs go to stderr anyway.
+fn announce(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 #[cfg(test)]
