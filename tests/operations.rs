@@ -292,3 +292,115 @@ async fn json_log_lines_parse_as_json_and_contain_no_token() {
         "the listening line is JSON too"
     );
 }
+
+/// The access log lines in `relay`'s output (JSON objects with a `kind`).
+fn access_lines(relay: &TestRelay) -> Vec<Value> {
+    relay
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| v.get("kind").is_some() && v.get("bytes_out").is_some())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_and_channel_without_tokens() {
+    let relay = TestRelay::builder()
+        .arg("--access-log", "json")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let _host = TestHost::connect(&relay, "log-1", &upstream).await;
+    relay.wait_host_connected("log-1").await;
+    let token = relay.client_token(&["log-1"]);
+    let before = access_lines(&relay).len();
+    let response = relay
+        .http()
+        .request(
+            http::Method::POST,
+            relay.http_url(&format!("/hosts/log-1/echo/a?token={token}&q=1")),
+        )
+        .header("cookie", "session=very-secret-cookie")
+        .body("0123456789")
+        .send()
+        .await;
+    assert_eq!(response.status, 200);
+    let body_len = response.text().len() as u64;
+    let mut ws = relay_tests::WsClient::connect_ok(
+        &relay.ws_url(&format!("/hosts/log-1/ws/echo?token={token}")),
+        None,
+    )
+    .await;
+    ws.send_text("hello").await;
+    let _ = ws.recv_data().await;
+    ws.close(1000).await;
+    wait_until_async(
+        "the request's and the channel's lines",
+        DEADLINE,
+        || async { access_lines(&relay).len() >= before + 2 },
+    )
+    .await;
+    let lines = access_lines(&relay);
+    let http = lines
+        .iter()
+        .find(|l| l["kind"] == "http" && l["path"] == "/hosts/log-1/echo/a")
+        .unwrap_or_else(|| panic!("no line for the request: {lines:?}"));
+    assert_eq!(http["host"], "log-1");
+    assert_eq!(http["method"], "POST");
+    assert_eq!(http["status"], 200);
+    assert_eq!(http["bytes_in"], 10);
+    assert_eq!(http["bytes_out"], body_len);
+    assert_eq!(http["route"], "local");
+    assert!(http["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    let ws_line = lines
+        .iter()
+        .find(|l| l["kind"] == "ws")
+        .unwrap_or_else(|| panic!("no line for the channel: {lines:?}"));
+    assert_eq!(ws_line["path"], "/hosts/log-1/ws/echo");
+    assert_eq!(ws_line["status"], 101);
+    assert_eq!(
+        (ws_line["bytes_in"].as_u64(), ws_line["bytes_out"].as_u64()),
+        (Some(5), Some(5))
+    );
+    let all = relay.logs().join("\n");
+    assert!(!all.contains(&token), "the token is never logged");
+    assert!(!all.contains("very-secret-cookie"), "nor a cookie");
+}
+
+#[tokio::test]
+async fn the_access_log_is_off_by_default_and_plain_text_on_request() {
+    let quiet = Stack::spawn("quiet-1").await;
+    let response = quiet
+        .relay
+        .http()
+        .get(quiet.url("/echo"))
+        .bearer(&quiet.client_token())
+        .send()
+        .await;
+    assert_eq!(response.status, 200);
+    assert!(
+        !quiet
+            .relay
+            .logs()
+            .iter()
+            .any(|l| l.contains("/hosts/quiet-1/echo")),
+        "no access line without --access-log"
+    );
+
+    let relay = TestRelay::builder()
+        .arg("--access-log", "text")
+        .spawn()
+        .await;
+    let token = relay.client_token(&["nobody"]);
+    let response = relay
+        .http()
+        .get(relay.http_url("/hosts/nobody/x"))
+        .bearer(&token)
+        .send()
+        .await;
+    assert_eq!(response.status, 503);
+    let line = relay
+        .wait_for_log(" nobody GET /hosts/nobody/x 503 ", DEADLINE)
+        .await;
+    assert!(line.ends_with(" none"), "{line}");
+}

@@ -6,6 +6,8 @@
 //! serves the request. Nothing here knows which protocol the tunnel speaks.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,6 +19,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::{debug, debug_span};
 
+use crate::access_log;
 use crate::auth::{Role, bearer_token};
 use crate::body::Paced;
 use crate::client_socket::{ClientSocket, ClientUpgrade, Received, SendFailed};
@@ -42,6 +45,30 @@ pub(crate) async fn host_request(
     let mut route = "none";
     let trpc = split_host_path(request.uri().path())
         .is_some_and(|(_, rest)| crate::error::is_trpc_path(rest));
+    // The access log's view of the request, taken before it is consumed.
+    let access = relay.config().access_log.map(|format| {
+        let entry = access_log::Entry {
+            kind: "http",
+            host: split_host_path(request.uri().path())
+                .map(|(host, _)| host.to_owned())
+                .unwrap_or_default(),
+            method: request.method().to_string(),
+            path: request.uri().path().to_owned(),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            route: "none",
+        };
+        (format, entry, Arc::new(AtomicU64::new(0)))
+    });
+    let request = match &access {
+        Some((_, _, bytes_in)) => {
+            let bytes_in = bytes_in.clone();
+            request.map(|body| Body::new(access_log::Counted::new(body, bytes_in)))
+        }
+        None => request,
+    };
     let response = match serve(relay, peer, request, &mut route).await {
         Ok(response) => response,
         Err(err) => {
@@ -58,7 +85,22 @@ pub(crate) async fn host_request(
         route,
         started.elapsed().as_secs_f64(),
     );
-    response
+    match access {
+        // A channel is logged when it closes (by the machine that runs it).
+        Some((format, mut entry, bytes_in))
+            if response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                && entry.method != "CONNECT" =>
+        {
+            entry.status = response.status().as_u16();
+            entry.route = route;
+            response.map(|body| {
+                Body::new(access_log::Logged::new(
+                    body, entry, format, bytes_in, started,
+                ))
+            })
+        }
+        _ => response,
+    }
 }
 
 /// Serves one client request; `route` is set to how it was served, for the metrics.
@@ -158,7 +200,21 @@ async fn serve(
                 .try_take(client)
                 .ok_or(ClientError::TooManyClientChannels)?
         };
-        return Box::pin(open_channel(relay, tunnel, upgrade, request, slot)).await;
+        let log = relay.config().access_log.map(|format| {
+            let entry = access_log::Entry {
+                kind: "ws",
+                host: raw_host.to_owned(),
+                method: parts.method.to_string(),
+                path: uri.path().to_owned(),
+                status: 101,
+                bytes_in: 0,
+                bytes_out: 0,
+                duration: Duration::ZERO,
+                route: "local",
+            };
+            (format, entry)
+        });
+        return Box::pin(open_channel(relay, tunnel, upgrade, request, slot, log)).await;
     }
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
@@ -265,7 +321,9 @@ async fn open_channel(
     upgrade: ClientUpgrade,
     request: ChannelRequest,
     slot: IpSlot,
+    log: Option<(access_log::Format, access_log::Entry)>,
 ) -> Result<Response, ClientError> {
+    let started = Instant::now();
     let span = debug_span!("channel", host = %tunnel.host(), path = %request.path);
     let limits = &relay.config().limits;
     let (channel, protocol) = match tunnel
@@ -285,8 +343,14 @@ async fn open_channel(
         move |socket| async move {
             let _slot = slot;
             telemetry::channel_open(1.0);
-            run_channel(socket, channel, ping_interval).await;
+            let (bytes_in, bytes_out) = run_channel(socket, channel, ping_interval).await;
             telemetry::channel_open(-1.0);
+            if let Some((format, mut entry)) = log {
+                entry.bytes_in = bytes_in;
+                entry.bytes_out = bytes_out;
+                entry.duration = started.elapsed();
+                entry.write(format);
+            }
         },
     ))
 }
@@ -298,7 +362,14 @@ async fn open_channel(
 /// frame) for two intervals is gone (a NAT dropped it, it vanished without a FIN): the
 /// channel is closed and the host told 1001, instead of a half-open socket holding the
 /// channel, and the host's local socket, for ever.
-async fn run_channel(mut socket: ClientSocket, mut channel: Channel, ping_interval: Duration) {
+///
+/// Returns the frame bytes carried from the client and to it.
+async fn run_channel(
+    mut socket: ClientSocket,
+    mut channel: Channel,
+    ping_interval: Duration,
+) -> (u64, u64) {
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = Instant::now();
@@ -310,30 +381,31 @@ async fn run_channel(mut socket: ClientSocket, mut channel: Channel, ping_interv
             event = channel.recv() => match event {
                 ChannelEvent::Frame(frame) => {
                     telemetry::bytes("from_host", frame.len());
+                    bytes_out += frame.len() as u64;
                     if let Err(failed) = socket.send(frame).await {
                         // A client that stopped reading (the write timed out) is what a
                         // full queue also reports to the host: 1013, try again later.
                         let code = (failed == SendFailed::TimedOut)
                             .then_some(close_code::TRY_AGAIN_LATER);
                         channel.close(code).await;
-                        return;
+                        return (bytes_in, bytes_out);
                     }
                 }
                 ChannelEvent::Closed(code) => {
                     socket.close(code, "").await;
                     channel.close(code).await;
-                    return;
+                    return (bytes_in, bytes_out);
                 }
             },
             _ = ping.tick() => {
                 if heard.elapsed() >= ping_interval * 2 {
                     debug!("client silent for two ping intervals; closing its channel");
                     channel.close(Some(close_code::GOING_AWAY)).await;
-                    return;
+                    return (bytes_in, bytes_out);
                 }
                 if !socket.ping().await {
                     channel.close(Some(close_code::GOING_AWAY)).await;
-                    return;
+                    return (bytes_in, bytes_out);
                 }
             }
             received = socket.recv() => {
@@ -345,7 +417,7 @@ async fn run_channel(mut socket: ClientSocket, mut channel: Channel, ping_interv
                         channel.close(frame.map(|(code, _)| code)).await;
                         // The socket answers the client's Close as it ends.
                         socket.finish().await;
-                        return;
+                        return (bytes_in, bytes_out);
                     }
                     Received::Failed { too_big } => {
                         let code = if too_big { close_code::TOO_BIG } else { close_code::GOING_AWAY };
@@ -353,17 +425,18 @@ async fn run_channel(mut socket: ClientSocket, mut channel: Channel, ping_interv
                         if too_big {
                             socket.close(Some(code), "").await;
                         }
-                        return;
+                        return (bytes_in, bytes_out);
                     }
                     Received::Ended => {
                         channel.close(None).await;
-                        return;
+                        return (bytes_in, bytes_out);
                     }
                 };
                 telemetry::bytes("to_host", frame.len());
+                bytes_in += frame.len() as u64;
                 if channel.send(frame).await.is_err() {
                     socket.close(Some(close_code::GOING_AWAY), "").await;
-                    return;
+                    return (bytes_in, bytes_out);
                 }
             }
         }

@@ -398,6 +398,12 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// An access log on stdout, one line per client request and per WebSocket channel
+    /// (host, method, path without query, status, bytes each way, duration, route): `text`
+    /// or `json`. Off by default.
+    #[arg(long, env = "RELAY_ACCESS_LOG", value_enum)]
+    pub access_log: Option<crate::access_log::Format>,
 }
 
 /// How the relay verifies tokens.
@@ -446,6 +452,8 @@ pub struct Config {
     pub limits: Limits,
     /// Log format.
     pub log_format: LogFormat,
+    /// The access log, when on.
+    pub access_log: Option<crate::access_log::Format>,
     /// Where the directory lives.
     pub directory: DirectoryConfig,
     /// How requests for other machines' hosts are routed.
@@ -731,6 +739,7 @@ impl ServeArgs {
             policy,
             limits,
             log_format: self.log_format,
+            access_log: self.access_log,
             directory,
             routing,
             advertise_addr: self.advertise_addr,

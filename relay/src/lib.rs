@@ -16,7 +16,7 @@
 //! - [`auth`]: JWT claims, verification, the authorization policy and minting;
 //!   [`jwks`]: an identity provider's key set; [`access`]: the access check against
 //!   the deployment's API; [`fetch`]: the GETs the relay makes.
-//! - [`admin`]: `GET /admin/tunnels`, for operators.
+//! - [`admin`]: `GET /admin/tunnels`, for operators; [`access_log`]: one line per request.
 //! - [`state`]: the shared state of one relay process ([`state::Relay`]).
 //! - [`router`]: the HTTP routes.
 //! - [`server`]: binding and the serve loop (then the drain).
@@ -52,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod auth;
