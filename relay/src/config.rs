@@ -486,8 +486,14 @@ impl ServeArgs {
     /// Validates the flags into a [`Config`].
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the setting and what is wrong with it.
+    /// A [`ConfigError`] naming the setting (the flag a user types and its environment
+    /// variable) and what is wrong with it.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        self.validate()
+            .map_err(|ConfigError(msg)| ConfigError(name_flags(&msg)))
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
         let err = |msg: String| Err(ConfigError(msg));
         let machine_id = match self.machine_id {
             Some(id) => id,
@@ -823,6 +829,46 @@ impl Config {
     }
 }
 
+/// `msg` with each environment variable of `relay serve` it names written as the flag
+/// and the variable, since a user may have typed either: `RELAY_PING_INTERVAL must be
+/// greater than zero` → `--ping-interval (RELAY_PING_INTERVAL) must be greater than zero`.
+fn name_flags(msg: &str) -> String {
+    use clap::Args as _;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let flags: std::collections::HashMap<String, String> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_str()?.to_owned();
+            Some((env, arg.get_long()?.to_owned()))
+        })
+        .collect();
+    let mut out = String::with_capacity(msg.len() + 32);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        match flags.get(word.as_str()) {
+            Some(long) => {
+                out.push_str("--");
+                out.push_str(long);
+                out.push_str(" (");
+                out.push_str(word);
+                out.push(')');
+            }
+            None => out.push_str(word),
+        }
+        word.clear();
+    };
+    for c in msg.chars() {
+        if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// A machine id derived from the hostname: stable across restarts of the same machine,
 /// restricted to the characters an owner value allows.
 fn default_machine_id() -> String {
@@ -860,6 +906,28 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_flag_and_its_variable() {
+        let err = parse(&[
+            "--jwt-secret",
+            "0123456789abcdef",
+            "--machine-id",
+            "m1",
+            "--ping-interval",
+            "0s",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--ping-interval (RELAY_PING_INTERVAL) must be greater than zero"),
+            "{err}"
+        );
+        assert_eq!(
+            name_flags("REDIS_URL and RELAY_REDIS_CA_FILE; RELAY_NOT_A_FLAG"),
+            "--redis-url (REDIS_URL) and --redis-ca-file (RELAY_REDIS_CA_FILE); RELAY_NOT_A_FLAG"
+        );
+    }
+
+    #[test]
     fn defaults_listen_dual_stack_on_8080() {
         let config = parse(&["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"]).unwrap();
         assert_eq!(config.listen.to_string(), "[::]:8080");
@@ -882,7 +950,7 @@ mod tests {
             ),
             (
                 &["--fetch-ca-file", missing.to_str().unwrap()],
-                "cannot read RELAY_FETCH_CA_FILE",
+                "cannot read --fetch-ca-file (RELAY_FETCH_CA_FILE)",
             ),
             (
                 &[
@@ -891,11 +959,11 @@ mod tests {
                     "--redis-ca-file",
                     empty.to_str().unwrap(),
                 ],
-                "needs a rediss:// REDIS_URL",
+                "needs a rediss:// --redis-url (REDIS_URL)",
             ),
             (
                 &["--redis-ca-file", empty.to_str().unwrap()],
-                "REDIS_URL is not",
+                "--redis-url (REDIS_URL) is not",
             ),
             (
                 &[
@@ -904,7 +972,7 @@ mod tests {
                     "--redis-ca-file",
                     missing.to_str().unwrap(),
                 ],
-                "cannot read RELAY_REDIS_CA_FILE",
+                "cannot read --redis-ca-file (RELAY_REDIS_CA_FILE)",
             ),
             (
                 &[
