@@ -28,6 +28,19 @@ async fn v2_host(relay: &TestRelay, host_id: &str, upstream: &Upstream) -> V2Hos
     host
 }
 
+/// `GET /hosts/HOST{path}` on `relay` with `token`, in the background: the answer comes
+/// once the test, playing the host, has answered the dial.
+fn spawn_get(
+    relay: &TestRelay,
+    path: &str,
+    token: &str,
+) -> tokio::task::JoinHandle<relay_tests::HttpResponse> {
+    let http = relay.http().clone();
+    let url = relay.http_url(&format!("/hosts/{HOST}{path}"));
+    let token = token.to_owned();
+    tokio::spawn(async move { http.get(url).bearer(&token).send().await })
+}
+
 #[tokio::test]
 async fn health_says_proto_2_so_supersets_host_client_picks_v2() {
     let relay = TestRelay::spawn().await;
@@ -231,12 +244,7 @@ async fn a_ticket_is_good_once_only_for_its_host_and_only_while_its_stream_waits
         .expect("control opens");
     relay.wait_host_connected(HOST).await;
     let token = relay.client_token(&[HOST]);
-    let client = {
-        let http = relay.http().clone();
-        let url = relay.http_url(&format!("/hosts/{HOST}/anything"));
-        let token = token.clone();
-        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
-    };
+    let client = spawn_get(&relay, "/anything", &token);
     let dial = control.expect_dial(DEADLINE).await;
     let ticket = dial["ticket"].as_str().unwrap().to_owned();
     // Presented for another host: refused, and the ticket still good for its own.
@@ -267,11 +275,7 @@ async fn a_ticket_is_good_once_only_for_its_host_and_only_while_its_stream_waits
     assert_eq!(missing.recv_close_code(DEADLINE).await, 4400);
 
     // By hand, with the helper, once more: the tunnel still serves.
-    let client = {
-        let http = relay.http().clone();
-        let url = relay.http_url(&format!("/hosts/{HOST}/again"));
-        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
-    };
+    let client = spawn_get(&relay, "/again", &token);
     answer_http_dial(&base(&relay), &mut control, 200).await;
     let response = within("the client's answer", DEADLINE, client)
         .await
@@ -602,12 +606,7 @@ async fn a_dial_landing_on_another_relay_reaches_the_one_that_issued_its_ticket(
     let token = a.client_token(&[HOST]);
 
     // HTTP asked of b (proxied to a, which holds the control), dialed back to b.
-    let client = {
-        let http = b.http().clone();
-        let url = b.http_url(&format!("/hosts/{HOST}/x"));
-        let token = token.clone();
-        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
-    };
+    let client = spawn_get(&b, "/x", &token);
     answer_http_dial(&base(&b), &mut control, 200).await;
     let response = within("the client's answer", DEADLINE, client)
         .await
@@ -863,12 +862,7 @@ async fn a_host_that_breaks_the_contract_is_told_so_and_its_clients_get_502_or_5
         .await
         .unwrap();
     relay.wait_host_connected(HOST).await;
-    let get = |path: &'static str| {
-        let http = relay.http().clone();
-        let url = relay.http_url(&format!("/hosts/{HOST}{path}"));
-        let token = token.clone();
-        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
-    };
+    let get = |path: &str| spawn_get(&relay, path, &token);
     // Dials, reads the request, answers `reply` (if any).
     async fn dial_and(
         relay: &TestRelay,
@@ -941,12 +935,7 @@ async fn v1_and_v2_registrations_of_one_host_take_it_over_from_each_other() {
         v1.wait_ended(DEADLINE).await,
         relay_tests::WsEnd::Close(4002)
     );
-    let client = {
-        let http = relay.http().clone();
-        let url = relay.http_url(&format!("/hosts/{HOST}/to-v2"));
-        let token = relay.client_token(&[HOST]);
-        tokio::spawn(async move { http.get(url).bearer(&token).send().await })
-    };
+    let client = spawn_get(&relay, "/to-v2", &relay.client_token(&[HOST]));
     answer_http_dial(&base(&relay), &mut v2, 200).await;
     assert_eq!(
         within("the answer", DEADLINE, client).await.unwrap().status,
