@@ -390,11 +390,12 @@ async fn upstream_down_gives_502_and_tunnel_serves_again_when_upstream_returns()
         .send()
         .await;
     resp.assert_status(502);
-    assert!(
-        !resp.body.is_empty() && resp.body.len() < 1_000,
-        "a short text body explains the 502, got {:?}",
-        resp.text()
+    assert_eq!(
+        resp.error(),
+        "upstream unavailable",
+        "the agent's own errors come in the relay's shape"
     );
+    assert_eq!(resp.header("content-type"), Some("application/json"));
 
     // The upstream comes back on its port.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -1176,7 +1177,7 @@ async fn the_agent_prints_one_line_with_its_public_url_and_protocol_when_registe
 }
 
 #[tokio::test]
-async fn an_agent_whose_stdout_is_closed_serves_on() {
+async fn an_agent_whose_stdout_and_stderr_are_closed_serves_on() {
     let relay = TestRelay::spawn().await;
     let upstream = Upstream::spawn().await;
     // `relay agent … | head -1`: the reader of its stdout is gone before it prints.
@@ -1194,11 +1195,12 @@ async fn an_agent_whose_stdout_is_closed_serves_on() {
         .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("the agent starts");
     drop(child.stdout.take());
+    drop(child.stderr.take());
     relay.wait_host_connected("closed-out").await;
     let response = relay
         .http()
@@ -1209,6 +1211,6 @@ async fn an_agent_whose_stdout_is_closed_serves_on() {
     assert_eq!(response.status, 200);
     assert!(
         child.try_wait().unwrap().is_none(),
-        "the agent is still running after writing to a closed stdout"
+        "the agent is still running after writing to a closed stdout and stderr"
     );
 }

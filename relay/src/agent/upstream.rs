@@ -48,22 +48,24 @@ impl Failure {
     /// The answer the agent makes itself for this failure.
     pub fn response(&self) -> Response<Body> {
         match self {
-            Failure::BadRequest(why) => text_response(StatusCode::BAD_REQUEST, why),
+            Failure::BadRequest(why) => error_response(StatusCode::BAD_REQUEST, why),
             Failure::Unavailable(_) => {
-                text_response(StatusCode::BAD_GATEWAY, "upstream unavailable")
+                error_response(StatusCode::BAD_GATEWAY, "upstream unavailable")
             }
-            Failure::TimedOut => text_response(StatusCode::BAD_GATEWAY, "upstream timed out"),
+            Failure::TimedOut => error_response(StatusCode::BAD_GATEWAY, "upstream timed out"),
         }
     }
 }
 
-/// A short plain-text answer the agent makes itself.
-pub fn text_response(status: StatusCode, body: &str) -> Response<Body> {
-    let mut response = Response::new(Body::from(format!("{body}\n")));
+/// An answer the agent makes itself, in the relay's shape: `{"error": message}`, so a
+/// client reads the agent's errors as it reads the relay's.
+pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static("application/json"),
     );
     response
 }

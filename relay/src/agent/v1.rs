@@ -537,7 +537,7 @@ impl Answer {
                     format!("reading the response body: {err}")
                 };
                 debug!(error = %why, "upstream answer unusable; answered 502");
-                return Answer::text(502, "upstream unavailable");
+                return Answer::error(502, "upstream unavailable");
             }
         };
         headers::from_upstream(&mut parts.headers);
@@ -576,19 +576,19 @@ impl Answer {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 debug!("upstream answer unusable (reading the body failed); answered 502");
-                return (Answer::text(502, "upstream unavailable"), Held::default());
+                return (Answer::error(502, "upstream unavailable"), Held::default());
             };
             let Ok(data) = frame.into_data() else {
                 continue;
             };
             if whole.len() + data.len() > MAX_RESPONSE_BYTES {
                 debug!("upstream answer over {MAX_RESPONSE_BYTES} bytes; answered 502");
-                return (Answer::text(502, "upstream unavailable"), Held::default());
+                return (Answer::error(502, "upstream unavailable"), Held::default());
             }
             if length.is_none() {
                 let Some(more) = answers.try_take_now(data.len() * PER_BYTE) else {
                     warn!("answers waiting for the relay fill the agent's budget; answered 502");
-                    return (Answer::text(502, "agent busy"), Held::default());
+                    return (Answer::error(502, "agent busy"), Held::default());
                 };
                 held.merge(more);
             }
@@ -598,14 +598,12 @@ impl Answer {
         (Answer::of(whole).await, held)
     }
 
-    fn text(status: u16, body: &str) -> Answer {
+    /// An answer the agent makes itself, in the relay's shape: `{"error": message}`.
+    fn error(status: u16, message: &str) -> Answer {
         Answer {
             status,
-            headers: Headers(vec![(
-                "content-type".into(),
-                "text/plain; charset=utf-8".into(),
-            )]),
-            body: Bytes::from(format!("{body}\n")),
+            headers: Headers(vec![("content-type".into(), "application/json".into())]),
+            body: Bytes::from(serde_json::json!({ "error": message }).to_string()),
         }
     }
 
@@ -627,7 +625,7 @@ impl Answer {
             bytes = text.len(),
             "upstream response too large for one tunnel frame; answered 502"
         );
-        Answer::text(502, "upstream response too large").to_json(id)
+        Answer::error(502, "upstream response too large").to_json(id)
     }
 }
 

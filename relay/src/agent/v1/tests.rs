@@ -367,9 +367,9 @@ async fn answers_keep_cookies_apart_and_drop_hop_by_hop_and_length() {
 
 #[test]
 fn bodies_are_text_or_base64() {
-    let mut answer = Answer::text(200, "hello");
+    let mut answer = Answer::error(200, "hello");
     let v: Value = serde_json::from_str(&answer.to_json("1")).unwrap();
-    assert_eq!(v["body"], "hello\n");
+    assert_eq!(v["body"], r#"{"error":"hello"}"#);
     assert!(v.get("encoding").is_none());
 
     answer.body = Bytes::from_static(&[0xff, 0x00, 0x01]);
