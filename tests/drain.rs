@@ -299,6 +299,20 @@ async fn sigint_drains_like_sigterm() {
     drain_many_tunnels_on("INT", 10).await;
 }
 
+/// A request to `host` (a [`RawHost`] that never answers it) in flight: a relay on the
+/// embedded directory ends its drain's keep-serving step as soon as nothing is in flight,
+/// so a test that watches that step holds something.
+async fn hold_a_request(relay: &TestRelay, host: &mut RawHost) -> tokio::task::JoinHandle<()> {
+    let http = relay.http().clone();
+    let url = relay.http_url("/hosts/stays/held");
+    let token = relay.client_token(&["stays"]);
+    let request = tokio::spawn(async move {
+        let _ = http.get(url).bearer(&token).try_send().await;
+    });
+    host.expect("http").await;
+    request
+}
+
 #[tokio::test]
 async fn draining_relay_reports_not_ready_refuses_new_tunnels_with_503_retry_after_0_and_still_serves()
  {
@@ -309,6 +323,7 @@ async fn draining_relay_reports_not_ready_refuses_new_tunnels_with_503_retry_aft
         .await;
     let mut host = RawHost::connect(&relay, "stays").await;
     assert_eq!(ready_status(&relay).await, 200, "ready before the drain");
+    let _held = hold_a_request(&relay, &mut host).await;
 
     let signalled_at = Instant::now();
     relay.send_sigterm();
@@ -378,6 +393,7 @@ async fn draining_relay_in_fly_replay_mode_points_new_tunnels_elsewhere_with_fly
         .spawn()
         .await;
     let mut host = RawHost::connect(&relay, "stays").await;
+    let _held = hold_a_request(&relay, &mut host).await;
 
     relay.send_sigterm();
     host.expect("drain").await;
@@ -786,7 +802,8 @@ async fn second_signal_during_the_drain_exits_at_once_with_130() {
         .arg("--drain-deadline", LONG_DEADLINE)
         .spawn()
         .await;
-    let _host = RawHost::connect(&relay, "stays").await;
+    let mut host = RawHost::connect(&relay, "stays").await;
+    let _held = hold_a_request(&relay, &mut host).await;
 
     relay.send_sigterm();
     relay.wait_for_log("drain 2/6", DEADLINE).await;
@@ -1167,4 +1184,31 @@ async fn connection_accepted_before_the_relay_stops_accepting_is_still_served_af
     resp.assert_status(200);
     let status = relay.wait_exit(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[tokio::test]
+async fn a_relay_alone_with_nothing_in_flight_skips_the_drain_grace() {
+    // The embedded directory: no other relay for agents to move to.
+    let mut relay = TestRelay::builder()
+        .arg("--drain-grace", LONG_GRACE)
+        .arg("--drain-deadline", LONG_DEADLINE)
+        .spawn()
+        .await;
+    let _host = RawHost::connect(&relay, "idle").await;
+    let signalled_at = Instant::now();
+    relay.send_sigterm();
+    let status = relay.wait_exit(DEADLINE).await;
+    assert_eq!(status.code(), Some(0));
+    let took = signalled_at.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after the signal, without waiting the {LONG_GRACE} grace"
+    );
+    assert!(
+        relay
+            .logs()
+            .iter()
+            .any(|line| line.contains("drain 3/6") && line.contains("ended=alone_idle")),
+        "step 3 says why it ended"
+    );
 }

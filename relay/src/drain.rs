@@ -17,8 +17,10 @@
 //!    routed to its new owner. Ends when every agent has closed its old tunnel; or when
 //!    every tunnel still here belongs to a host the directory shows registered on another
 //!    machine and carries nothing (polled every [`DRAIN_MOVED_POLL`]: agents that keep
-//!    an idle old tunnel open after moving do not hold the drain); or after the drain
-//!    grace (`RELAY_DRAIN_GRACE`, 3 s).
+//!    an idle old tunnel open after moving do not hold the drain); or, on the embedded
+//!    directory (one machine: there is nowhere for agents to go, so the grace would only
+//!    make Ctrl-C slow), as soon as no tunnel carries anything; or after the drain grace
+//!    (`RELAY_DRAIN_GRACE`, 3 s).
 //! 4. **Stop accepting** TCP connections, then remove every directory entry this machine
 //!    still owns with the one retire script, and wait for it: each is marked moving, so
 //!    requests for hosts whose agents ignored the drain are held while they come back.
@@ -74,6 +76,9 @@ pub enum GraceEnd {
     AllClosed,
     /// Every tunnel still here is idle and its host registered on another machine.
     AllMoved,
+    /// One machine alone (the embedded directory): nowhere for agents to go, and no
+    /// tunnel carries anything.
+    AloneIdle,
     /// The drain grace ran out first.
     #[default]
     GraceOver,
@@ -84,6 +89,7 @@ impl fmt::Display for GraceEnd {
         f.write_str(match self {
             GraceEnd::AllClosed => "all_closed",
             GraceEnd::AllMoved => "all_moved",
+            GraceEnd::AloneIdle => "alone_idle",
             GraceEnd::GraceOver => "grace_over",
         })
     }
@@ -131,11 +137,13 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
 
     // 3.
     let step = Instant::now();
+    let alone = relay.directory().kind() == "memory";
     let wait = async {
         tokio::select! {
             biased;
             () = relay.registry().wait_empty() => GraceEnd::AllClosed,
             () = all_moved_and_idle(relay) => GraceEnd::AllMoved,
+            () = all_idle(relay), if alone => GraceEnd::AloneIdle,
         }
     };
     report.grace_end = timeout(config.drain_grace, wait)
@@ -196,6 +204,20 @@ pub async fn run(relay: &Relay, stop_accepting: impl FnOnce()) -> DrainReport {
     telemetry::drained(report.total.as_secs_f64());
     info!(elapsed = ?report.total, "drain 6/6: done, exiting");
     report
+}
+
+/// Resolves once no tunnel carries anything (no exchange in flight, no channel), looking
+/// every [`DRAIN_MOVED_POLL`].
+///
+/// # Cancel safety
+/// Cancel safe: it only reads.
+async fn all_idle(relay: &Relay) {
+    while relay
+        .registry()
+        .any(|h| h.pending_exchanges() > 0 || h.open_channels() > 0)
+    {
+        sleep(DRAIN_MOVED_POLL).await;
+    }
 }
 
 /// Resolves once every tunnel still here is idle (no exchange in flight, no channel) and

@@ -87,6 +87,12 @@ impl Registry {
         self.tunnels().is_empty()
     }
 
+    /// Whether any tunnel satisfies `test`, which runs under the registry's lock (it must
+    /// be quick and must not block).
+    pub fn any(&self, test: impl Fn(&TunnelHandle) -> bool) -> bool {
+        self.tunnels().values().any(test)
+    }
+
     /// Every handle, for operations that act on all tunnels (drain, shutdown).
     pub fn handles(&self) -> Vec<TunnelHandle> {
         self.tunnels().values().cloned().collect()
