@@ -1150,6 +1150,12 @@ async fn invalid_agent_flags_exit_64() {
     )
     .await;
     assert_eq!(out.code, Some(64), "no credential; stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--token-file (RELAY_TOKEN_FILE) or --token (RELAY_TOKEN)"),
+        "the message names the flags and their variables: {}",
+        out.stderr
+    );
 }
 
 #[tokio::test]

@@ -489,8 +489,10 @@ impl ServeArgs {
     /// A [`ConfigError`] naming the setting (the flag a user types and its environment
     /// variable) and what is wrong with it.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        use clap::Args as _;
+        let command = ServeArgs::augment_args(clap::Command::new("serve"));
         self.validate()
-            .map_err(|ConfigError(msg)| ConfigError(name_flags(&msg)))
+            .map_err(|ConfigError(msg)| ConfigError(name_flags(&command, &msg)))
     }
 
     fn validate(self) -> Result<Config, ConfigError> {
@@ -829,12 +831,10 @@ impl Config {
     }
 }
 
-/// `msg` with each environment variable of `relay serve` it names written as the flag
-/// and the variable, since a user may have typed either: `RELAY_PING_INTERVAL must be
+/// `msg` with each environment variable of `command`'s flags it names written as the
+/// flag and the variable, since a user may have typed either: `RELAY_PING_INTERVAL must be
 /// greater than zero` → `--ping-interval (RELAY_PING_INTERVAL) must be greater than zero`.
-fn name_flags(msg: &str) -> String {
-    use clap::Args as _;
-    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+pub(crate) fn name_flags(command: &clap::Command, msg: &str) -> String {
     let flags: std::collections::HashMap<String, String> = command
         .get_arguments()
         .filter_map(|arg| {
@@ -921,8 +921,13 @@ mod tests {
             err.contains("--ping-interval (RELAY_PING_INTERVAL) must be greater than zero"),
             "{err}"
         );
+        use clap::Args as _;
+        let command = ServeArgs::augment_args(clap::Command::new("serve"));
         assert_eq!(
-            name_flags("REDIS_URL and RELAY_REDIS_CA_FILE; RELAY_NOT_A_FLAG"),
+            name_flags(
+                &command,
+                "REDIS_URL and RELAY_REDIS_CA_FILE; RELAY_NOT_A_FLAG"
+            ),
             "--redis-url (REDIS_URL) and --redis-ca-file (RELAY_REDIS_CA_FILE); RELAY_NOT_A_FLAG"
         );
     }

@@ -156,8 +156,16 @@ impl AgentArgs {
     /// Validates the flags into an [`AgentConfig`].
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the setting and what is wrong with it.
+    /// A [`ConfigError`] naming the setting (the flag and its environment variable) and
+    /// what is wrong with it.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        use clap::Args as _;
+        let command = AgentArgs::augment_args(clap::Command::new("agent"));
+        self.validate()
+            .map_err(|ConfigError(msg)| ConfigError(crate::config::name_flags(&command, &msg)))
+    }
+
+    fn validate(self) -> Result<AgentConfig, ConfigError> {
         let err = |msg: String| ConfigError(msg);
         let relays = self
             .relays
@@ -190,8 +198,7 @@ impl AgentArgs {
             }
             (None, None) => {
                 return Err(err(
-                    "no host token: set RELAY_TOKEN_FILE (--token-file) or RELAY_TOKEN (--token)"
-                        .into(),
+                    "no host token: set RELAY_TOKEN_FILE or RELAY_TOKEN".into()
                 ));
             }
             (Some(_), Some(_)) => {
