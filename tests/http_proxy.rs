@@ -533,6 +533,8 @@ async fn repeated_headers_are_joined_and_forwarded_headers_extend_existing_ones(
             .header("cookie", "c2=2")
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("x-forwarded-prefix", "/elsewhere")
     });
 
     let msg = host.expect("http").await;
@@ -541,13 +543,17 @@ async fn repeated_headers_are_joined_and_forwarded_headers_extend_existing_ones(
     assert_eq!(headers["cookie"], "c1=1; c2=2", "{msg}");
     assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1", "{msg}");
     assert_eq!(
-        headers["x-forwarded-proto"], "https",
-        "an existing proto is kept: {msg}"
+        headers["x-forwarded-proto"], "http",
+        "a client's own proto is replaced, not trusted: {msg}"
     );
     assert_eq!(
         headers["x-forwarded-host"],
         json!(relay.addr().to_string()),
-        "{msg}"
+        "a client's own forwarded host is replaced by its Host: {msg}"
+    );
+    assert_eq!(
+        headers["x-forwarded-prefix"], "/hosts/raw-1",
+        "where the host's paths start on the relay: {msg}"
     );
     assert!(headers.get("content-length").is_none(), "{msg}");
     host.respond(&msg_id(&msg), 200, json!({}), "").await;
@@ -681,4 +687,34 @@ async fn plain_http_request_to_tunnel_endpoint_gets_426() {
 
     resp.assert_status(426);
     relay.whoowns("h1").await.assert_status(503);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_its_forwarded_proto_and_host_are_kept() {
+    // --client-ip-header says a platform proxy (Fly's, a TLS terminator) fronts the relay.
+    let relay = TestRelay::builder()
+        .env("RELAY_CLIENT_IP_HEADER", "fly-client-ip")
+        .spawn()
+        .await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let url = relay.http_url("/hosts/raw-1/h");
+    let request = spawn_request(&relay, move |client| {
+        client
+            .get(url)
+            .bearer(&token)
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "relay.example.com")
+            .header("x-forwarded-prefix", "/ignored")
+    });
+    let msg = host.expect("http").await;
+    let headers = &msg["headers"];
+    assert_eq!(headers["x-forwarded-proto"], "https", "{msg}");
+    assert_eq!(headers["x-forwarded-host"], "relay.example.com", "{msg}");
+    assert_eq!(
+        headers["x-forwarded-prefix"], "/hosts/raw-1",
+        "always the relay's: {msg}"
+    );
+    host.respond(&msg_id(&msg), 200, json!({}), "").await;
+    request.await.expect("client task").assert_status(200);
 }

@@ -182,12 +182,16 @@ async fn serve(
     let path = if rest.is_empty() { "/" } else { rest }.to_owned();
     let query = strip_token(query);
     let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(headers::Forwarded {
+        trusted: hop == Hop::Peer || relay.config().client_ip_header.is_some(),
+        prefix: Some(format!("/hosts/{raw_host}")),
+    });
     if is_websocket(&parts) {
         let upgrade = ClientUpgrade::from_parts(&mut parts, &relay).await?;
         let request = ChannelRequest {
             path,
             query,
-            headers: headers::to_host(&parts.headers, peer_ip(peer)),
+            headers: headers::to_host(&parts.headers, peer_ip(peer), &forwarded_of(&parts)),
         };
         // Held for the life of the channel. A channel bridged from a peer relay was
         // counted there, against the real client.
@@ -246,7 +250,7 @@ fn host_request_of(
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
-    *request.headers_mut() = headers::to_host(&parts.headers, peer_ip(peer));
+    *request.headers_mut() = headers::to_host(&parts.headers, peer_ip(peer), &forwarded_of(parts));
     Ok(request)
 }
 
@@ -441,6 +445,15 @@ async fn run_channel(
             }
         }
     }
+}
+
+/// How the request's `X-Forwarded-*` are to be treated (set by [`serve`]).
+fn forwarded_of(parts: &http::request::Parts) -> headers::Forwarded {
+    parts
+        .extensions
+        .get::<headers::Forwarded>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).

@@ -121,9 +121,23 @@ fn copy_end_to_end(headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> H
     out
 }
 
-/// Appends `peer` to `X-Forwarded-For` and adds `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` when absent, from the request's `headers`.
-fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr) {
+/// Where a client request's `X-Forwarded-*` headers come from.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded {
+    /// The request came through a proxy the relay trusts: a peer relay (proved by the hop
+    /// key), or the platform's proxy (`--client-ip-header` is set). Its
+    /// `X-Forwarded-Proto` and `-Host` are kept; anyone else's are replaced, so a client
+    /// cannot make an application build its URLs on another scheme or host.
+    pub trusted: bool,
+    /// `X-Forwarded-Prefix`: where the host's paths start on the relay (`/hosts/<id>`),
+    /// so an application behind path routing can build its own URLs. Always the relay's.
+    pub prefix: Option<String>,
+}
+
+/// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`http`: the relay
+/// serves plain HTTP) and `X-Forwarded-Host` (the request's `Host`) unless a trusted
+/// proxy set them ([`Forwarded`]); sets `X-Forwarded-Prefix`.
+fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) {
     let prior: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
@@ -137,20 +151,29 @@ fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr) {
     if let Ok(chain) = HeaderValue::from_str(&chain) {
         out.insert("x-forwarded-for", chain);
     }
-    if !headers.contains_key("x-forwarded-proto") {
+    if !(forwarded.trusted && headers.contains_key("x-forwarded-proto")) {
         out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = headers.get(header::HOST)
-    {
-        out.insert("x-forwarded-host", host.clone());
+    if !(forwarded.trusted && headers.contains_key("x-forwarded-host")) {
+        match headers.get(header::HOST) {
+            Some(host) => {
+                out.insert("x-forwarded-host", host.clone());
+            }
+            None => {
+                out.remove("x-forwarded-host");
+            }
+        }
+    }
+    out.remove("x-forwarded-prefix");
+    if let Some(Ok(prefix)) = forwarded.prefix.as_deref().map(HeaderValue::from_str) {
+        out.insert("x-forwarded-prefix", prefix);
     }
 }
 
 /// The request headers a host gets for a client request that reached this relay from
 /// `peer`: credentials, `Host`, `Content-Length`, relay-only headers and everything
 /// hop-by-hop removed, `X-Forwarded-*` added.
-pub fn to_host(headers: &HeaderMap, peer: IpAddr) -> HeaderMap {
+pub fn to_host(headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) -> HeaderMap {
     let mut out = copy_end_to_end(headers, |name| {
         name == header::AUTHORIZATION
             || name == header::HOST
@@ -159,14 +182,20 @@ pub fn to_host(headers: &HeaderMap, peer: IpAddr) -> HeaderMap {
             || name == "x-forwarded-for"
             || is_relay_only(name)
     });
-    add_forwarded(&mut out, headers, peer);
+    add_forwarded(&mut out, headers, peer, forwarded);
     out
 }
 
 /// The request headers a peer relay gets for a client request forwarded by `me` (this
 /// machine): the client's, credentials included (the peer authorizes again), minus what
 /// never crosses a hop, plus the hop marker and the forwarding chain.
-pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str, key: Option<&str>) -> HeaderMap {
+pub fn to_peer(
+    headers: &HeaderMap,
+    peer: IpAddr,
+    me: &str,
+    key: Option<&str>,
+    forwarded: &Forwarded,
+) -> HeaderMap {
     let mut out = copy_end_to_end(headers, |name| {
         name == header::HOST
             || name == header::CONTENT_LENGTH
@@ -180,7 +209,7 @@ pub fn to_peer(headers: &HeaderMap, peer: IpAddr, me: &str, key: Option<&str>) -
     if let Some(Ok(key)) = key.map(HeaderValue::from_str) {
         out.insert(HOP_AUTH, key);
     }
-    add_forwarded(&mut out, headers, peer);
+    add_forwarded(&mut out, headers, peer, forwarded);
     out
 }
 
@@ -243,7 +272,7 @@ mod tests {
         headers.insert("sec-websocket-key", "k".parse().unwrap());
         headers.insert("sec-websocket-protocol", "chat".parse().unwrap());
         headers.insert(header::EXPECT, "100-continue".parse().unwrap());
-        let out = to_host(&headers, client_ip());
+        let out = to_host(&headers, client_ip(), &Forwarded::default());
         for gone in [
             "authorization",
             "host",
@@ -272,9 +301,12 @@ mod tests {
     fn te_crosses_only_as_trailers() {
         let mut headers = HeaderMap::new();
         headers.insert(header::TE, "gzip, trailers".parse().unwrap());
-        assert_eq!(to_host(&headers, client_ip())[header::TE], "trailers");
+        assert_eq!(
+            to_host(&headers, client_ip(), &Forwarded::default())[header::TE],
+            "trailers"
+        );
         headers.insert(header::TE, "gzip".parse().unwrap());
-        assert!(!to_host(&headers, client_ip()).contains_key(header::TE));
+        assert!(!to_host(&headers, client_ip(), &Forwarded::default()).contains_key(header::TE));
     }
 
     #[test]
@@ -284,7 +316,13 @@ mod tests {
         headers.insert(HOP, "forged".parse().unwrap());
         headers.insert(header::HOST, "relay.example".parse().unwrap());
         headers.insert(HOP_AUTH, "forged-key".parse().unwrap());
-        let out = to_peer(&headers, client_ip(), "ams:m1", Some("the-key"));
+        let out = to_peer(
+            &headers,
+            client_ip(),
+            "ams:m1",
+            Some("the-key"),
+            &Forwarded::default(),
+        );
         assert_eq!(out[header::AUTHORIZATION], "Bearer c");
         assert_eq!(out[HOP], "ams:m1");
         assert_eq!(out[HOP_AUTH], "the-key", "the client's value is replaced");

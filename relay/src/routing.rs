@@ -292,11 +292,18 @@ async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
 /// if the peer holds the host, only not marked as already routed.
 async fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
     let key = relay.hop_key().await;
+    // Only a request straight from a client is forwarded; its X-Forwarded-* are kept
+    // when the platform's proxy set them. The peer adds the prefix.
+    let forwarded = headers::Forwarded {
+        trusted: relay.config().client_ip_header.is_some(),
+        prefix: None,
+    };
     headers::to_peer(
         headers,
         client_ip,
         &relay.config().owner.to_string(),
         key.as_deref(),
+        &forwarded,
     )
 }
 
