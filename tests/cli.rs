@@ -328,3 +328,25 @@ async fn boolean_variables_take_1_and_yes_as_well_as_true() {
         let _ = std::fs::remove_file(&state);
     }
 }
+
+#[tokio::test]
+async fn tls_files_that_do_not_load_or_come_alone_exit_64_naming_the_flag() {
+    let missing = std::env::temp_dir().join("relay-test-no-such-cert.pem");
+    let missing = missing.to_str().unwrap();
+    for (args, names) in [
+        (
+            vec!["--tls-cert", missing, "--tls-key", missing],
+            "--tls-cert",
+        ),
+        (vec!["--tls-cert", missing], "--tls-key"),
+    ] {
+        let out = run_relay_cli(
+            &serve_args(&args),
+            &[("RELAY_JWT_SECRET", TEST_SECRET), ("RUST_LOG", "info")],
+        )
+        .await;
+        assert_eq!(out.code, Some(EX_USAGE), "stderr: {}", out.stderr);
+        assert!(out.stderr.contains(names), "{}", out.stderr);
+        assert!(!out.stderr.contains("listening") && !out.stdout.contains("listening"));
+    }
+}

@@ -371,3 +371,151 @@ async fn tunnels_and_channels_hold_their_connection_places_after_the_upgrade() {
         "{open} connections counted open with a tunnel and a channel up"
     );
 }
+
+// ---- TLS on the relay's own listener (`--tls-cert`, `--tls-key`) ----
+
+/// A directory holding the certificate and key the relay is given, which a test
+/// rewrites as a renewal would.
+struct CertFiles {
+    dir: std::path::PathBuf,
+}
+
+impl CertFiles {
+    fn of(ca: &relay_tests::TestCa) -> CertFiles {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "relay-test-tls-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = CertFiles { dir };
+        files.put_cert(ca);
+        files.put_key(ca);
+        files
+    }
+    fn cert(&self) -> std::path::PathBuf {
+        self.dir.join("cert.pem")
+    }
+    fn key(&self) -> std::path::PathBuf {
+        self.dir.join("key.pem")
+    }
+    fn put_cert(&self, ca: &relay_tests::TestCa) {
+        std::fs::copy(ca.server_cert(), self.cert()).unwrap();
+    }
+    fn put_key(&self, ca: &relay_tests::TestCa) {
+        std::fs::copy(ca.server_key(), self.key()).unwrap();
+    }
+    fn relay(&self) -> relay_tests::RelayBuilder {
+        TestRelay::builder()
+            .arg("--tls-cert", self.cert().to_str().unwrap())
+            .arg("--tls-key", self.key().to_str().unwrap())
+    }
+}
+
+impl Drop for CertFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn tls_offers_http2_and_http11_by_alpn_and_serves_a_renewed_certificate_without_a_restart() {
+    let (first, second) = (
+        relay_tests::TestCa::generate(),
+        relay_tests::TestCa::generate(),
+    );
+    let files = CertFiles::of(&first);
+    let relay = files
+        .relay()
+        .arg("--header-read-timeout", "2s")
+        .spawn()
+        .await;
+    for (offered, chosen) in [
+        (&["h2", "http/1.1"][..], "h2"),
+        (&["http/1.1"][..], "http/1.1"),
+    ] {
+        let answer =
+            relay_tests::https_get(relay.addr(), &first.ca_file(), offered, "/health", &[])
+                .await
+                .unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.alpn.as_deref(), Some(chosen), "{answer:?}");
+    }
+    assert!(
+        !health_answers(&relay).await,
+        "a TLS listener does not serve plain HTTP"
+    );
+    // A TLS connection that says nothing after the handshake is closed too.
+    let mut silent = relay_tests::tls_connect(relay.addr(), &first.ca_file(), &["http/1.1"])
+        .await
+        .unwrap();
+    drop(
+        relay_tests::within("the silent connection is closed", DEADLINE, async {
+            let mut buf = [0u8; 64];
+            silent.read(&mut buf).await
+        })
+        .await,
+    );
+
+    // A renewal half written (the new key beside the old certificate) does not load: the
+    // old pair is kept and served.
+    files.put_key(&second);
+    relay
+        .wait_for_log(
+            "do not load; the certificate loaded before is kept",
+            DEADLINE,
+        )
+        .await;
+    let answer = relay_tests::https_get(relay.addr(), &first.ca_file(), &["h2"], "/health", &[])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+
+    // The renewal completes: new handshakes get the new certificate.
+    files.put_cert(&second);
+    relay
+        .wait_for_log("TLS certificate reloaded", DEADLINE)
+        .await;
+    let answer = relay_tests::https_get(relay.addr(), &second.ca_file(), &["h2"], "/health", &[])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    let refused =
+        relay_tests::https_get(relay.addr(), &first.ca_file(), &["h2"], "/health", &[]).await;
+    assert!(refused.is_err(), "the old certificate is gone: {refused:?}");
+}
+
+#[tokio::test]
+async fn over_tls_an_agent_trusting_a_private_ca_serves_and_the_host_is_told_https() {
+    let ca = relay_tests::TestCa::generate();
+    let files = CertFiles::of(&ca);
+    let relay = files.relay().spawn().await;
+    let upstream = relay_tests::Upstream::spawn().await;
+    let agent = relay_tests::TestAgent::builder("tls-1")
+        .relay(&format!("wss://{}", relay.addr()))
+        .token(&relay.host_token("tls-1"))
+        .upstream(&upstream)
+        .arg("--ca-file", ca.ca_file().to_str().unwrap())
+        .spawn();
+    agent.wait_registered(1).await;
+    let bearer = format!("Bearer {}", relay.client_token(&["tls-1"]));
+    for offered in ["h2", "http/1.1"] {
+        let answer = relay_tests::https_get(
+            relay.addr(),
+            &ca.ca_file(),
+            &[offered],
+            "/hosts/tls-1/echo/x",
+            &[("authorization", &bearer), ("x-forwarded-proto", "http")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let echo: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(echo["path"], "/echo/x");
+        assert_eq!(
+            echo["headers"]["x-forwarded-proto"], "https",
+            "the relay terminated TLS; a client's value is replaced: {echo}"
+        );
+    }
+}

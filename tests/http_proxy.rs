@@ -718,3 +718,187 @@ async fn behind_a_trusted_proxy_its_forwarded_proto_and_host_are_kept() {
     host.respond(&msg_id(&msg), 200, json!({}), "").await;
     request.await.expect("client task").assert_status(200);
 }
+
+// ---- per-host subdomains (`--base-domain`) ----
+
+/// A relay serving hosts on subdomains of `relay.test` as well.
+async fn subdomain_relay() -> TestRelay {
+    TestRelay::builder()
+        .arg("--base-domain", "relay.test")
+        .spawn()
+        .await
+}
+
+#[tokio::test]
+async fn a_host_is_reached_at_the_root_of_its_subdomain_and_its_absolute_redirects_work() {
+    let relay = subdomain_relay().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let name = format!("raw-1.relay.test:{}", relay.addr().port());
+    let url = relay.http_url("/login?next=%2Fhome");
+    let request = spawn_request(&relay, {
+        let name = name.clone();
+        move |client| {
+            client
+                .get(url)
+                .header("host", &name)
+                .bearer(&token)
+                .header("x-forwarded-prefix", "/forged")
+        }
+    });
+    let msg = host.expect("http").await;
+    assert_eq!(msg["path"], "/login?next=%2Fhome", "at the root: {msg}");
+    let headers = &msg["headers"];
+    assert_eq!(headers["x-forwarded-host"], json!(name), "{msg}");
+    assert_eq!(headers["x-forwarded-proto"], "http", "{msg}");
+    assert!(
+        headers.get("x-forwarded-prefix").is_none(),
+        "no prefix at the root, and a client's is dropped: {msg}"
+    );
+    let location = format!("http://{name}/home");
+    host.respond(&msg_id(&msg), 302, json!({ "location": location }), "")
+        .await;
+    let resp = request.await.expect("client task");
+    resp.assert_status(302);
+    assert_eq!(resp.header("location"), Some(location.as_str()));
+
+    // Every path on the subdomain is the host's, the relay's own included; the relay's
+    // are served on its other names.
+    let token = relay.client_token(&["raw-1"]);
+    let url = relay.http_url("/health");
+    let request = spawn_request(&relay, {
+        let name = name.clone();
+        move |client| client.get(url).header("host", &name).bearer(&token)
+    });
+    let msg = host.expect("http").await;
+    assert_eq!(msg["path"], "/health");
+    host.respond(&msg_id(&msg), 200, json!({}), "the host's")
+        .await;
+    assert_eq!(request.await.expect("client task").text(), "the host's");
+    let own = relay
+        .http()
+        .get(relay.http_url("/health"))
+        .header("host", "relay.test")
+        .send()
+        .await;
+    assert_eq!(own.json()["ok"], true, "the base domain is the relay's own");
+}
+
+#[tokio::test]
+async fn a_subdomain_that_is_not_a_host_id_is_refused_and_reaches_no_host() {
+    let relay = subdomain_relay().await;
+    let _host = RawHost::connect(&relay, "raw-1").await;
+    for name in ["raw-1/x.relay.test", "a%2Fb.relay.test", "a!.relay.test"] {
+        let resp = relay
+            .http()
+            .get(relay.http_url("/p"))
+            .header("host", name)
+            .bearer(&relay.client_token(&["*"]))
+            .send()
+            .await;
+        assert_eq!(resp.status, 400, "{name}: {}", resp.text());
+    }
+}
+
+#[tokio::test]
+async fn a_token_visit_on_a_subdomain_sets_a_host_only_cookie_that_later_requests_use_and_the_host_never_sees()
+ {
+    let relay = subdomain_relay().await;
+    let mut host = RawHost::connect(&relay, "raw-1").await;
+    let token = relay.client_token(&["raw-1"]);
+    let name = "raw-1.relay.test";
+
+    // A browser's first visit: `?token=`, no header.
+    let url = relay.http_url(&format!("/app?a=1&token={token}"));
+    let request = spawn_request(&relay, move |client| client.get(url).header("host", name));
+    let msg = host.expect("http").await;
+    assert_eq!(msg["path"], "/app?a=1", "the token never reaches the host");
+    host.respond(&msg_id(&msg), 200, json!({}), "").await;
+    let resp = request.await.expect("client task");
+    resp.assert_status(200);
+    let cookie = resp
+        .header("set-cookie")
+        .expect("a cookie is set")
+        .to_owned();
+    assert_eq!(
+        cookie,
+        format!("__Host-relay_token={token}; Path=/; HttpOnly; Secure; SameSite=Lax"),
+        "host-only (no Domain), not readable by scripts"
+    );
+
+    // Later requests carry the cookie and nothing else; the host sees the app's own
+    // cookies only.
+    let url = relay.http_url("/next");
+    let jar = format!("theme=dark; __Host-relay_token={token}; lang=en");
+    let request = spawn_request(&relay, move |client| {
+        client.get(url).header("host", name).header("cookie", &jar)
+    });
+    let msg = host.expect("http").await;
+    assert_eq!(msg["headers"]["cookie"], "theme=dark; lang=en", "{msg}");
+    host.respond(&msg_id(&msg), 200, json!({}), "").await;
+    let resp = request.await.expect("client task");
+    resp.assert_status(200);
+    assert_eq!(
+        resp.header("set-cookie"),
+        None,
+        "set once, by the token visit"
+    );
+
+    // A cookie with a token that does not verify, or none, is refused.
+    for jar in ["__Host-relay_token=not-a-token", "theme=dark"] {
+        let resp = relay
+            .http()
+            .get(relay.http_url("/next"))
+            .header("host", name)
+            .header("cookie", jar)
+            .send()
+            .await;
+        assert_eq!(resp.status, 401, "{jar}");
+    }
+    // Path routing sets no cookie: its origin is every host's.
+    let url = relay.http_url(&format!("/hosts/raw-1/p?token={token}"));
+    let request = spawn_request(&relay, move |client| client.get(url));
+    let msg = host.expect("http").await;
+    host.respond(&msg_id(&msg), 200, json!({}), "").await;
+    assert_eq!(
+        request.await.expect("client task").header("set-cookie"),
+        None
+    );
+    assert!(
+        relay.logs().iter().all(|line| !line.contains(&token)),
+        "the token is in no log line"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_on_a_subdomain_reaches_the_host_with_the_cookie_alone() {
+    let stack = Stack::spawn_with(
+        TestRelay::builder().arg("--base-domain", "relay.test"),
+        "web-1",
+    )
+    .await;
+    let token = stack.client_token();
+    let jar = format!("__Host-relay_token={token}");
+    let (mut ws, _) = relay_tests::WsClient::connect_with_headers(
+        &stack.relay.ws_url("/ws/echo"),
+        None,
+        &[],
+        &[("host", "web-1.relay.test"), ("cookie", &jar)],
+    )
+    .await
+    .expect("the upgrade is authorized by the cookie");
+    ws.send_text("hello").await;
+    assert_eq!(ws.recv_text().await, "hello");
+    ws.close(1000).await;
+
+    let refused = relay_tests::WsClient::connect_with_headers(
+        &stack.relay.ws_url("/ws/echo"),
+        None,
+        &[],
+        &[("host", "web-1.relay.test")],
+    )
+    .await
+    .err()
+    .expect("no token, no channel");
+    assert_eq!(relay_tests::rejection_status(&refused), Some(401));
+}

@@ -166,7 +166,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         if let KeySource::Dev(dev) = &relay.config().keys {
-            print_dev_tokens(dev, listener.local_addr().map(|a| a.port()).unwrap_or(0));
+            let reach = crate::dev::Reach {
+                port: listener.local_addr().map(|a| a.port()).unwrap_or(0),
+                secure: relay.config().tls.is_some(),
+                base_domain: relay.config().base_domain.as_deref(),
+            };
+            print_dev_tokens(dev, &reach);
         }
         match server::serve(listener, relay, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -185,7 +190,7 @@ async fn shutdown_signal() {
 
 /// `--dev`: print a host and a client token for every host, and the commands that use
 /// them (the agent command names this very binary).
-fn print_dev_tokens(dev: &crate::dev::DevMode, port: u16) {
+fn print_dev_tokens(dev: &crate::dev::DevMode, reach: &crate::dev::Reach<'_>) {
     let signer = Signer::hs256(dev.secret.expose());
     let all = [ANY_HOST.to_owned()];
     let ttl = Duration::from_secs(30 * 24 * 3600);
@@ -201,7 +206,7 @@ fn print_dev_tokens(dev: &crate::dev::DevMode, port: u16) {
         .ok()
         .and_then(|path| path.to_str().map(str::to_owned))
         .unwrap_or_else(|| "relay".to_owned());
-    let banner = crate::dev::banner(dev, &host, &client, port, &exe);
+    let banner = crate::dev::banner(dev, &host, &client, reach, &exe);
     // Ignored when stdout is closed: the relay serves on.
     let _ = std::io::Write::write_all(&mut std::io::stdout(), banner.as_bytes());
 }

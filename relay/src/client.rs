@@ -25,13 +25,14 @@ use crate::body::Paced;
 use crate::client_socket::{ClientSocket, ClientUpgrade, Received, SendFailed};
 use crate::clients::{IpSlot, peer_ip};
 use crate::error::ClientError;
-use crate::headers;
+use crate::headers::{self, Prefix};
 use crate::host_id::HostId;
 use crate::listener::PeerAddr;
 use crate::protocol::close_code;
 use crate::query::strip_token;
 use crate::routing::{self, Forward, Hop, Route};
 use crate::state::Relay;
+use crate::subdomain::{self, Subdomain};
 use crate::telemetry;
 use crate::tunnel::{Channel, ChannelEvent, ChannelRequest, ExchangeFailure, Opened, TunnelHandle};
 
@@ -69,8 +70,14 @@ pub(crate) async fn host_request(
         }
         None => request,
     };
-    let response = match serve(relay, peer, request, &mut route).await {
-        Ok(response) => response,
+    let mut cookie = None;
+    let response = match serve(relay, peer, request, &mut route, &mut cookie).await {
+        Ok(mut response) => {
+            if let Some(cookie) = cookie {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            response
+        }
         Err(err) => {
             debug!(%err, status = err.status().as_u16(), "client request refused");
             if trpc {
@@ -103,23 +110,37 @@ pub(crate) async fn host_request(
     }
 }
 
-/// Serves one client request; `route` is set to how it was served, for the metrics.
+/// Serves one client request; `route` is set to how it was served, for the metrics, and
+/// `cookie` to a `Set-Cookie` the response must carry.
 async fn serve(
     relay: Relay,
     peer: SocketAddr,
     request: Request,
     route: &mut &'static str,
+    cookie: &mut Option<http::HeaderValue>,
 ) -> Result<Response, ClientError> {
     let uri = request.uri().clone();
     let (raw_host, rest) = split_host_path(uri.path()).ok_or(ClientError::HostNotConnected)?;
     let host = HostId::from_path_segment(raw_host)?;
     let query = uri.query();
-    let token = bearer_token(request.headers(), query).ok_or(crate::auth::AuthError::Missing)?;
+    let on_subdomain = request.extensions().get::<Subdomain>().is_some();
+    // The bearer header, `?token=`, then the cookie a `?token=` visit to a subdomain left
+    // (also on a request a peer relay forwards from one).
+    let token = bearer_token(request.headers(), query)
+        .or_else(|| subdomain::cookie_token(request.headers()))
+        .ok_or(crate::auth::AuthError::Missing)?;
     relay
         .verifier()
         .authorize(&token, Role::Client, &host)
         .await
         .inspect_err(|e| telemetry::auth_failed("client", e.kind()))?;
+    if on_subdomain
+        && !request.headers().contains_key(header::AUTHORIZATION)
+        && query.is_some_and(|q| strip_token(Some(q)).as_deref() != Some(q))
+    {
+        // A browser's `?token=` visit: keep the token for the requests that follow.
+        *cookie = subdomain::set_cookie(&token);
+    }
 
     let key = if request.headers().contains_key(crate::headers::HOP) {
         relay.hop_key().await
@@ -140,10 +161,22 @@ async fn serve(
         Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
         other => other?,
     };
+    let forwarded = headers::Forwarded {
+        trusted: hop == Hop::Peer || relay.config().client_ip_header.is_some(),
+        secure: request.extensions().get::<crate::tls::Secure>().is_some(),
+        prefix: if hop == Hop::Peer {
+            Prefix::FromPeer
+        } else if on_subdomain {
+            Prefix::Root
+        } else {
+            Prefix::Path(format!("/hosts/{raw_host}"))
+        },
+    };
     let tunnel = match route_found {
         Route::Local(tunnel) => tunnel,
         Route::Remote(owner) => {
             let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(forwarded);
             let what = if routing::is_whoowns(&parts.method, rest) {
                 Forward::WhoOwns
             } else if is_websocket(&parts) {
@@ -182,10 +215,7 @@ async fn serve(
     let path = if rest.is_empty() { "/" } else { rest }.to_owned();
     let query = strip_token(query);
     let (mut parts, body) = request.into_parts();
-    parts.extensions.insert(headers::Forwarded {
-        trusted: hop == Hop::Peer || relay.config().client_ip_header.is_some(),
-        prefix: Some(format!("/hosts/{raw_host}")),
-    });
+    parts.extensions.insert(forwarded);
     if is_websocket(&parts) {
         let upgrade = ClientUpgrade::from_parts(&mut parts, &relay).await?;
         let request = ChannelRequest {

@@ -114,7 +114,7 @@ pub enum DirectoryConfig {
 
 /// Reads a PEM file of CA certificates (the setting `name`), checking that it holds at
 /// least one.
-fn read_ca_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_ca_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
 
@@ -282,6 +282,20 @@ pub struct ServeArgs {
     /// anyone can send the header to a relay that is reached directly.
     #[arg(long, env = "RELAY_CLIENT_IP_HEADER")]
     pub client_ip_header: Option<String>,
+
+    /// Serve each host on its own subdomain of this domain as well:
+    /// `<hostId>.<base-domain>/…` reaches host `<hostId>` at `/…` (`--dev`: `localhost`).
+    #[arg(long, env = "RELAY_BASE_DOMAIN")]
+    pub base_domain: Option<String>,
+
+    /// PEM certificate chain to serve TLS with (with `--tls-key`); re-read when it
+    /// changes. Without it the relay serves plain HTTP.
+    #[arg(long, env = "RELAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "RELAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 
     /// How long in all a client's request body may arrive slower than the minimum rate
     /// before it is cut.
@@ -475,6 +489,11 @@ pub struct Config {
     /// The header the platform's proxy sets to the client's IP, if trusted
     /// ([`crate::clients`]).
     pub client_ip_header: Option<http::HeaderName>,
+    /// Hosts are served on subdomains of this domain too (lowercase, no dots at either
+    /// end); see [`crate::subdomain`].
+    pub base_domain: Option<std::sync::Arc<str>>,
+    /// The certificate and key to serve TLS with; plain HTTP without.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// A configuration error: the operator's fault; exits 64.
@@ -726,6 +745,25 @@ impl ServeArgs {
                 })
             }
         };
+        let base_domain = match self.base_domain.filter(|d| !d.is_empty()) {
+            Some(domain) => Some(parse_base_domain(&domain).map_err(ConfigError)?),
+            None if self.dev => Some(std::sync::Arc::from("localhost")),
+            None => None,
+        };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = crate::tls::TlsFiles { cert, key };
+                // Fail now, not at the first handshake.
+                files.load().map_err(ConfigError)?;
+                Some(files)
+            }
+            (None, None) => None,
+            _ => {
+                return err(
+                    "RELAY_TLS_CERT and RELAY_TLS_KEY go together: set both, or neither".to_owned(),
+                );
+            }
+        };
         let fetch_ca = match &self.fetch_ca_file {
             Some(path) => Some(read_ca_file("RELAY_FETCH_CA_FILE", path).map_err(ConfigError)?),
             None => None,
@@ -763,6 +801,8 @@ impl ServeArgs {
                 None => self.admin_token.filter(|t| !t.0.is_empty()),
             },
             client_ip_header,
+            base_domain,
+            tls,
         };
         if let Some(token) = &config.admin_token
             && token.0.len() < MIN_SECRET_BYTES
@@ -784,6 +824,26 @@ impl ServeArgs {
         config.verifier()?;
         Ok(config)
     }
+}
+
+/// `--base-domain`, lowercase, without dots at either end: a DNS name (letters, digits,
+/// `-`, labels separated by dots).
+fn parse_base_domain(domain: &str) -> Result<std::sync::Arc<str>, String> {
+    let domain = domain.trim_matches('.').to_ascii_lowercase();
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if domain.is_empty() || domain.len() > 253 || !domain.split('.').all(label_ok) {
+        return Err(format!(
+            "RELAY_BASE_DOMAIN {domain:?} is not a domain name (letters, digits and '-' in \
+             dot-separated labels, e.g. relay.example.com)"
+        ));
+    }
+    Ok(std::sync::Arc::from(domain))
 }
 
 impl Config {

@@ -47,6 +47,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -58,6 +61,7 @@ use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::telemetry;
+use crate::tls::Tls;
 
 /// Serves `app` on every connection `listener` accepts until `finish` is cancelled; then
 /// stops accepting, lets every connection finish gracefully (requests in flight complete,
@@ -67,6 +71,7 @@ pub async fn serve(
     app: Router,
     limits: &Limits,
     memory: &Budget,
+    tls: Option<Tls>,
     finish: CancellationToken,
 ) {
     let builder = builder(limits);
@@ -101,8 +106,12 @@ pub async fn serve(
         let request_place = place.clone();
         let sent = SendDebt(Arc::new(Debt::new(&TunnelBudget::process_only(memory))));
         let request_sent = sent.clone();
+        let secure = tls.is_some();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
+            if secure {
+                request.extensions_mut().insert(crate::tls::Secure);
+            }
             request.extensions_mut().insert(reads.clone());
             request.extensions_mut().insert(request_place.clone());
             request.extensions_mut().insert(request_sent.clone());
@@ -122,22 +131,23 @@ pub async fn serve(
         let finish = finish.clone();
         let head_timeout = limits.header_read_timeout;
         let write_timeout = limits.write_timeout;
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         connections.spawn(async move {
             // Held until the connection (or the tunnel or channel it became) ends: they
             // go into the socket, which an upgrade hands on (this task ends then).
             let open = Open::new(permit);
             let started = tokio::select! {
-                started = first_bytes(&stream, head_timeout) => started,
+                started = start(stream, acceptor, head_timeout, write_timeout) => started,
                 // Finishing: a connection that has not said anything yet is done.
-                () = finish.cancelled() => false,
+                () = finish.cancelled() => None,
             };
-            if !started {
-                debug!(%addr, "connection closed: nothing (or no HTTP/2 preface) in time");
+            let Some((socket, ahead)) = started else {
+                debug!(%addr, "connection closed: no TLS handshake, or nothing (or no HTTP/2 preface), in time");
                 return;
-            }
+            };
             let io = TokioIo::new(ReadCharged {
-                io: WriteTimeout::new(stream, write_timeout),
-                ahead: bytes::BytesMut::new(),
+                io: socket,
+                ahead,
                 charge,
                 waiting: None,
                 sent: Some(sent),
@@ -181,11 +191,59 @@ impl Drop for Open {
     }
 }
 
+/// An accepted connection's socket: plain, or TLS over it.
+type Socket = Either<WriteTimeout<TcpStream>, Box<TlsStream<WriteTimeout<TcpStream>>>>;
+
+/// Makes an accepted connection ready to serve within `limit`: its TLS handshake, if
+/// any, and its first bytes ([`first_bytes`]), which a TLS connection has read already
+/// (returned to be read again). `None` when that did not happen in time.
+async fn start(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    limit: Duration,
+    write_timeout: Duration,
+) -> Option<(Socket, bytes::BytesMut)> {
+    let Some(acceptor) = tls else {
+        return first_bytes(&stream, limit).await.then(|| {
+            (
+                Either::Left(WriteTimeout::new(stream, write_timeout)),
+                bytes::BytesMut::new(),
+            )
+        });
+    };
+    let deadline = Instant::now() + limit;
+    let handshake = acceptor.accept(WriteTimeout::new(stream, write_timeout));
+    let mut tls = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(err)) => {
+            // Not TLS, an unknown name, a client that does not trust the certificate.
+            debug!(error = %err, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let mut ahead = bytes::BytesMut::with_capacity(PREFACE);
+    let first = async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match tls.read_buf(&mut ahead).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) if ahead[0] != b'P' || ahead.len() >= PREFACE => return true,
+                Ok(_) => {}
+            }
+        }
+    };
+    matches!(tokio::time::timeout_at(deadline, first).await, Ok(true))
+        .then(|| (Either::Right(tls), ahead))
+}
+
+/// The length of HTTP/2's connection preface.
+const PREFACE: usize = 24;
+
 /// Waits, at most `limit`, for the first bytes of a connection: enough to tell HTTP/1.1
 /// from HTTP/2's 24-byte preface, which hyper-util reads with no deadline of its own (its
 /// HTTP/1.1 head timeout starts after). False when they did not come or the peer left.
 async fn first_bytes(stream: &TcpStream, limit: Duration) -> bool {
-    const PREFACE: usize = 24;
     let arrived = tokio::time::timeout(limit, async {
         let mut buf = [0u8; PREFACE];
         loop {
@@ -576,7 +634,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
             this.waiting = None;
         }
         let before = buf.filled().len();
-        let polled = if this.charge.reads_ahead() {
+        // Bytes read before the connection was served (a TLS connection's first ones)
+        // are handed out first, whoever reads.
+        let polled = if this.charge.reads_ahead() || !this.ahead.is_empty() {
             this.poll_read_ahead(cx, buf)
         } else {
             Pin::new(&mut this.io).poll_read(cx, buf)

@@ -139,9 +139,32 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where the dev relay is reached.
+pub struct Reach<'a> {
+    /// The port it listens on.
+    pub port: u16,
+    /// It serves TLS (`https`, `wss`).
+    pub secure: bool,
+    /// Hosts are on subdomains of this domain too.
+    pub base_domain: Option<&'a str>,
+}
+
 /// What `--dev` prints at startup: the tokens, and the commands that use them.
-pub fn banner(dev: &DevMode, host: &str, client: &str, port: u16, exe: &str) -> String {
-    let base = format!("http://localhost:{port}");
+pub fn banner(dev: &DevMode, host: &str, client: &str, reach: &Reach<'_>, exe: &str) -> String {
+    let port = reach.port;
+    let (http, ws) = if reach.secure {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    let base = format!("{http}://localhost:{port}");
+    // `*.localhost` names the loopback address in browsers and curl alike.
+    let subdomain = match reach.base_domain {
+        Some(domain) => format!(
+            "\x20  browser, at the root of its own origin: {http}://{DEMO_HOST}.{domain}:{port}/?token={client}\n"
+        ),
+        None => String::new(),
+    };
     let kept = match &dev.from {
         SecretFrom::Environment => "secret from RELAY_JWT_SECRET".to_owned(),
         SecretFrom::StateFile(path) => format!(
@@ -158,10 +181,11 @@ pub fn banner(dev: &DevMode, host: &str, client: &str, port: u16, exe: &str) -> 
          admin token:  {admin}\n\
          \n\
          1. Put an agent in front of your local service (here one on port 3000):\n\
-         \x20  {exe} agent --relay ws://localhost:{port} --host-id {DEMO_HOST} --token {host} --to http://127.0.0.1:3000\n\
+         \x20  {exe} agent --relay {ws}://localhost:{port} --host-id {DEMO_HOST} --token {host} --to http://127.0.0.1:3000\n\
          2. Reach it through the relay:\n\
          \x20  curl -H \"Authorization: Bearer {client}\" {base}/hosts/{DEMO_HOST}/\n\
          \x20  browser: {base}/hosts/{DEMO_HOST}/?token={client}\n\
+         {subdomain}\
          3. See the tunnels:\n\
          \x20  curl -H \"Authorization: Bearer {admin}\" {base}/admin/tunnels\n"
     )

@@ -131,43 +131,20 @@ async fn get_inner(
     Ok((status, body))
 }
 
-/// CAs trusted besides the web's roots, set once at startup ([`trust`]).
-static EXTRA_ROOTS: OnceLock<Vec<rustls_pki_types::CertificateDer<'static>>> = OnceLock::new();
+/// CAs trusted besides the web's roots (PEM), set once at startup ([`trust`]).
+static EXTRA_ROOTS: OnceLock<Vec<u8>> = OnceLock::new();
 
 /// Trusts the CA certificates of `pem` (checked by the configuration) for every HTTPS
 /// request from now on, besides the web's roots. Call it once, at startup, before the
 /// first request; later calls change nothing.
 pub fn trust(pem: &[u8]) {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .filter_map(Result::ok)
-        .collect();
-    let _ = EXTRA_ROOTS.set(certs);
+    let _ = EXTRA_ROOTS.set(pem.to_vec());
 }
 
-/// Built once: the web's roots (webpki-roots) and those of [`trust`], ring, TLS 1.2 and
-/// 1.3.
+/// Built once: the web's roots and those of [`trust`] ([`crate::tls::client_config`]).
 fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            for cert in EXTRA_ROOTS.get().into_iter().flatten() {
-                if let Err(err) = roots.add(cert.clone()) {
-                    tracing::warn!(error = %err, "ignored a RELAY_FETCH_CA_FILE certificate");
-                }
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            Arc::new(config)
-        })
+        .get_or_init(|| crate::tls::client_config(EXTRA_ROOTS.get().map_or(&[], Vec::as_slice)))
         .clone()
 }

@@ -129,9 +129,24 @@ pub struct Forwarded {
     /// `X-Forwarded-Proto` and `-Host` are kept; anyone else's are replaced, so a client
     /// cannot make an application build its URLs on another scheme or host.
     pub trusted: bool,
-    /// `X-Forwarded-Prefix`: where the host's paths start on the relay (`/hosts/<id>`),
-    /// so an application behind path routing can build its own URLs. Always the relay's.
-    pub prefix: Option<String>,
+    /// The client reached this relay over TLS (`X-Forwarded-Proto: https`).
+    pub secure: bool,
+    /// `X-Forwarded-Prefix`: where the host's paths start on the relay.
+    pub prefix: Prefix,
+}
+
+/// Where a host's paths start on the relay, for its `X-Forwarded-Prefix`: always the
+/// relays' to say, never a client's.
+#[derive(Debug, Clone, Default)]
+pub enum Prefix {
+    /// At the root (a host's subdomain): no `X-Forwarded-Prefix`.
+    #[default]
+    Root,
+    /// Under a path (`/hosts/<id>`), so an application behind path routing can build
+    /// its own URLs.
+    Path(String),
+    /// As the peer relay that forwarded the request said (it saw the client's request).
+    FromPeer,
 }
 
 /// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`http`: the relay
@@ -152,7 +167,8 @@ fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr, forward
         out.insert("x-forwarded-for", chain);
     }
     if !(forwarded.trusted && headers.contains_key("x-forwarded-proto")) {
-        out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let proto = if forwarded.secure { "https" } else { "http" };
+        out.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     if !(forwarded.trusted && headers.contains_key("x-forwarded-host")) {
         match headers.get(header::HOST) {
@@ -164,14 +180,25 @@ fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr, forward
             }
         }
     }
-    out.remove("x-forwarded-prefix");
-    if let Some(Ok(prefix)) = forwarded.prefix.as_deref().map(HeaderValue::from_str) {
-        out.insert("x-forwarded-prefix", prefix);
+    match &forwarded.prefix {
+        Prefix::FromPeer => {}
+        Prefix::Root => {
+            out.remove("x-forwarded-prefix");
+        }
+        Prefix::Path(prefix) => match HeaderValue::from_str(prefix) {
+            Ok(prefix) => {
+                out.insert("x-forwarded-prefix", prefix);
+            }
+            Err(_) => {
+                out.remove("x-forwarded-prefix");
+            }
+        },
     }
 }
 
 /// The request headers a host gets for a client request that reached this relay from
-/// `peer`: credentials, `Host`, `Content-Length`, relay-only headers and everything
+/// `peer`: credentials (the `Authorization` header, the token cookie of
+/// [`crate::subdomain`]), `Host`, `Content-Length`, relay-only headers and everything
 /// hop-by-hop removed, `X-Forwarded-*` added.
 pub fn to_host(headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) -> HeaderMap {
     let mut out = copy_end_to_end(headers, |name| {
@@ -182,6 +209,7 @@ pub fn to_host(headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) -> Head
             || name == "x-forwarded-for"
             || is_relay_only(name)
     });
+    crate::subdomain::strip_cookie(&mut out);
     add_forwarded(&mut out, headers, peer, forwarded);
     out
 }
@@ -354,6 +382,37 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["content-length", "set-cookie"]);
         assert_eq!(headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn a_peer_relays_prefix_is_kept_as_sent_and_a_subdomain_gets_none() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-prefix", "/hosts/h".parse().unwrap());
+        let from_peer = Forwarded {
+            trusted: true,
+            secure: false,
+            prefix: Prefix::FromPeer,
+        };
+        assert_eq!(
+            to_host(&headers, client_ip(), &from_peer)["x-forwarded-prefix"],
+            "/hosts/h"
+        );
+        assert!(
+            !to_host(&HeaderMap::new(), client_ip(), &from_peer).contains_key("x-forwarded-prefix"),
+            "a subdomain request forwarded by a peer has none"
+        );
+        // The edge relay says which to the peer; a client's never passes.
+        let root = Forwarded::default();
+        let to_the_peer = to_peer(&headers, client_ip(), "ams:m1", None, &root);
+        assert!(!to_the_peer.contains_key("x-forwarded-prefix"));
+        let secure = Forwarded {
+            secure: true,
+            ..Forwarded::default()
+        };
+        assert_eq!(
+            to_host(&headers, client_ip(), &secure)["x-forwarded-proto"],
+            "https"
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!   the deployment's API; [`fetch`]: the GETs the relay makes.
 //! - [`admin`]: `GET /admin/tunnels`, for operators; [`access_log`]: one line per request.
 //! - [`state`]: the shared state of one relay process ([`state::Relay`]).
-//! - [`router`]: the HTTP routes.
+//! - [`router`]: the HTTP routes; [`subdomain`]: `<hostId>.<base-domain>` routing and
+//!   the token cookie.
 //! - [`server`]: binding and the serve loop (then the drain).
 //! - [`ownership`]: this machine's directory entries: publish, heartbeat, unpublish,
 //!   and the reconciler that heals them.
@@ -38,7 +39,8 @@
 //! - [`peers`]: pooled connections to peer relays.
 //! - [`clients`]: who a client is (its IP) and what one client may hold at once.
 //! - [`budget`]: byte budgets of what peers make the relay hold, per tunnel and in all.
-//! - [`connections`]: the accept loop and the bounds every connection gets.
+//! - [`connections`]: the accept loop and the bounds every connection gets; [`tls`]:
+//!   the listener's TLS, its certificate reloaded as its files change.
 //! - [`query`]: query strings: the token parameter found, stripped and redacted.
 //! - [`body`]: wrappers around streamed bodies (guards, end signals, hand-offs).
 //! - [`headers`]: which headers cross which hop (client, host, peer, local service).
@@ -87,6 +89,8 @@ pub mod routing;
 pub mod server;
 pub mod shutdown;
 pub mod state;
+pub mod subdomain;
 pub mod telemetry;
+pub mod tls;
 pub mod tunnel;
 pub mod websocket;

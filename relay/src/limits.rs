@@ -474,6 +474,12 @@ pub const HOLD_POLL: Duration = Duration::from_millis(100);
 /// unanswered this long. `--header-read-timeout`.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often the TLS certificate and key files (`--tls-cert`, `--tls-key`) are read
+/// again to see whether they changed: 2 s. Two small files; a renewed certificate is
+/// served seconds after certbot or a secret mount writes it, with no inotify (which
+/// misses the symlink swaps of mounted secrets) and no restart.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How long a write to any peer (a client, a client's WebSocket, a host's tunnel) may
 /// make no progress before the connection is dropped: 30 s. A peer that stops reading
 /// would otherwise hold what the relay has for it (a buffered response, queued frames)

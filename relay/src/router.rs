@@ -39,7 +39,19 @@ pub fn app(relay: Relay) -> Router {
     } else {
         router
     };
-    router.with_state(relay)
+    let base_domain = relay.config().base_domain.clone();
+    let router = router.with_state(relay);
+    match base_domain {
+        // Before routing, which the rewrite feeds: the outer router sends everything to
+        // the routes above, rewritten when it names a host's subdomain.
+        Some(base) => Router::new()
+            .fallback_service(router)
+            .layer(middleware::from_fn_with_state(
+                base,
+                crate::subdomain::route,
+            )),
+        None => router,
+    }
 }
 
 async fn health(State(relay): State<Relay>) -> impl IntoResponse {

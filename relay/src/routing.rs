@@ -290,16 +290,21 @@ async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
 /// Headers for the hop: see [`headers::to_peer`]. Without the hop key (the directory
 /// could not give it yet) the peer takes the request for a client's: it is still served
 /// if the peer holds the host, only not marked as already routed.
-async fn hop_headers(relay: &Relay, client_ip: IpAddr, headers: &HeaderMap) -> HeaderMap {
+async fn hop_headers(relay: &Relay, client_ip: IpAddr, parts: &http::request::Parts) -> HeaderMap {
     let key = relay.hop_key().await;
     // Only a request straight from a client is forwarded; its X-Forwarded-* are kept
-    // when the platform's proxy set them. The peer adds the prefix.
-    let forwarded = headers::Forwarded {
-        trusted: relay.config().client_ip_header.is_some(),
-        prefix: None,
-    };
+    // when the platform's proxy set them, and the prefix is this relay's to say (the
+    // client's view: its path or its subdomain).
+    let forwarded = parts
+        .extensions
+        .get::<headers::Forwarded>()
+        .cloned()
+        .unwrap_or_else(|| headers::Forwarded {
+            trusted: relay.config().client_ip_header.is_some(),
+            ..headers::Forwarded::default()
+        });
     headers::to_peer(
-        headers,
+        &parts.headers,
         client_ip,
         &relay.config().owner.to_string(),
         key.as_deref(),
@@ -347,7 +352,7 @@ async fn proxy_http(
                 break;
             }
         };
-        *request.headers_mut() = hop_headers(relay, client_ip, &parts.headers).await;
+        *request.headers_mut() = hop_headers(relay, client_ip, parts).await;
         // The deadline for the answer starts once the request body is sent whole.
         let deadline = async {
             let _ = ended.await;
@@ -488,7 +493,7 @@ pub(crate) async fn bridge_websocket(
             Ok(request) => request,
             Err(_) => break,
         };
-        let headers = hop_headers(relay, client_ip, &parts.headers).await;
+        let headers = hop_headers(relay, client_ip, parts).await;
         for (name, value) in &headers {
             if name != header::CONNECTION && name != header::UPGRADE {
                 request.headers_mut().append(name.clone(), value.clone());

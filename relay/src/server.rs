@@ -93,11 +93,21 @@ pub async fn serve(
         tunnel_budget = limits.tunnel_budget,
         "connection and memory limits"
     );
+    let tls = match relay.config().tls.clone() {
+        Some(files) => {
+            let tls = crate::tls::Tls::new(files).map_err(anyhow::Error::msg)?;
+            relay
+                .tracker()
+                .spawn(tls.clone().follow_files(relay.shutdown_token().clone()));
+            Some(tls)
+        }
+        None => None,
+    };
     let mut server = tokio::spawn({
         let app = app(relay.clone());
         let finish = finish_connections.clone();
         let memory = relay.memory().clone();
-        async move { connections::serve(listener, app, &limits, &memory, finish).await }
+        async move { connections::serve(listener, app, &limits, &memory, tls, finish).await }
     });
     tokio::select! {
         result = &mut server => {

@@ -103,7 +103,7 @@ pub use stack::Stack;
 pub use stall::{Stall, StallingReads};
 pub use stream_client::{DownloadOptions, Protocol, UploadOptions, download, upload};
 pub use stub_relay::{Attempt, StubRelay, StubReply, StubTunnel};
-pub use tls::TestCa;
+pub use tls::{HttpsAnswer, TestCa, https_get, tls_connect};
 pub use tokens::{Claims, claims_of, mint, unix_now};
 pub use upstream::Upstream;
 pub use wait::{wait_until, wait_until_async, within};

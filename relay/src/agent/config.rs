@@ -92,6 +92,11 @@ pub struct AgentArgs {
           default_value = "10s")]
     pub stable_after: Duration,
 
+    /// PEM CA certificates a `wss://` relay's certificate may chain to, besides the
+    /// public web roots (a self-hosted relay with a private or self-signed CA).
+    #[arg(long, env = "RELAY_AGENT_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Deadline of TCP connect + TLS + WebSocket upgrade.
     #[arg(long, env = "RELAY_AGENT_CONNECT_TIMEOUT", value_parser = humantime::parse_duration,
           default_value = "20s")]
@@ -148,6 +153,8 @@ pub struct AgentConfig {
     pub max_retry_after: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// PEM CA certificates trusted for `wss://` relays besides the web roots.
+    pub ca: Option<Vec<u8>>,
 }
 
 // === impl AgentArgs ===
@@ -256,6 +263,13 @@ impl AgentArgs {
             silence_timeout: positive("RELAY_AGENT_SILENCE_TIMEOUT", self.silence_timeout)?,
             max_retry_after: self.max_retry_after,
             log_format: self.log_format,
+            ca: match &self.ca_file {
+                Some(path) => Some(
+                    crate::config::read_ca_file("RELAY_AGENT_CA_FILE", path)
+                        .map_err(ConfigError)?,
+                ),
+                None => None,
+            },
         })
     }
 }

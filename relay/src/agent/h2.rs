@@ -212,6 +212,7 @@ mod tests {
             status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
             connect_timeout: Duration::from_secs(1),
             silence_timeout: Duration::from_secs(75),
+            tls: None,
             tasks: TaskTracker::new(),
             protocol: ProtocolChoice::H2,
             v1_only: std::sync::Mutex::default(),

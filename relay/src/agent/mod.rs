@@ -163,6 +163,7 @@ impl Supervisor {
             status,
             connect_timeout: config.connect_timeout,
             silence_timeout: config.silence_timeout,
+            tls: config.ca.as_deref().map(crate::tls::client_config),
             tasks,
             protocol: config.protocol,
             v1_only: std::sync::Mutex::default(),
@@ -707,6 +708,7 @@ mod run_loop_tests {
             },
             connect_timeout: Duration::from_secs(2),
             silence_timeout: Duration::from_secs(75),
+            ca: None,
             max_retry_after: Duration::from_secs(3600),
             log_format: crate::telemetry::LogFormat::Text,
         }

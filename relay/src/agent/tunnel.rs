@@ -68,6 +68,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// See `--silence-timeout`.
     pub silence_timeout: Duration,
+    /// TLS for `wss://` relays with `--ca-file`; the web roots alone without it.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Exchange and channel tasks of every tunnel, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// The protocol asked for.
@@ -302,7 +304,12 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Socket, 
     };
     config.max_message_size = Some(max);
     config.max_frame_size = Some(max);
-    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let attempt = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        shared.tls.clone().map(tokio_tungstenite::Connector::Rustls),
+    );
     match timeout(shared.connect_timeout, attempt).await {
         Ok(Ok((socket, _response))) => Ok(socket),
         Ok(Err(tungstenite::Error::Http(response))) => Err(ConnectError::Http {

@@ -42,6 +42,7 @@ async fn spawn_session_with(silence: Duration, upstream: &str, answer_budget: us
         status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
         connect_timeout: Duration::from_secs(1),
         silence_timeout: silence,
+        tls: None,
         tasks: TaskTracker::new(),
         protocol: ProtocolChoice::V1,
         v1_only: std::sync::Mutex::default(),
