@@ -16,5 +16,8 @@ scripts/setup.sh
 shellcheck scripts/*.sh .ci/run
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo build -p relay --bin relay
+# The binary as the tests build it (tests/support/cargo_build.rs): `--examples` (the relay
+# has none) resolves features as `cargo test --workspace` does, so both share one build of
+# every dependency.
+cargo build -p relay --bin relay --examples
 cargo test --workspace

@@ -350,3 +350,116 @@ async fn tls_files_that_do_not_load_or_come_alone_exit_64_naming_the_flag() {
         assert!(!out.stderr.contains("listening") && !out.stdout.contains("listening"));
     }
 }
+
+/// A local service answering `GET /` with 200, where the printed agent command's
+/// `--to` points (on port 3000 in the banner; here wherever it could bind).
+async fn local_service() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { "hello from the local service" }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Starts the agent command line the dev banner printed, as printed (the local
+/// service's address put in for port 3000); its stdout is piped.
+fn run_printed_agent(banner: &str, service: std::net::SocketAddr) -> tokio::process::Child {
+    let line = banner
+        .lines()
+        .find(|l| l.contains(" agent --relay "))
+        .unwrap_or_else(|| panic!("no agent command printed: {banner}"));
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(|w| {
+            if w == "http://127.0.0.1:3000" {
+                format!("http://{service}")
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect();
+    tokio::process::Command::new(&words[0])
+        .args(&words[1..])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the printed agent command runs")
+}
+
+/// The printed `curl -H "Authorization: Bearer …" <url>`, sent: its status and body.
+async fn run_printed_curl(relay: &TestRelay, banner: &str) -> (u16, String) {
+    let line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl ") && l.contains("/hosts/demo/"))
+        .unwrap_or_else(|| panic!("no curl printed: {banner}"));
+    let (_, rest) = line.split_once("Bearer ").unwrap();
+    let (token, url) = rest.split_once("\" ").unwrap();
+    let response = relay.http().get(url.trim()).bearer(token).send().await;
+    (response.status.as_u16(), response.text())
+}
+
+#[tokio::test]
+async fn the_try_it_commands_work_as_printed_and_the_agent_stays_through_a_dev_restart() {
+    let state = std::env::temp_dir().join(format!("relay-dev-try-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+    let port = relay_tests::unused_port();
+    let dev = || {
+        TestRelay::builder()
+            .dev()
+            .port(port)
+            .env("RELAY_DEV_STATE_FILE", state.to_str().unwrap())
+            .spawn()
+    };
+    let service = local_service().await;
+    let mut relay = dev().await;
+    let banner = relay.logs().join("\n");
+    let mut agent = run_printed_agent(&banner, service);
+    let mut announced = tokio::io::BufReader::new(agent.stdout.take().unwrap());
+    let line = relay_tests::within("the agent announces its URL", DEADLINE, async {
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut announced, &mut line)
+            .await
+            .unwrap();
+        line
+    })
+    .await;
+    assert!(line.contains("/hosts/demo/"), "{line}");
+    assert_eq!(
+        run_printed_curl(&relay, &banner).await,
+        (200, "hello from the local service".to_owned())
+    );
+    // The browser URL at the root of the host's own origin (`demo.localhost`).
+    let browser = banner
+        .lines()
+        .find_map(|l| {
+            l.split_once("root of its own origin: ")
+                .map(|(_, url)| url.trim())
+        })
+        .expect("the subdomain URL is printed");
+    let query = browser.split_once('?').unwrap().1;
+    let response = relay
+        .http()
+        .get(relay.http_url(&format!("/?{query}")))
+        .header("host", &format!("demo.localhost:{port}"))
+        .send()
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(response.header("set-cookie").is_some());
+
+    // A restart: the agent's token still works, so it is back without anyone's help.
+    relay.terminate().await;
+    let relay = dev().await;
+    relay_tests::wait_until_async("the agent is back after the restart", DEADLINE, || async {
+        run_printed_curl(&relay, &banner).await.0 == 200
+    })
+    .await;
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent never stopped"
+    );
+    let _ = std::fs::remove_file(&state);
+}

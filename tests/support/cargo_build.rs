@@ -11,9 +11,14 @@
 //! is already up to date (`scripts/test.sh` builds it first with the very same
 //! command) cargo only checks fingerprints, a fraction of a second.
 //!
-//! `-p relay` resolves features for the relay package alone, as the Dockerfile
-//! and the bench scripts build it, so the tests run the binary that ships and
-//! not one with features some test-only dependency switched on.
+//! Features: a release binary is built as it ships (`-p relay` alone, as the
+//! Dockerfile and the bench scripts build it). A debug binary is built with the
+//! relay's dev-dependency features too (`--examples`, which selects no target:
+//! the relay has no examples, but it makes cargo resolve features as for tests),
+//! the feature set `cargo test --workspace` builds every dependency with: one
+//! build of the dependency graph serves the binary and the tests, instead of two
+//! (the only difference is tokio's `test-util`, whose clock the binary never
+//! pauses).
 //!
 //! Callers cache the result once per process
 //! ([`relay_binary`](crate::relay_binary),
@@ -145,6 +150,15 @@ impl BuildLayout {
         }
         args
     }
+
+    /// The arguments that choose the binary's features (see the module's
+    /// documentation): `--examples` for the `dev` profile, nothing for another.
+    pub fn feature_args(&self, profile: BuildProfile) -> Vec<OsString> {
+        match (profile, self.profile_dir.as_str()) {
+            (BuildProfile::SameAsCurrentExe, "debug") => vec!["--examples".into()],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Runs `cargo build -p relay --bin relay` for `profile` in the target
@@ -165,6 +179,7 @@ pub fn build_relay(profile: BuildProfile) -> Result<RelayBuild, String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(&cargo);
     cmd.args(["build", "-p", "relay", "--bin", "relay"])
+        .args(layout.feature_args(profile))
         // JSON artifact messages on stdout; diagnostics rendered as text on
         // stderr, so a failure can be shown as a developer would see it.
         .arg("--message-format=json-render-diagnostics")
@@ -275,6 +290,12 @@ mod tests {
             args(&layout, BuildProfile::Release),
             ["--target-dir", "/w/target", "--release"]
         );
+        // Debug: the tests' features (one dependency build for both); release: as shipped.
+        assert_eq!(
+            layout.feature_args(BuildProfile::SameAsCurrentExe),
+            ["--examples"]
+        );
+        assert!(layout.feature_args(BuildProfile::Release).is_empty());
     }
 
     #[test]
