@@ -445,6 +445,14 @@ async fn websocket_to_unreachable_upstream_closes_client_with_1011_over_v1() {
     // (on a loaded machine): wait for it, then check it did not register again.
     agent.wait_registered(1).await;
     assert_eq!(agent.registered_count(), 1, "the tunnel stays up");
+    // Said like a failed HTTP request: the operator sees the service is down.
+    let warned = agent
+        .wait_for_log(
+            "upstream request failed; WebSocket channel closed 1011",
+            DEADLINE,
+        )
+        .await;
+    assert!(warned.contains("WARN"), "{warned}");
 }
 
 #[tokio::test]
@@ -470,6 +478,10 @@ async fn websocket_to_unreachable_upstream_is_refused_with_502_over_h2() {
     assert_eq!(rejection_status(&err), Some(502), "{err}");
     agent.wait_registered(1).await;
     assert_eq!(agent.registered_count(), 1, "the tunnel stays up");
+    let warned = agent
+        .wait_for_log("upstream request failed; answered 502", DEADLINE)
+        .await;
+    assert!(warned.contains("WARN"), "{warned}");
 }
 
 // ---------------------------------------------------------------------------

@@ -156,7 +156,7 @@ impl Upstream {
                 .map_err(|e| Failure::Unavailable(super::error_chain(&e))),
             () = deadline => Err(Failure::TimedOut),
         };
-        result.inspect_err(|failure| self.warn_failure(failure))
+        result.inspect_err(|failure| self.warn_failure(failure, Answered::BadGateway))
     }
 
     /// Opens a WebSocket on the service: an HTTP/1.1 upgrade of `path_and_query` with
@@ -176,7 +176,7 @@ impl Upstream {
         )
         .await
         .unwrap_or(Err(Failure::TimedOut));
-        result.inspect_err(|failure| self.warn_failure(failure))
+        result.inspect_err(|failure| self.warn_failure(failure, Answered::BadGateway))
     }
 
     async fn upgrade_inner(
@@ -258,7 +258,9 @@ impl Upstream {
         }))
     }
 
-    fn warn_failure(&self, failure: &Failure) {
+    /// Logs a request or WebSocket the service failed, at WARN at most once per
+    /// [`WARN_INTERVAL`] (with how many were not logged since), else at DEBUG.
+    pub fn warn_failure(&self, failure: &Failure, answered: Answered) {
         let now = Instant::now();
         let suppressed = {
             let mut last = self
@@ -278,11 +280,29 @@ impl Upstream {
         };
         match suppressed {
             Some(suppressed) => {
-                warn!(upstream = %self.url, error = %failure, suppressed, "upstream request failed; answered 502");
+                warn!(upstream = %self.url, error = %failure, suppressed, "upstream request failed; {}", answered.what());
             }
             None => {
-                debug!(upstream = %self.url, error = %failure, "upstream request failed; answered 502")
+                debug!(upstream = %self.url, error = %failure, "upstream request failed; {}", answered.what());
             }
+        }
+    }
+}
+
+/// What the client was given for a request the service failed.
+#[derive(Debug, Clone, Copy)]
+pub enum Answered {
+    /// A 502 (HTTP, and h2's WebSocket upgrades).
+    BadGateway,
+    /// A v1 channel, already open, closed with 1011 (v1 cannot refuse one).
+    ChannelClosed,
+}
+
+impl Answered {
+    fn what(self) -> &'static str {
+        match self {
+            Answered::BadGateway => "answered 502",
+            Answered::ChannelClosed => "WebSocket channel closed 1011",
         }
     }
 }

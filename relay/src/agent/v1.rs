@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use super::config::RelayUrl;
 use super::tunnel::{Alarm, EndCause, InFlight, Shared, Socket, TunnelEnd, Watchdogs};
-use super::upstream::{Failure, Upstream};
+use super::upstream::{Answered, Failure, Upstream};
 use crate::budget::{Budget, Held};
 use crate::headers;
 use crate::limits::agent::{
@@ -386,6 +386,7 @@ impl Session {
             },
         );
         let url = self.shared.upstream.url().ws_url(path, query);
+        let upstream = self.shared.upstream.clone();
         let io = ChannelIo {
             id,
             commands,
@@ -398,7 +399,7 @@ impl Session {
         let in_flight = InFlight::new(&self.in_flight);
         self.shared.tasks.spawn(async move {
             let _in_flight = in_flight;
-            run_channel(url, io).await;
+            run_channel(&upstream, url, io).await;
         });
     }
 }
@@ -715,7 +716,7 @@ type LocalSocket =
 /// # Cancel safety
 /// Not cancel safe (it would drop the local socket without a Close frame); end it through
 /// `io.cancel`.
-async fn run_channel(url: String, mut io: ChannelIo) {
+async fn run_channel(upstream: &Upstream, url: String, mut io: ChannelIo) {
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(MAX_CHANNEL_MESSAGE);
     config.max_frame_size = Some(MAX_CHANNEL_MESSAGE);
@@ -727,12 +728,15 @@ async fn run_channel(url: String, mut io: ChannelIo) {
         result = connect => match result {
             Ok(Ok((socket, _))) => socket,
             Ok(Err(err)) => {
-                debug!(channel = %io.id, %url, error = %err, "cannot open the local WebSocket");
+                upstream.warn_failure(
+                    &Failure::Unavailable(super::error_chain(&err)),
+                    Answered::ChannelClosed,
+                );
                 close_relay_side(&io, Some(close_code::INTERNAL)).await;
                 return;
             }
             Err(_) => {
-                debug!(channel = %io.id, %url, "local WebSocket did not open in time");
+                upstream.warn_failure(&Failure::TimedOut, Answered::ChannelClosed);
                 close_relay_side(&io, Some(close_code::INTERNAL)).await;
                 return;
             }
