@@ -48,9 +48,11 @@ pub enum Outcome {
 
 impl Outcome {
     /// Whether this outcome is a failure of the agent's attempt (counted in
-    /// `consecutive_failures`); a drain is the relay's orderly goodbye, not a failure.
+    /// `consecutive_failures`). A drain is the relay's orderly goodbye, and a draining
+    /// relay's refusal (`Retry-After: 0`) the same goodbye seen from the next attempt: a
+    /// routine restart of the only relay must not read as failures on the status page.
     pub fn is_failure(self) -> bool {
-        self != Outcome::Drained
+        !matches!(self, Outcome::Drained | Outcome::TryElsewhere)
     }
 }
 
@@ -414,6 +416,11 @@ mod tests {
         assert_eq!(b.next_delay(Outcome::TryElsewhere, None), 4 * S);
         assert_eq!(b.next_delay(Outcome::TryElsewhere, None), 4 * S);
         assert_eq!(b.attempt(), 2);
+        assert_eq!(
+            b.consecutive_failures(),
+            2,
+            "a draining relay's refusal is not the agent's failure"
+        );
         // Any other answer ends the streak.
         assert_eq!(b.next_delay(Outcome::Failed, None), 4 * S);
         assert_eq!(
