@@ -1271,3 +1271,51 @@ async fn org_machine_host_ids_register_publish_and_route_escaped_or_not() {
         resp.assert_status(400);
     }
 }
+
+#[tokio::test]
+async fn a_subdomain_request_with_its_cookie_on_another_relay_is_proxied_at_the_root() {
+    let redis = TestRedis::spawn().await;
+    let a = proxying(&redis, "ams", "relay-a")
+        .arg("--base-domain", "relay.test")
+        .spawn()
+        .await;
+    let b = proxying(&redis, "fra", "relay-b")
+        .arg("--base-domain", "relay.test")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let _host = host_on(&redis, &a, "web-1", &upstream).await;
+    let jar = format!("app=1; __Host-relay_token={}", b.client_token(&["web-1"]));
+    let echo = b
+        .http()
+        .get(b.http_url("/echo/x?q=1"))
+        .header("host", "web-1.relay.test")
+        .header("cookie", &jar)
+        .send()
+        .await;
+    echo.assert_status(200);
+    let echo = echo.json();
+    assert_eq!(echo["path"], "/echo/x", "{echo}");
+    assert_eq!(echo["query"], "q=1");
+    assert_eq!(
+        echo["headers"]["cookie"], "app=1",
+        "the token cookie stays with the relays"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-host"], "web-1.relay.test");
+    assert!(
+        echo["headers"].get("x-forwarded-prefix").is_none(),
+        "the owner keeps the first relay's view, a subdomain's root: {echo}"
+    );
+    // Path routing through the same two relays keeps its prefix.
+    let echo = b
+        .http()
+        .get(host_url(&b, "web-1", "/echo/x"))
+        .bearer(&b.client_token(&["web-1"]))
+        .send()
+        .await
+        .json();
+    assert_eq!(
+        echo["headers"]["x-forwarded-prefix"], "/hosts/web-1",
+        "{echo}"
+    );
+}
