@@ -25,18 +25,11 @@ pub enum LogFormat {
 /// on stderr so that stdout stays free for command output (tokens, status).
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::Layer;
-    use tracing_subscriber::filter::{FilterExt, filter_fn};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Libraries that log what crosses the wire at trace level (tungstenite: the whole
-    // handshake request with its `Authorization`, and every frame with its payload;
-    // hyper and h2: heads and frames) are held below trace whatever RUST_LOG asks:
-    // tokens, cookies and bodies never reach a log line, at any level.
-    let no_wire =
-        filter_fn(|meta| *meta.level() != tracing::Level::TRACE || !is_wire_logging(meta.target()));
-    let filter = filter.and(no_wire);
+    let filter =
+        log_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     let layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -52,6 +45,28 @@ pub fn init_tracing(format: LogFormat) {
     let _ = tracing_subscriber::registry()
         .with(layer.with_filter(filter))
         .try_init();
+}
+
+/// `env` (from `RUST_LOG`), with the libraries that log what crosses the wire at trace
+/// level (tungstenite: the whole handshake request with its `Authorization`, and every
+/// frame with its payload; hyper and h2: heads and frames) held below trace whatever it
+/// asks: tokens, cookies and bodies never reach a log line, at any level.
+///
+/// The filter's most verbose level is `env`'s: that hint sets the process's global
+/// level, and the `log` crate's, so that a `trace!` or `debug!` the filter would refuse
+/// (tungstenite's, per frame, through `log`) is skipped at its call site by one
+/// comparison instead of being built and offered to the filter. Without it the
+/// combined filter had no hint, which meant every level: 2–3 % of the agent's CPU went
+/// into dispatching `log` records only to drop them (BENCHMARKS.md, run 10).
+fn log_filter<S>(env: EnvFilter) -> impl tracing_subscriber::layer::Filter<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    let no_wire =
+        filter_fn(|meta| *meta.level() != tracing::Level::TRACE || !is_wire_logging(meta.target()))
+            .with_max_level_hint(tracing::level_filters::LevelFilter::TRACE);
+    env.and(no_wire)
 }
 
 /// Whether `target` (a module path) belongs to one of [`WIRE_LOGGING_LIBRARIES`].
@@ -410,4 +425,20 @@ pub fn drained(seconds: f64) {
 /// is draining (`reason`).
 pub fn admission_rejected(reason: &'static str) {
     metrics::counter!("relay_admission_rejections_total", "reason" => reason).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::layer::Filter;
+
+    use super::*;
+
+    #[test]
+    fn the_log_filter_is_no_more_verbose_than_rust_log_asks() {
+        let filter = log_filter::<tracing_subscriber::Registry>(EnvFilter::new("info"));
+        assert_eq!(filter.max_level_hint(), Some(LevelFilter::INFO));
+        let filter = log_filter::<tracing_subscriber::Registry>(EnvFilter::new("warn,relay=debug"));
+        assert_eq!(filter.max_level_hint(), Some(LevelFilter::DEBUG));
+    }
 }
