@@ -517,5 +517,10 @@ async fn over_tls_an_agent_trusting_a_private_ca_serves_and_the_host_is_told_htt
             echo["headers"]["x-forwarded-proto"], "https",
             "the relay terminated TLS; a client's value is replaced: {echo}"
         );
+        assert_eq!(
+            echo["headers"]["x-forwarded-host"],
+            relay.addr().to_string(),
+            "from `Host`, or HTTP/2's `:authority`: {echo}"
+        );
     }
 }

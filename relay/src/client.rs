@@ -115,11 +115,20 @@ pub(crate) async fn host_request(
 async fn serve(
     relay: Relay,
     peer: SocketAddr,
-    request: Request,
+    mut request: Request,
     route: &mut &'static str,
     cookie: &mut Option<http::HeaderValue>,
 ) -> Result<Response, ClientError> {
     let uri = request.uri().clone();
+    // An HTTP/2 client names the authority in its URI, not in `Host`: the host is told it
+    // all the same (`X-Forwarded-Host`).
+    if !request.headers().contains_key(header::HOST)
+        && let Some(Ok(authority)) = uri
+            .authority()
+            .map(|a| http::HeaderValue::from_str(a.as_str()))
+    {
+        request.headers_mut().insert(header::HOST, authority);
+    }
     let (raw_host, rest) = split_host_path(uri.path()).ok_or(ClientError::HostNotConnected)?;
     let host = HostId::from_path_segment(raw_host)?;
     let query = uri.query();
