@@ -19,7 +19,10 @@
 //! - `X-Forwarded-For` gets the peer's address appended at every relay, also when the
 //!   peer is another relay: a client can send a hop marker too, so trusting it to skip
 //!   the append would let a client forge the whole chain. `X-Forwarded-Proto` and
-//!   `X-Forwarded-Host` are added when absent.
+//!   `X-Forwarded-Host` are the relay's, unless a trusted proxy set them; so is
+//!   `X-Forwarded-Prefix` (a peer relay's is kept);
+//! - the relay's own cookie ([`crate::subdomain::COOKIE`]) is a credential like
+//!   `Authorization`: a peer relay gets it, a host never does.
 
 use std::net::IpAddr;
 
@@ -149,9 +152,10 @@ pub enum Prefix {
     FromPeer,
 }
 
-/// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`http`: the relay
-/// serves plain HTTP) and `X-Forwarded-Host` (the request's `Host`) unless a trusted
-/// proxy set them ([`Forwarded`]); sets `X-Forwarded-Prefix`.
+/// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`https` when the
+/// relay terminated TLS, else `http`) and `X-Forwarded-Host` (the request's `Host`)
+/// unless a trusted proxy set them ([`Forwarded`]); sets `X-Forwarded-Prefix` as
+/// [`Prefix`] says.
 fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) {
     let prior: Vec<&str> = headers
         .get_all("x-forwarded-for")
