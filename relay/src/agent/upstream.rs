@@ -259,7 +259,7 @@ impl Upstream {
     }
 
     /// Logs a request or WebSocket the service failed, at WARN at most once per
-    /// [`WARN_INTERVAL`] (with how many were not logged since), else at DEBUG.
+    /// `WARN_INTERVAL` (with how many were not logged since), else at DEBUG.
     pub fn warn_failure(&self, failure: &Failure, answered: Answered) {
         let now = Instant::now();
         let suppressed = {
