@@ -1195,6 +1195,32 @@ async fn the_agent_prints_one_line_with_its_public_url_and_protocol_when_registe
 }
 
 #[tokio::test]
+async fn with_subdomains_the_agent_prints_its_hosts_own_name_too() {
+    let relay = TestRelay::builder()
+        .arg("--base-domain", "relay.test")
+        .spawn()
+        .await;
+    let upstream = Upstream::spawn().await;
+    let agent = TestAgent::for_relay(&relay, "sub-1", &upstream).spawn();
+    let line = agent.wait_for_log("is reachable at", DEADLINE).await;
+    let expected = format!(
+        "relay agent: sub-1 is reachable at {} and http://sub-1.relay.test:{}/ (tunnel",
+        relay.http_url("/hosts/sub-1/"),
+        relay.addr().port()
+    );
+    assert!(line.starts_with(&expected), "{line}");
+    // That name reaches it (sent as a browser would, by its Host).
+    let response = relay
+        .http()
+        .get(relay.http_url("/echo"))
+        .header("host", &format!("sub-1.relay.test:{}", relay.addr().port()))
+        .bearer(&relay.client_token(&["sub-1"]))
+        .send()
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[tokio::test]
 async fn an_agent_whose_stdout_and_stderr_are_closed_serves_on() {
     let relay = TestRelay::spawn().await;
     let upstream = Upstream::spawn().await;

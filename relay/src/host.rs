@@ -144,7 +144,8 @@ async fn register(
             .max_frame_size(limits::h2::MAX_TUNNEL_MESSAGE);
     }
     let tracker = relay.tracker().clone();
-    match authorized {
+    let base_domain = relay.config().base_domain.clone();
+    let mut response = match authorized {
         Ok((host, subject)) => upgrade.on_upgrade(move |socket| {
             let protocol = if door == Door::V2Control {
                 Protocol::V2
@@ -184,10 +185,20 @@ async fn register(
                 Door::Tunnel => (close_code::POLICY, refusal.to_string()),
                 Door::V2Control => refusal.v2_close(),
             };
-            upgrade.on_upgrade(move |socket| tracker.track_future(refuse(socket, code, reason)))
+            return upgrade
+                .on_upgrade(move |socket| tracker.track_future(refuse(socket, code, reason)))
+                .into_response();
         }
     }
-    .into_response()
+    .into_response();
+    if door == Door::Tunnel
+        && let Some(Ok(base)) = base_domain.as_deref().map(HeaderValue::from_str)
+    {
+        response
+            .headers_mut()
+            .insert(crate::protocol::BASE_DOMAIN_HEADER, base);
+    }
+    response
 }
 
 /// Whether the agent asks for protocol `h2` (the `relay-h2` WebSocket subprotocol).

@@ -425,6 +425,51 @@ impl RelayUrl {
         format!("{http}/hosts/{host}/")
     }
 
+    /// Where `host` is reached at the root of its own name when the relay serves hosts
+    /// on subdomains of `domain`: `http(s)://<host>.<domain>[:port]/`, the scheme and
+    /// port this relay URL's. `None` for a hostId that browsers cannot ask for in a host
+    /// name (capitals, `_`, `:`, `.`; see README "Subdomains").
+    ///
+    /// ```
+    /// use relay::agent::config::RelayUrl;
+    /// use relay::host_id::HostId;
+    /// let demo = HostId::parse("demo").unwrap();
+    /// let fly = RelayUrl::parse("wss://relay.example.com").unwrap();
+    /// assert_eq!(
+    ///     fly.subdomain_url(&demo, "relay.example.com").as_deref(),
+    ///     Some("https://demo.relay.example.com/")
+    /// );
+    /// let local = RelayUrl::parse("ws://127.0.0.1:8080").unwrap();
+    /// assert_eq!(
+    ///     local.subdomain_url(&demo, "localhost").as_deref(),
+    ///     Some("http://demo.localhost:8080/")
+    /// );
+    /// let org = HostId::parse("org:m1").unwrap();
+    /// assert_eq!(fly.subdomain_url(&org, "relay.example.com"), None);
+    /// let caps = HostId::parse("Demo").unwrap();
+    /// assert_eq!(fly.subdomain_url(&caps, "relay.example.com"), None);
+    /// ```
+    pub fn subdomain_url(&self, host: &HostId, domain: &str) -> Option<String> {
+        let label = host.as_str();
+        let dns_label = label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !dns_label || domain.is_empty() {
+            return None;
+        }
+        let (scheme, rest) = match self.base.strip_prefix("wss://") {
+            Some(rest) => ("https", rest),
+            None => ("http", self.base.trim_start_matches("ws://")),
+        };
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let port = match authority.rsplit_once(':') {
+            Some((_, port)) if port.bytes().all(|b| b.is_ascii_digit()) => format!(":{port}"),
+            _ => String::new(),
+        };
+        Some(format!("{scheme}://{label}.{domain}{port}/"))
+    }
+
     /// The tunnel endpoint for `host`: `<base>/tunnel?hostId=<host>`. A valid hostId needs
     /// no escaping.
     pub fn tunnel_url(&self, host: &HostId) -> String {

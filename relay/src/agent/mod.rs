@@ -283,6 +283,7 @@ impl Supervisor {
             Event::Registered {
                 generation,
                 protocol,
+                base_domain,
             } => {
                 let Some(current) = self.current.as_mut().filter(|c| c.generation == generation)
                 else {
@@ -302,7 +303,14 @@ impl Supervisor {
                 let said = (index, protocol.as_str());
                 if self.announced != Some(said) {
                     self.announced = Some(said);
-                    let url = self.relays[index].public_url(&self.shared.host_id);
+                    let relay = &self.relays[index];
+                    let mut url = relay.public_url(&self.shared.host_id);
+                    if let Some(root) = base_domain
+                        .as_deref()
+                        .and_then(|base| relay.subdomain_url(&self.shared.host_id, base))
+                    {
+                        url = format!("{url} and {root}");
+                    }
                     announce(&format!(
                         "relay agent: {} is reachable at {url} (tunnel protocol {}, to {})",
                         self.shared.host_id,

@@ -93,6 +93,9 @@ pub enum Event {
         generation: u64,
         /// What it speaks.
         protocol: Protocol,
+        /// The relay serves hosts on subdomains of this domain too
+        /// ([`crate::protocol::BASE_DOMAIN_HEADER`]).
+        base_domain: Option<String>,
     },
     /// The relay sent `drain`: the agent opens a new tunnel while this one finishes.
     Drain {
@@ -226,12 +229,14 @@ pub async fn run(
         opened = connect(&shared, &relay) => opened,
         () = cancel.cancelled() => Err(ConnectError::Cancelled),
     };
-    let (socket, protocol) = match opened {
+    let (Opened(socket, base_domain), protocol) = match opened {
         Ok(opened) => opened,
         Err(err) => return TunnelEnd::NotOpened(err),
     };
     debug!(relay = %relay, generation, protocol = protocol.as_str(), "tunnel open");
-    let watchdogs = Watchdogs::new(&shared, generation, protocol, relay.clone(), events, newest);
+    let mut watchdogs =
+        Watchdogs::new(&shared, generation, protocol, relay.clone(), events, newest);
+    watchdogs.base_domain = base_domain;
     match protocol {
         Protocol::V1 => super::v1::serve(shared, relay, watchdogs, socket, cancel).await,
         Protocol::H2 => super::h2::serve(shared, relay, watchdogs, socket, cancel).await,
@@ -240,7 +245,10 @@ pub async fn run(
 }
 
 /// Opens the tunnel socket over the protocol the relay grants.
-async fn connect(shared: &Shared, relay: &RelayUrl) -> Result<(Socket, Protocol), ConnectError> {
+/// A tunnel socket just opened, and the base domain the relay said it serves hosts under.
+struct Opened(Socket, Option<String>);
+
+async fn connect(shared: &Shared, relay: &RelayUrl) -> Result<(Opened, Protocol), ConnectError> {
     let key = relay.to_string();
     let ask_h2 = match shared.protocol {
         ProtocolChoice::V1 => false,
@@ -271,7 +279,7 @@ async fn connect(shared: &Shared, relay: &RelayUrl) -> Result<(Socket, Protocol)
 
 /// Opens the tunnel socket: token, request (asking for `h2` when `h2`), and upgrade
 /// under `--connect-timeout`.
-async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Socket, ConnectError> {
+async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, ConnectError> {
     let url = relay.tunnel_url(&shared.host_id);
     let transport = |reason: String| ConnectError::Transport {
         url: url.clone(),
@@ -311,7 +319,14 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Socket, 
         shared.tls.clone().map(tokio_tungstenite::Connector::Rustls),
     );
     match timeout(shared.connect_timeout, attempt).await {
-        Ok(Ok((socket, _response))) => Ok(socket),
+        Ok(Ok((socket, response))) => {
+            let base_domain = response
+                .headers()
+                .get(crate::protocol::BASE_DOMAIN_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok(Opened(socket, base_domain))
+        }
         Ok(Err(tungstenite::Error::Http(response))) => Err(ConnectError::Http {
             url,
             status: response.status().as_u16(),
@@ -373,6 +388,8 @@ pub(super) struct Watchdogs {
     /// Work in flight: a drained tunnel finishes once it is 0 (`None`: nothing to wait
     /// for).
     in_flight: Option<watch::Receiver<usize>>,
+    /// What the relay said of its subdomains, passed on at registration.
+    pub(super) base_domain: Option<String>,
 }
 
 /// What the `Watchdogs` ask of the session.
@@ -410,6 +427,7 @@ impl Watchdogs {
             drained: false,
             finishing: false,
             in_flight: None,
+            base_domain: None,
         }
     }
 
@@ -440,6 +458,7 @@ impl Watchdogs {
             let _ = self.events.send(Event::Registered {
                 generation: self.generation,
                 protocol: self.protocol,
+                base_domain: self.base_domain.clone(),
             });
         }
     }

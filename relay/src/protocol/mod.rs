@@ -65,6 +65,11 @@ pub mod close_code {
     }
 }
 
+/// A response header of the relay's tunnel upgrade (`101`): the relay serves hosts on
+/// subdomains of this domain too (`--base-domain`), so an agent can say where its host
+/// is reached. Clients that do not know it ignore it, as they do every header.
+pub const BASE_DOMAIN_HEADER: &str = "x-relay-base-domain";
+
 /// The reason sent in every `drain` message.
 pub const DRAIN_REASON: &str = "relay shutting down";
 

@@ -103,7 +103,8 @@ async fn registers_after_the_grace_and_answers_pings() {
         h.events.recv().await,
         Some(Event::Registered {
             generation: 1,
-            protocol: crate::tunnel::Protocol::V1
+            protocol: crate::tunnel::Protocol::V1,
+            base_domain: None,
         })
     );
     send(&mut h.relay, json!({"type":"ping"})).await;
@@ -284,7 +285,8 @@ async fn a_drained_tunnel_closes_once_idle_and_replaced() {
         h.events.recv().await,
         Some(Event::Registered {
             generation: 1,
-            protocol: crate::tunnel::Protocol::V1
+            protocol: crate::tunnel::Protocol::V1,
+            base_domain: None,
         })
     );
     assert_eq!(
