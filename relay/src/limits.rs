@@ -443,7 +443,7 @@ pub mod v2 {
 }
 
 /// How long a request for a *moving* host (its relay let it go while draining; see
-/// [`crate::ownership::retire`]) waits for the host to register again before it is
+/// `crate::ownership::retire`) waits for the host to register again before it is
 /// answered 503: 5 s. Superset's v2 hosts reconnect within 1-5 s of their control channel
 /// closing; v1 and `h2` agents that ignored the drain message come back as fast.
 pub const HOLD_FOR_MOVING_HOST: Duration = Duration::from_secs(5);

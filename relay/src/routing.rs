@@ -14,7 +14,7 @@
 //! the forwarding relay looks the host up again and, if it names another machine, tries
 //! that one, once.
 //!
-//! A host whose relay let it go while draining is *moving* ([`ownership::retire`]): a
+//! A host whose relay let it go while draining is *moving* (`ownership::retire`): a
 //! request for it is held (at most [`HOLD_FOR_MOVING_HOST`]) until the host registers
 //! again, here or elsewhere, and then served, instead of being told the host is not
 //! connected. Superset's v2 hosts need it (they learn of a drain only by their control
@@ -132,7 +132,7 @@ pub enum Route {
 /// `hopped` says the request was already routed here by another machine (or replayed by
 /// Fly): then only a local tunnel will do, so a request can never loop.
 ///
-/// A moving host is waited for ([`hold`]).
+/// A moving host is waited for (`hold`).
 ///
 /// # Errors
 /// [`ClientError::HostNotConnected`] when no machine holds a tunnel for `host`, when the

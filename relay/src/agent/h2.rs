@@ -1,6 +1,6 @@
 //! An `h2` tunnel, the agent's side: an HTTP/2 server in front of the local service, over
 //! the tunnel's WebSocket ([`crate::protocol::h2`]); its connections and streams are
-//! [`super::streams`]'s.
+//! `super::streams`'s.
 //!
 //! Each stream the relay opens is one request to the local service, streamed both ways
 //! under HTTP/2 flow control: a client that reads slowly slows the local service, and a

@@ -844,7 +844,7 @@ where
         self.lock().read = Bytes::new();
     }
 
-    /// See [`WsIo::poll_idle`]. Only while no HTTP/2 connection reads the WebSocket.
+    /// See `WsIo::poll_idle`. Only while no HTTP/2 connection reads the WebSocket.
     pub fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<Idle> {
         self.lock().poll_idle(cx)
     }

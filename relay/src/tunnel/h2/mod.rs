@@ -10,7 +10,7 @@
 //! opens its stream and awaits the answer from its own task, where hyper would hand the
 //! request to its dispatch task and the answer back through a task it spawns per
 //! request (two more task wake-ups per exchange, most of `h2`'s extra cost over v1 at one
-//! request at a time). [`stream`] has the body and byte-stream adapters.
+//! request at a time). `stream` has the body and byte-stream adapters.
 //!
 //! The [`Session`] task owns what is not `h2`'s: liveness (v1's JSON `ping`/`pong` on
 //! text messages, so the directory heartbeat works as with v1), the `drain` message,
