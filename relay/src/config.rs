@@ -993,6 +993,37 @@ mod tests {
     }
 
     #[test]
+    fn a_base_domain_is_a_lowercased_dns_name_or_a_named_error() {
+        let base = |domain: &str| {
+            parse(&[
+                "--jwt-secret",
+                "0123456789abcdef",
+                "--machine-id",
+                "m1",
+                "--base-domain",
+                domain,
+            ])
+        };
+        let config = base(".Relay.Example.COM.").unwrap();
+        assert_eq!(config.base_domain.as_deref(), Some("relay.example.com"));
+        for bad in [
+            "relay..example.com",
+            "relay_x.com",
+            "*.relay.com",
+            "a/b",
+            ".",
+        ] {
+            let err = base(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--base-domain (RELAY_BASE_DOMAIN)") && err.contains("domain name"),
+                "{bad}: {err}"
+            );
+        }
+        let config = parse(&["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"]).unwrap();
+        assert_eq!(config.base_domain, None, "off unless asked for (or --dev)");
+    }
+
+    #[test]
     fn defaults_listen_dual_stack_on_8080() {
         let config = parse(&["--jwt-secret", "0123456789abcdef", "--machine-id", "m1"]).unwrap();
         assert_eq!(config.listen.to_string(), "[::]:8080");
