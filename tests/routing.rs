@@ -1319,3 +1319,54 @@ async fn a_subdomain_request_with_its_cookie_on_another_relay_is_proxied_at_the_
         "{echo}"
     );
 }
+
+#[tokio::test]
+async fn a_host_that_moves_to_the_forwarding_relay_during_the_hop_is_served_there() {
+    let redis = TestRedis::spawn().await;
+    let c = relay_on(&redis, "cdg", "relay-c").await;
+    let upstream = Upstream::spawn().await;
+    // The directory names relay-a (a stub), which answers "not here" only once the host
+    // has registered on relay-c, the very relay that forwarded the request: a deploy's
+    // race, where the host moved to the machine the client happened to reach.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let moved = Arc::new(tokio::sync::Notify::new());
+    let app = axum::Router::new().fallback({
+        let (hits, moved) = (hits.clone(), moved.clone());
+        move || {
+            let (hits, moved) = (hits.clone(), moved.clone());
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let _ = tokio::time::timeout(DEADLINE, moved.notified()).await;
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    [("x-relay-not-here", "1")],
+                    r#"{"error":"host not connected"}"#,
+                )
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stub = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    redis.set(&addr_key("ams:relay-a"), &stub.to_string()).await;
+    redis.set(&host_key("web-1"), "ams:relay-a").await;
+
+    let request = {
+        let (client, url, token) = (
+            c.http().clone(),
+            host_url(&c, "web-1", "/echo/here-now"),
+            c.client_token(&["web-1"]),
+        );
+        tokio::spawn(async move { client.get(url).bearer(&token).send().await })
+    };
+    wait_until("the stale owner is asked", DEADLINE, || {
+        hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let _host = host_on(&redis, &c, "web-1", &upstream).await;
+    moved.notify_one();
+    let resp = request.await.unwrap();
+    resp.assert_status(200);
+    assert_eq!(resp.json()["path"], "/echo/here-now");
+    assert_eq!(upstream.requests(), 1, "served once, here");
+}

@@ -278,12 +278,16 @@ fn replay(owner: &Owner) -> Response {
     response
 }
 
-/// After a failed connect: the owner once more, if it is still another machine.
+/// After a hop that reached no host (a failed connect, or the owner no longer holding
+/// it): where the host is now. A host that moved to this very machine meanwhile (in a
+/// deploy with two relays, the one it moves to is often the one forwarding) is reached
+/// by a hop to this machine's own listener, which serves it as any peer's request: a
+/// loopback hop in this race only, instead of a 503 to a client whose host is here.
 async fn owner_again(relay: &Relay, host: &HostId) -> Option<Owner> {
     match route(relay, host, false).await {
         Ok(Route::Remote(owner)) => Some(owner),
-        // Moved here meanwhile, or gone: the client retries and lands right.
-        Ok(Route::Local(_)) | Err(_) => None,
+        Ok(Route::Local(_)) => Some(relay.config().owner.clone()),
+        Err(_) => None,
     }
 }
 
