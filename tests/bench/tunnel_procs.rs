@@ -206,6 +206,12 @@ impl Rathole {
         let rathole = |mode: &str, config: &Path| {
             let mut cmd = Command::new(binary);
             cmd.arg(mode).arg(config).env("RUST_LOG", "warn");
+            // rathole's `#[tokio::main]` runtime sizes itself from this variable, as the
+            // relay's and the agent's do: the same knob for each tunnel's processes.
+            cmd.env_remove("TOKIO_WORKER_THREADS");
+            if let Ok(workers) = std::env::var("BENCH_RATHOLE_WORKERS") {
+                cmd.env("TOKIO_WORKER_THREADS", workers);
+            }
             cmd
         };
         let server = Logged::spawn(rathole("--server", &server_path), "rathole server")?;

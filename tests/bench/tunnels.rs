@@ -43,6 +43,7 @@
 //! | `BENCH_SETTLE_SECS` | 3 (1 when `BENCH_SECS` < 5) | wait before the idle RSS reading |
 //! | `BENCH_RELAY_WORKERS` | relay default | the relay children's `TOKIO_WORKER_THREADS` |
 //! | `BENCH_AGENT_WORKERS` | agent default | the agent children's `TOKIO_WORKER_THREADS` |
+//! | `BENCH_RATHOLE_WORKERS` | rathole default (one per CPU) | the rathole children's `TOKIO_WORKER_THREADS` |
 //! | `RELAY_BIN`, `RATHOLE_BIN`, `WRK_BIN` | see `scripts/bench.sh` | binaries to run |
 //!
 //! Sizes take a binary suffix: `8M`, `1G`. Quick smoke run:
