@@ -62,6 +62,7 @@ use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
 use crate::telemetry;
 use crate::tls::Tls;
+use crate::websocket::ReadAhead;
 
 /// Serves `app` on every connection `listener` accepts until `finish` is cancelled; then
 /// stops accepting, lets every connection finish gracefully (requests in flight complete,
@@ -147,7 +148,7 @@ pub async fn serve(
             };
             let io = TokioIo::new(ReadCharged {
                 io: socket,
-                ahead,
+                ahead: ReadAhead::with(ahead),
                 charge,
                 waiting: None,
                 sent: Some(sent),
@@ -520,7 +521,7 @@ pub struct ReadCharged<T> {
     io: T,
     /// Read from the socket ahead of the codec (a tunnel's); empty, with no memory, when
     /// the codec has taken it all.
-    ahead: bytes::BytesMut,
+    ahead: ReadAhead,
     charge: ReadCharge,
     waiting: Option<Waiting>,
     /// Paid as the socket takes bytes (an accepted connection's).
@@ -533,7 +534,7 @@ impl<T> ReadCharged<T> {
     pub(crate) fn new(io: T, charge: &ReadCharge) -> ReadCharged<T> {
         ReadCharged {
             io,
-            ahead: bytes::BytesMut::new(),
+            ahead: ReadAhead::default(),
             charge: charge.clone(),
             waiting: None,
             sent: None,
@@ -586,38 +587,6 @@ impl SendDebt {
     }
 }
 
-impl<T: AsyncRead + Unpin> ReadCharged<T> {
-    /// Fills `buf` from what was read ahead, reading up to
-    /// [`crate::limits::TUNNEL_READ_AHEAD`] from the socket when nothing is left.
-    fn poll_read_ahead(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.ahead.is_empty() {
-            self.ahead.reserve(limits::TUNNEL_READ_AHEAD);
-            // Into the spare capacity, not zero-filled first.
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.ahead) {
-                Poll::Pending => {
-                    // Nothing to read: an idle tunnel waits holding no buffer.
-                    self.ahead = bytes::BytesMut::new();
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(_)) => {}
-            }
-        }
-        let n = self.ahead.len().min(buf.remaining());
-        buf.put_slice(&self.ahead.split_to(n));
-        if self.ahead.is_empty() {
-            // An idle tunnel holds no read-ahead memory.
-            self.ahead = bytes::BytesMut::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
 impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -637,7 +606,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadCharged<T> {
         // Bytes read before the connection was served (a TLS connection's first ones)
         // are handed out first, whoever reads.
         let polled = if this.charge.reads_ahead() || !this.ahead.is_empty() {
-            this.poll_read_ahead(cx, buf)
+            this.ahead.poll_read(&mut this.io, cx, buf)
         } else {
             Pin::new(&mut this.io).poll_read(cx, buf)
         };

@@ -152,8 +152,11 @@ pub const DIRECTORY_SWEEP_BATCH: usize = 1_000;
 /// How long the relay waits for a Close frame to be written before giving up on a socket.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Read buffer of every WebSocket. Small, because most tunnels are idle most of the time
-/// and the buffer is per socket (see BENCHMARKS.md for the RSS per idle tunnel).
+/// Read buffer of every WebSocket, the agent's tunnel included. Small, because most
+/// tunnels are idle most of the time and the buffer is per socket (see BENCHMARKS.md for
+/// the RSS per idle tunnel), and because tungstenite zero-fills this much before every
+/// read, including each one that finds nothing. Tunnels are read ahead of it
+/// ([`TUNNEL_READ_AHEAD`]), so it does not limit how much one system call takes.
 pub const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Charged for each chunk of a body handed to a buffering sender (an `h2` tunnel's
@@ -169,11 +172,12 @@ pub const DEBT_PREPAID: usize = 16 * 1024;
 /// [`crate::connections::SendDebt`].
 pub const UNCHARGED_RESPONSE: u64 = 64 * 1024;
 
-/// Most a tunnel's socket is read at once, ahead of its codec: 64 KiB. The codec's own
-/// read buffer ([`WS_READ_BUFFER`]) is kept small for idle tunnels, and it is also the
-/// most it reads per system call: a bulk transfer would cost a system call per 4 KiB.
-/// Read ahead into a buffer that is given back once the codec has taken it, a busy tunnel
-/// reads 64 KiB per call and an idle one holds nothing.
+/// Most a tunnel's socket is read at once, ahead of its codec, by the relay and by the
+/// agent: 64 KiB. The codec's own read buffer ([`WS_READ_BUFFER`]) is kept small for idle
+/// tunnels, and it is also the most it reads per system call: a bulk transfer would cost
+/// a system call per 4 KiB. Read ahead into a buffer that is given back once the codec
+/// has taken it, a busy tunnel reads 64 KiB per call and an idle one holds nothing. See
+/// [`crate::websocket::ReadAhead`].
 pub const TUNNEL_READ_AHEAD: usize = 64 * 1024;
 
 /// Write buffer of every WebSocket: frames are batched up to this size before a write.
@@ -839,13 +843,6 @@ pub mod agent {
     /// Largest body of a local service's refusal of a WebSocket upgrade (its 403 or 404
     /// page) passed on to the client: an error page, not a download.
     pub const UPSTREAM_WS_REFUSAL_BODY: usize = 64 * 1024;
-
-    /// Read buffer of the agent's tunnel WebSocket: what one read from the socket can
-    /// take. The agent holds one tunnel (two while moving), so memory is no concern, and
-    /// every read costs a system call and a zero-fill of the buffer: 64 KiB lets one read
-    /// take a whole `h2` message. Measured (BENCHMARKS.md): uploads through `h2` went
-    /// from 740 to 815 MB/s with it (the relay keeps 4 KiB: it holds thousands).
-    pub const TUNNEL_READ_BUFFER: usize = 64 * 1024;
 
     /// Idle pooled connections kept per upstream (the pool is for one local service).
     pub const UPSTREAM_POOL_IDLE: usize = 64;

@@ -1,8 +1,14 @@
 //! WebSocket plumbing shared by tunnels, client channels and relay-to-relay bridges.
 
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use crate::limits::{Limits, MAX_CLOSE_REASON, WS_READ_BUFFER, WS_WRITE_BUFFER};
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::limits::{Limits, MAX_CLOSE_REASON, TUNNEL_READ_AHEAD, WS_READ_BUFFER, WS_WRITE_BUFFER};
 
 /// Applies the relay's socket limits and buffer sizes to a WebSocket upgrade.
 ///
@@ -15,6 +21,129 @@ pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocket
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
+}
+
+/// Bytes read from a tunnel's socket ahead of its WebSocket codec.
+///
+/// tungstenite reads at most its read buffer per system call, and zero-fills that much of
+/// the buffer before every read, including one that finds nothing: a large buffer makes
+/// every poll of an idle socket pay a large `memset`, a small one makes a bulk transfer
+/// pay a system call per few KiB. Reading up to [`TUNNEL_READ_AHEAD`] here, into spare
+/// capacity that is not zero-filled, lets the codec keep a small buffer
+/// ([`WS_READ_BUFFER`]): a busy tunnel reads 64 KiB per call, and a socket with nothing to
+/// read costs no buffer at all (it is given back whenever it is empty). Used by the relay
+/// for its tunnels ([`crate::connections::ReadCharged`]) and by the agent for its own.
+#[derive(Debug, Default)]
+pub struct ReadAhead(BytesMut);
+
+impl ReadAhead {
+    /// Starts with `bytes` already read (a TLS connection's first ones).
+    pub fn with(bytes: BytesMut) -> ReadAhead {
+        ReadAhead(bytes)
+    }
+
+    /// Memory held (tests check that an idle socket holds none).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
+    /// Whether nothing read ahead is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Fills `buf` from what was read ahead, reading from `io` when nothing is left.
+    pub fn poll_read<T: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut T,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.0.is_empty() {
+            self.0.reserve(TUNNEL_READ_AHEAD);
+            match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.0) {
+                Poll::Pending => {
+                    // Nothing to read: an idle tunnel waits holding no buffer.
+                    self.0 = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        let n = self.0.len().min(buf.remaining());
+        buf.put_slice(&self.0.split_to(n));
+        if self.0.is_empty() {
+            // An idle tunnel holds no read-ahead memory.
+            self.0 = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A socket read through a [`ReadAhead`]; writes pass through.
+#[derive(Debug)]
+pub struct ReadsAhead<T> {
+    io: T,
+    ahead: ReadAhead,
+}
+
+impl<T> ReadsAhead<T> {
+    /// `io`, read ahead of its reader.
+    pub fn new(io: T) -> ReadsAhead<T> {
+        ReadsAhead {
+            io,
+            ahead: ReadAhead::default(),
+        }
+    }
+
+    /// The socket.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadsAhead<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.ahead.poll_read(&mut this.io, cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadsAhead<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The payload length of a ping or pong; `None` for a data message or a close.
@@ -63,6 +192,42 @@ mod tests {
         let cut = close_reason(&long);
         assert!(cut.len() <= MAX_CLOSE_REASON && cut.len() >= MAX_CLOSE_REASON - 1);
         assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[tokio::test]
+    async fn reading_ahead_hands_out_everything_in_order_and_holds_no_buffer_when_idle() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut peer, socket) = tokio::io::duplex(256 * 1024);
+        let mut ahead = ReadsAhead {
+            io: socket,
+            ahead: ReadAhead::with(BytesMut::from(&b"first "[..])),
+        };
+        let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&sent).await.unwrap();
+        // What was read before is handed out first, then the socket's bytes, in reads
+        // smaller than what was read ahead.
+        let mut got = vec![0; 6];
+        ahead.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"first ");
+        let mut got = Vec::new();
+        let mut chunk = [0; 4096];
+        while got.len() < sent.len() {
+            let n = ahead.read(&mut chunk).await.unwrap();
+            assert!(n > 0 && n <= chunk.len());
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() < TUNNEL_READ_AHEAD {
+                assert!(!ahead.ahead.is_empty(), "one system call read ahead 64 KiB");
+            }
+        }
+        assert_eq!(got, sent);
+        // Drained: nothing held, not even capacity, while the socket has nothing.
+        let idle =
+            tokio::time::timeout(std::time::Duration::from_millis(20), ahead.read(&mut chunk))
+                .await;
+        assert!(idle.is_err(), "nothing to read");
+        assert_eq!(ahead.ahead.capacity(), 0);
+        drop(peer);
+        assert_eq!(ahead.read(&mut chunk).await.unwrap(), 0, "end of stream");
     }
 
     #[test]

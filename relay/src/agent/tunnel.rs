@@ -42,16 +42,16 @@ use super::config::{ProtocolChoice, RelayUrl, TokenError, TokenSource};
 use super::status::StatusHandle;
 use super::upstream::Upstream;
 use crate::host_id::HostId;
-use crate::limits::WS_WRITE_BUFFER;
-use crate::limits::agent::{
-    DRAINED_TUNNEL_LINGER, MAX_INBOUND_MESSAGE, REGISTRATION_GRACE, TUNNEL_READ_BUFFER,
-};
+use crate::limits::agent::{DRAINED_TUNNEL_LINGER, MAX_INBOUND_MESSAGE, REGISTRATION_GRACE};
+use crate::limits::{WS_READ_BUFFER, WS_WRITE_BUFFER};
 use crate::protocol::h2::SUBPROTOCOL;
 use crate::tunnel::Protocol;
+use crate::websocket::ReadsAhead;
 
-/// The socket of a tunnel.
-pub(super) type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// The socket of a tunnel: read ahead of its codec (see [`ReadsAhead`]).
+pub(super) type Socket = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<ReadsAhead<tokio::net::TcpStream>>,
+>;
 
 /// What every tunnel of one agent shares.
 #[derive(Debug)]
@@ -303,7 +303,8 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, 
     }
 
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = TUNNEL_READ_BUFFER;
+    // Small: the socket is read ahead of the codec, 64 KiB per system call.
+    config.read_buffer_size = WS_READ_BUFFER;
     config.write_buffer_size = WS_WRITE_BUFFER;
     let max = if h2 {
         crate::limits::h2::MAX_TUNNEL_MESSAGE
@@ -312,12 +313,17 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, 
     };
     config.max_message_size = Some(max);
     config.max_frame_size = Some(max);
-    let attempt = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(config),
-        true,
-        shared.tls.clone().map(tokio_tungstenite::Connector::Rustls),
-    );
+    let connector = shared.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    let attempt = async {
+        let socket = dial(request.uri()).await?;
+        tokio_tungstenite::client_async_tls_with_config(
+            request,
+            ReadsAhead::new(socket),
+            Some(config),
+            connector,
+        )
+        .await
+    };
     match timeout(shared.connect_timeout, attempt).await {
         Ok(Ok((socket, response))) => {
             let base_domain = response
@@ -345,6 +351,28 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, 
             timeout: shared.connect_timeout,
         }),
     }
+}
+
+/// The TCP connection to the relay at `uri` (`ws://` or `wss://`), Nagle off: the tunnel
+/// batches its own writes.
+async fn dial(uri: &http::Uri) -> Result<tokio::net::TcpStream, tungstenite::Error> {
+    use tungstenite::error::UrlError;
+    let host = uri
+        .host()
+        .ok_or(tungstenite::Error::Url(UrlError::NoHostName))?;
+    // An IPv6 literal comes bracketed in a URI, and unbracketed to a resolver.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .or(match uri.scheme_str() {
+            Some("wss") => Some(443),
+            Some("ws") => Some(80),
+            _ => None,
+        })
+        .ok_or(tungstenite::Error::Url(UrlError::UnsupportedUrlScheme))?;
+    let socket = tokio::net::TcpStream::connect((host, port)).await?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
 }
 
 /// Counts a unit of in-flight work (an exchange or a channel) while alive.
