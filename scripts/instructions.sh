@@ -9,7 +9,8 @@
 #   scripts/instructions.sh [relay-binary]     (default: target/release/relay, built)
 #
 # Knobs: INSTR_PROTOCOLS (h2,v1), INSTR_PROCESSES (relay,agent), INSTR_SECS (10: the
-# counted wrk run; 2 s unmeasured before it), INSTR_CONNECTIONS (1).
+# counted wrk run; 2 s unmeasured before it), INSTR_CONNECTIONS (1), INSTR_KEEP (a
+# directory: keep the callgrind files there, for callgrind_annotate).
 # Needs valgrind, wrk and python3 (the upstream: http.server keeping connections alive).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -127,6 +128,10 @@ measure() {
   instructions="$(cat "$out"* | awk '/^totals:/ {s += $2} END {print s}')"
   printf '| %s | %s | %s | %s | %.0f |\n' "$protocol" "$counted" "$requests" \
     "$instructions" "$(echo "$instructions / $requests" | bc -l)"
+  if [ -n "${INSTR_KEEP:-}" ]; then
+    mkdir -p "$INSTR_KEEP"
+    cp "$out"* "$INSTR_KEEP/"
+  fi
   rm -f "$out"*
 }
 
