@@ -381,11 +381,14 @@ pub mod h2 {
     /// exchanges in flight on a tunnel, so that bounds it too.
     pub const MAX_PENDING_ACCEPT_RESETS: usize = super::MAX_PENDING_EXCHANGES;
 
-    /// Most HTTP/2 bytes sent as one binary WebSocket message. hyper hands over frames
-    /// as it encodes them; they are gathered up to this size (or until hyper flushes) so
-    /// that a bulk transfer costs one WebSocket frame header per 64 KiB instead of one per
-    /// HTTP/2 frame, while a single small response still leaves at once.
-    pub const MAX_MESSAGE: usize = 64 * 1024;
+    /// Most HTTP/2 bytes sent as one binary WebSocket message: one largest frame
+    /// ([`MAX_FRAME`] and its 9-byte header) and 1 KiB for the small frames written
+    /// before it. `h2` hands over frames as it encodes them; they are gathered up to this
+    /// size (or until it flushes) so that a bulk transfer costs one WebSocket message per
+    /// HTTP/2 frame, while a single small response still leaves at once. (At exactly
+    /// 64 KiB, every full DATA frame left as two messages, the second of 9 bytes: a
+    /// system call more per 64 KiB each way; BENCHMARKS.md, run 11.)
+    pub const MAX_MESSAGE: usize = MAX_FRAME as usize + 9 + 1024;
 
     /// Text messages that may wait to be sent, or to be read by the tunnel's task. The
     /// control plane is a ping every 30 s, its pong and one drain: a peer that floods text
@@ -399,10 +402,10 @@ pub mod h2 {
     pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
     /// Largest WebSocket message on an `h2` tunnel: 128 KiB. Both sides send at most
-    /// [`MAX_MESSAGE`] (64 KiB) per message; twice that leaves room, and it is all a
-    /// message being assembled can make the relay hold per tunnel, uncounted (the
-    /// WebSocket codec holds a message whole before HTTP/2 sees any of it).
-    pub const MAX_TUNNEL_MESSAGE: usize = 2 * MAX_MESSAGE;
+    /// [`MAX_MESSAGE`] (a little over 64 KiB) per message; twice 64 KiB leaves room, and
+    /// it is all a message being assembled can make the relay hold per tunnel, uncounted
+    /// (the WebSocket codec holds a message whole before HTTP/2 sees any of it).
+    pub const MAX_TUNNEL_MESSAGE: usize = 128 * 1024;
 
     /// How long an HTTP/2 connection inside a tunnel may carry no stream before the
     /// relay ends it (the tunnel stays; see [`crate::protocol::h2`]): 15 s. An open

@@ -998,6 +998,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_largest_frame_leaves_as_one_message() {
+        // h2 writes a DATA frame's 9-byte header, then its payload, then flushes: one
+        // message, not 64 KiB and a 9-byte straggler.
+        let (a, mut b) = pair().await;
+        let (mut io, _control, _inbox) = WsIo::new(a, no_drops);
+        let frame = crate::limits::h2::MAX_FRAME as usize;
+        let writer = tokio::spawn(async move {
+            io.write_all(&[0u8; 9]).await.unwrap();
+            io.write_all(&vec![7u8; frame]).await.unwrap();
+            io.flush().await.unwrap();
+            io
+        });
+        match b.next().await.unwrap().unwrap() {
+            Message::Binary(data) => assert_eq!(data.len(), 9 + frame),
+            other => panic!("unexpected {other:?}"),
+        }
+        let _io = writer.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_peer_close_is_eof_with_its_code() {
         let (a, mut b) = pair().await;
         let (mut io, control, _inbox) = WsIo::new(a, no_drops);
