@@ -74,7 +74,10 @@ impl ReadAhead {
             }
         }
         let n = self.0.len().min(buf.remaining());
-        buf.put_slice(&self.0.split_to(n));
+        buf.put_slice(&self.0[..n]);
+        // Not `split_to`: that shares the buffer (an allocation and reference counts)
+        // only to drop the part split off at once.
+        bytes::Buf::advance(&mut self.0, n);
         if self.0.is_empty() {
             // An idle tunnel holds no read-ahead memory.
             self.0 = BytesMut::new();
