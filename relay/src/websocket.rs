@@ -101,11 +101,6 @@ impl<T> ReadsAhead<T> {
             ahead: ReadAhead::default(),
         }
     }
-
-    /// The socket.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadsAhead<T> {

@@ -356,6 +356,13 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, 
 /// The TCP connection to the relay at `uri` (`ws://` or `wss://`), Nagle off: the tunnel
 /// batches its own writes.
 async fn dial(uri: &http::Uri) -> Result<tokio::net::TcpStream, tungstenite::Error> {
+    let socket = tokio::net::TcpStream::connect(relay_addr(uri)?).await?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
+/// Host and port of the relay at `uri`: the scheme's port when it names none.
+fn relay_addr(uri: &http::Uri) -> Result<(&str, u16), tungstenite::Error> {
     use tungstenite::error::UrlError;
     let host = uri
         .host()
@@ -370,9 +377,7 @@ async fn dial(uri: &http::Uri) -> Result<tokio::net::TcpStream, tungstenite::Err
             _ => None,
         })
         .ok_or(tungstenite::Error::Url(UrlError::UnsupportedUrlScheme))?;
-    let socket = tokio::net::TcpStream::connect((host, port)).await?;
-    socket.set_nodelay(true)?;
-    Ok(socket)
+    Ok((host, port))
 }
 
 /// Counts a unit of in-flight work (an exchange or a channel) while alive.
@@ -562,5 +567,56 @@ impl Watchdogs {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_relay_is_dialed_by_name_ipv4_or_bracketed_ipv6_literal() {
+        for (bind, url) in [
+            ("127.0.0.1:0", "ws://127.0.0.1:{port}/tunnel"),
+            ("127.0.0.1:0", "ws://localhost:{port}/tunnel"),
+            ("[::1]:0", "wss://[::1]:{port}/tunnel"),
+        ] {
+            let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+            let port = listener.local_addr().unwrap().port().to_string();
+            let uri: http::Uri = url.replace("{port}", &port).parse().unwrap();
+            let socket = dial(&uri).await.unwrap();
+            assert!(socket.nodelay().unwrap(), "Nagle off: {uri}");
+            let (_accepted, from) = listener.accept().await.unwrap();
+            assert_eq!(from, socket.local_addr().unwrap(), "{uri}");
+        }
+    }
+
+    #[test]
+    fn a_relay_url_without_a_port_takes_its_schemes() {
+        let addr = |url: &str| {
+            let uri: http::Uri = url.parse().unwrap();
+            relay_addr(&uri).map(|(host, port)| (host.to_owned(), port))
+        };
+        assert_eq!(
+            addr("ws://relay.example/t").unwrap(),
+            ("relay.example".into(), 80)
+        );
+        assert_eq!(
+            addr("wss://relay.example/t").unwrap(),
+            ("relay.example".into(), 443)
+        );
+        assert_eq!(addr("wss://[::1]:8443/t").unwrap(), ("::1".into(), 8443));
+        assert!(matches!(
+            addr("/tunnel"),
+            Err(tungstenite::Error::Url(
+                tungstenite::error::UrlError::NoHostName
+            ))
+        ));
+        assert!(matches!(
+            addr("ftp://relay.example/t"),
+            Err(tungstenite::Error::Url(
+                tungstenite::error::UrlError::UnsupportedUrlScheme
+            ))
+        ));
     }
 }
