@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::limits::{Limits, MAX_CLOSE_REASON, TUNNEL_READ_AHEAD, WS_READ_BUFFER, WS_WRITE_BUFFER};
 
@@ -86,7 +86,8 @@ impl ReadAhead {
     }
 }
 
-/// A socket read through a [`ReadAhead`]; writes pass through.
+/// A socket's read half read through a [`ReadAhead`] (joined with its write half by
+/// [`tokio::io::join`] where both are needed).
 #[derive(Debug)]
 pub struct ReadsAhead<T> {
     io: T,
@@ -111,36 +112,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadsAhead<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         this.ahead.poll_read(&mut this.io, cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ReadsAhead<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

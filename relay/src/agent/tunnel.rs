@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep, sleep, timeout};
 use tokio_tungstenite::tungstenite;
@@ -50,7 +51,7 @@ use crate::websocket::ReadsAhead;
 
 /// The socket of a tunnel: read ahead of its codec (see [`ReadsAhead`]).
 pub(super) type Socket = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<ReadsAhead<tokio::net::TcpStream>>,
+    tokio_tungstenite::MaybeTlsStream<tokio::io::Join<ReadsAhead<OwnedReadHalf>, OwnedWriteHalf>>,
 >;
 
 /// What every tunnel of one agent shares.
@@ -315,10 +316,10 @@ async fn upgrade(shared: &Shared, relay: &RelayUrl, h2: bool) -> Result<Opened, 
     config.max_frame_size = Some(max);
     let connector = shared.tls.clone().map(tokio_tungstenite::Connector::Rustls);
     let attempt = async {
-        let socket = dial(request.uri()).await?;
+        let (read, write) = dial(request.uri()).await?.into_split();
         tokio_tungstenite::client_async_tls_with_config(
             request,
-            ReadsAhead::new(socket),
+            tokio::io::join(ReadsAhead::new(read), write),
             Some(config),
             connector,
         )
