@@ -162,10 +162,6 @@ pub enum Prefix {
     FromPeer,
 }
 
-/// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`https` when the
-/// relay terminated TLS, else `http`) and `X-Forwarded-Host` (the request's `Host`)
-/// unless a trusted proxy set them ([`Forwarded`]); sets `X-Forwarded-Prefix` as
-/// [`Prefix`] says.
 /// Appends `ip` as text. An IPv4 address, nearly every client's, without the formatting
 /// machinery (a quarter of what building the `X-Forwarded-*` headers cost per request).
 fn push_address(out: &mut String, ip: IpAddr) {
@@ -191,6 +187,10 @@ fn push_address(out: &mut String, ip: IpAddr) {
     }
 }
 
+/// Appends `peer` to `X-Forwarded-For`; sets `X-Forwarded-Proto` (`https` when the
+/// relay terminated TLS, else `http`) and `X-Forwarded-Host` (the request's `Host`)
+/// unless a trusted proxy set them ([`Forwarded`]); sets `X-Forwarded-Prefix` as
+/// [`Prefix`] says.
 fn add_forwarded(out: &mut HeaderMap, headers: &HeaderMap, peer: IpAddr, forwarded: &Forwarded) {
     // The chain, then the peer: written once into one buffer (an address is at most 39
     // characters), not formatted into strings and copied again.
