@@ -301,12 +301,8 @@ pub async fn agent_has_protocol_flag(binary: &Path) -> Result<bool> {
 /// # Errors
 /// When it is missing, naming the script that installs it.
 pub fn rathole_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RATHOLE_BIN") {
-        let path = PathBuf::from(path);
-        if path.is_file() {
-            return Ok(path);
-        }
-        bail!("RATHOLE_BIN={} is not a file", path.display());
+    if let Some(path) = relay_tests::binary_from_env("RATHOLE_BIN")? {
+        return Ok(path);
     }
     let exe = std::env::current_exe().context("the bench executable has no path")?;
     // <target>/<profile>/deps/<bench>-<hash>

@@ -60,8 +60,8 @@ impl Wrk {
     /// # Errors
     /// When wrk is missing (naming the ways to get it) or the hook cannot be written.
     pub fn new(dir: &Path) -> Result<Wrk> {
-        let binary = match std::env::var_os("WRK_BIN") {
-            Some(path) => PathBuf::from(path),
+        let binary = match relay_tests::binary_from_env("WRK_BIN")? {
+            Some(path) => path,
             None => std::env::var_os("PATH")
                 .and_then(|paths| {
                     std::env::split_paths(&paths)

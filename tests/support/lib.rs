@@ -98,7 +98,7 @@ pub use metrics::counter_value;
 pub use relay_process::{
     CliOutput, RelayBuilder, TestRelay, relay_binary, relay_build, run_relay_cli,
 };
-pub use release_binary::release_relay_binary;
+pub use release_binary::{binary_from_env, release_relay_binary};
 pub use stack::Stack;
 pub use stall::{Stall, StallingReads};
 pub use stream_client::{DownloadOptions, Protocol, UploadOptions, download, upload};

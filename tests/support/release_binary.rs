@@ -7,6 +7,35 @@ use anyhow::{Result, anyhow, bail};
 
 use crate::cargo_build::{BuildProfile, RelayBuild, build_relay};
 
+/// The binary a benchmark's environment variable `var` names, if it names one. Cargo runs
+/// benchmarks in their package's directory (`tests/`), not where it was started, so a
+/// relative path is taken from the shell's directory (`PWD`) when it is not a file from
+/// `tests/`: `RELAY_BIN=target/release/relay` works from the workspace root.
+///
+/// # Errors
+/// When `var` is set but names no file, saying where it looked.
+pub fn binary_from_env(var: &str) -> Result<Option<PathBuf>> {
+    let Some(given) = std::env::var_os(var).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    if given.is_file() {
+        return Ok(Some(given));
+    }
+    let from_shell = std::env::var_os("PWD")
+        .filter(|_| given.is_relative())
+        .map(|pwd| PathBuf::from(pwd).join(&given));
+    match from_shell {
+        Some(path) if path.is_file() => Ok(Some(path)),
+        Some(path) => bail!(
+            "{var}={} is not a file (looked in {} and at {})",
+            given.display(),
+            std::env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string()),
+            path.display()
+        ),
+        None => bail!("{var}={} is not a file", given.display()),
+    }
+}
+
 /// The release relay binary: `RELAY_BIN`, or the `relay` that
 /// `cargo build --release -p relay --bin relay` leaves in the target directory the running
 /// executable lives in (which also follows `CARGO_TARGET_DIR`). Benchmarks always measure
@@ -20,12 +49,8 @@ use crate::cargo_build::{BuildProfile, RelayBuild, build_relay};
 /// When `RELAY_BIN` is not a file, or the build fails (with cargo's output, and `script`,
 /// the script that builds the binary and runs the benchmark).
 pub fn release_relay_binary(script: &str) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("RELAY_BIN") {
-        let path = PathBuf::from(path);
-        if path.is_file() {
-            return Ok(path);
-        }
-        bail!("RELAY_BIN={} is not a file", path.display());
+    if let Some(path) = binary_from_env("RELAY_BIN")? {
+        return Ok(path);
     }
     static BUILT: OnceLock<Result<RelayBuild, String>> = OnceLock::new();
     match BUILT.get_or_init(|| build_relay(BuildProfile::Release)) {
