@@ -33,24 +33,38 @@ pub(crate) fn configure(upgrade: WebSocketUpgrade, limits: &Limits) -> WebSocket
 /// ([`WS_READ_BUFFER`]): a busy tunnel reads 64 KiB per call, and a socket with nothing to
 /// read costs no buffer at all (it is given back whenever it is empty). Used by the relay
 /// for its tunnels ([`crate::connections::ReadCharged`]) and by the agent for its own.
+///
+/// Until a read fills the codec's buffer, the socket is read straight into it: most polls
+/// find nothing or a small message, and those then cost no buffer of ours (an allocation
+/// of 64 KiB and its release, several times per request). A read that fills the codec's
+/// buffer says more is waiting: from then on the socket is read ahead, until it has
+/// nothing left.
 #[derive(Debug, Default)]
-pub struct ReadAhead(BytesMut);
+pub struct ReadAhead {
+    ahead: BytesMut,
+    /// The last read filled the codec's buffer, or read ahead, and the socket has not
+    /// said it has nothing since.
+    streaming: bool,
+}
 
 impl ReadAhead {
     /// Starts with `bytes` already read (a TLS connection's first ones).
     pub fn with(bytes: BytesMut) -> ReadAhead {
-        ReadAhead(bytes)
+        ReadAhead {
+            ahead: bytes,
+            streaming: false,
+        }
     }
 
     /// Memory held (tests check that an idle socket holds none).
     #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
-        self.0.capacity()
+        self.ahead.capacity()
     }
 
     /// Whether nothing read ahead is waiting.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.ahead.is_empty()
     }
 
     /// Fills `buf` from what was read ahead, reading from `io` when nothing is left.
@@ -60,12 +74,20 @@ impl ReadAhead {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.0.is_empty() {
-            self.0.reserve(TUNNEL_READ_AHEAD);
-            match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.0) {
+        if self.ahead.is_empty() && !self.streaming {
+            let offered = buf.remaining();
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(io).poll_read(cx, buf))?;
+            self.streaming = offered > 0 && buf.filled().len() - before == offered;
+            return Poll::Ready(Ok(()));
+        }
+        if self.ahead.is_empty() {
+            self.ahead.reserve(TUNNEL_READ_AHEAD);
+            match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.ahead) {
                 Poll::Pending => {
                     // Nothing to read: an idle tunnel waits holding no buffer.
-                    self.0 = BytesMut::new();
+                    self.ahead = BytesMut::new();
+                    self.streaming = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
@@ -73,14 +95,14 @@ impl ReadAhead {
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = self.0.len().min(buf.remaining());
-        buf.put_slice(&self.0[..n]);
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead[..n]);
         // Not `split_to`: that shares the buffer (an allocation and reference counts)
         // only to drop the part split off at once.
-        bytes::Buf::advance(&mut self.0, n);
-        if self.0.is_empty() {
+        bytes::Buf::advance(&mut self.ahead, n);
+        if self.ahead.is_empty() {
             // An idle tunnel holds no read-ahead memory.
-            self.0 = BytesMut::new();
+            self.ahead = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }
@@ -184,8 +206,9 @@ mod tests {
             let n = ahead.read(&mut chunk).await.unwrap();
             assert!(n > 0 && n <= chunk.len());
             got.extend_from_slice(&chunk[..n]);
-            if got.len() < TUNNEL_READ_AHEAD {
-                assert!(!ahead.ahead.is_empty(), "one system call read ahead 64 KiB");
+            if got.len() > chunk.len() && got.len() < TUNNEL_READ_AHEAD {
+                // The first read filled the reader's buffer: the next read 64 KiB ahead.
+                assert!(!ahead.ahead.is_empty(), "reading ahead after a full read");
             }
         }
         assert_eq!(got, sent);
@@ -197,6 +220,27 @@ mod tests {
         assert_eq!(ahead.ahead.capacity(), 0);
         drop(peer);
         assert_eq!(ahead.read(&mut chunk).await.unwrap(), 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn small_reads_and_empty_polls_go_straight_into_the_readers_buffer() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut peer, socket) = tokio::io::duplex(64 * 1024);
+        let mut ahead = ReadsAhead::new(socket);
+        let mut chunk = [0; 4096];
+        for message in [&b"small"[..], &[9u8; 4095][..]] {
+            peer.write_all(message).await.unwrap();
+            let n = ahead.read(&mut chunk).await.unwrap();
+            assert_eq!(&chunk[..n], message);
+            assert_eq!(ahead.ahead.capacity(), 0, "no buffer of ours for a short read");
+            let idle = tokio::time::timeout(
+                std::time::Duration::from_millis(20),
+                ahead.read(&mut chunk),
+            )
+            .await;
+            assert!(idle.is_err(), "nothing to read");
+            assert_eq!(ahead.ahead.capacity(), 0, "nor for a poll that finds nothing");
+        }
     }
 
     #[test]
