@@ -232,14 +232,20 @@ mod tests {
             peer.write_all(message).await.unwrap();
             let n = ahead.read(&mut chunk).await.unwrap();
             assert_eq!(&chunk[..n], message);
-            assert_eq!(ahead.ahead.capacity(), 0, "no buffer of ours for a short read");
-            let idle = tokio::time::timeout(
-                std::time::Duration::from_millis(20),
-                ahead.read(&mut chunk),
-            )
-            .await;
+            assert_eq!(
+                ahead.ahead.capacity(),
+                0,
+                "no buffer of ours for a short read"
+            );
+            let idle =
+                tokio::time::timeout(std::time::Duration::from_millis(20), ahead.read(&mut chunk))
+                    .await;
             assert!(idle.is_err(), "nothing to read");
-            assert_eq!(ahead.ahead.capacity(), 0, "nor for a poll that finds nothing");
+            assert_eq!(
+                ahead.ahead.capacity(),
+                0,
+                "nor for a poll that finds nothing"
+            );
         }
     }
 
