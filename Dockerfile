@@ -18,6 +18,11 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+# jemalloc, the binary's allocator, is built from source with make, which the slim
+# image lacks (it has gcc and libc6-dev).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 
 # Dependencies first: this layer and the next are reused until a manifest or Cargo.lock

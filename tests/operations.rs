@@ -72,6 +72,23 @@ async fn request_counter_and_tunnel_gauge_move_with_traffic() {
 }
 
 #[tokio::test]
+async fn the_allocators_view_of_memory_is_published_as_metrics() {
+    let relay = TestRelay::spawn().await;
+    let allocated = relay.counter("relay_allocator_allocated_bytes", &[]).await;
+    let resident = relay.counter("relay_allocator_resident_bytes", &[]).await;
+    // The relay's own state at rest (runtime, listener, metrics) is well over 64 KiB;
+    // a binary whose global allocator is not jemalloc would show jemalloc's few bytes.
+    assert!(
+        allocated > 64.0 * 1024.0,
+        "allocated {allocated} bytes: is jemalloc the relay's allocator?"
+    );
+    assert!(
+        resident >= allocated,
+        "resident {resident} bytes below allocated {allocated}"
+    );
+}
+
+#[tokio::test]
 async fn admin_tunnels_rejects_missing_and_wrong_tokens_and_lists_real_tunnels() {
     let stack = Stack::spawn_with(
         TestRelay::builder().env("RELAY_ADMIN_TOKEN", ADMIN_TOKEN),

@@ -1570,6 +1570,13 @@ fn dockerfile_builds_in_two_stages_and_runs_relay_serve_as_non_root_on_8080() {
         manifests < deps && deps < sources && sources < build,
         "manifests, dependency build, sources, build: in this order"
     );
+    assert!(
+        builder
+            .all("RUN")
+            .iter()
+            .any(|r| r.contains("install") && r.contains(" make")),
+        "the builder installs make, which building jemalloc needs"
+    );
     for run in builder.instructions.iter().filter(|i| is_cargo_build(i)) {
         assert!(
             run.args.contains("--release") && run.args.contains("--locked"),

@@ -57,6 +57,7 @@ pub mod access;
 pub mod access_log;
 pub mod admin;
 pub mod agent;
+pub mod allocator;
 pub mod auth;
 pub mod body;
 pub mod budget;

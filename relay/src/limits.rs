@@ -86,6 +86,15 @@ pub const TUNNEL_BUDGET: usize = 64 * 1024 * 1024;
 /// down, nothing is lost). See [`crate::connections::ReadCharge`].
 pub const TUNNEL_READ_ALLOWANCE: usize = 64 * 1024;
 
+/// How long the allocator keeps pages freed by the program before it gives them back
+/// to the system: 1 s. Long enough that a busy relay reuses what it has just freed
+/// without a round trip through the kernel; short enough that the ~60 KiB per tunnel of
+/// a burst (a deploy moving a thousand tunnels, each carrying requests, whose HTTP/2
+/// connections then end together) leaves within seconds instead of staying as the
+/// relay's footprint (BENCHMARKS.md, run 12). Operators may replace every allocator
+/// setting: [`crate::allocator::OPERATOR_SETTINGS`].
+pub const ALLOCATOR_DECAY: Duration = Duration::from_secs(1);
+
 /// Share of the machine's memory the relay may hold in peers' buffers, when
 /// [`memory_budget`] derives it: a half, leaving the rest for the process itself (an
 /// idle tunnel's ~20 KiB, socket buffers, the allocator's slack).

@@ -77,6 +77,7 @@ async fn ready(State(relay): State<Relay>) -> Response {
 }
 
 async fn metrics() -> impl IntoResponse {
+    crate::allocator::record();
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::metrics_handle().render(),

@@ -1,11 +1,13 @@
 //! The `relay` binary: see `relay --help`.
 
-// Every exchange allocates and frees many small buffers (HTTP heads, JSON messages,
-// WebSocket frames) across threads; glibc's allocator spent ~15 % of the relay's CPU on
-// that under load (BENCHMARKS.md), mimalloc much less.
+// jemalloc, set to give back what bursts of traffic leave behind: see relay::allocator.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: relay::allocator::Jemalloc = relay::allocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts (relay::allocator::configure says why).
+    if let Err(err) = relay::allocator::configure() {
+        eprintln!("relay: the allocator's settings could not be applied: {err}");
+    }
     relay::cli::main()
 }
