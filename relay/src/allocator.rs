@@ -8,8 +8,8 @@
 //! glibc's costs ~15 % of the CPU under load. Side by side (BENCHMARKS.md, run 12):
 //! jemalloc with these settings holds 16 KiB per idle h2 tunnel instead of 29, 22 KiB
 //! instead of 80 once each tunnel has carried a request, peaks at 15–18 MiB instead of
-//! 35–43 during a bulk transfer and moves it 35–50 % faster, for the same instructions
-//! per small request.
+//! 35–43 during a bulk transfer and moves it a third to three quarters faster, for
+//! 1.5–2 % more instructions per small request (within the timed bench's noise).
 //!
 //! The settings, unless an operator gives jemalloc's own through [`OPERATOR_SETTINGS`]
 //! (then theirs apply and these do not):
