@@ -14,6 +14,8 @@
 # Needs valgrind, wrk and python3 (the upstream: http.server keeping connections alive).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib-local-relay.sh
+source scripts/lib-local-relay.sh
 
 for tool in valgrind callgrind_control wrk python3; do
   if ! command -v "$tool" >/dev/null 2>&1; then
@@ -43,41 +45,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Waits until `$1` prints a line matching `$2` into its log, or fails after 60 s.
-wait_for_log() {
-  local log="$1" pattern="$2" deadline=$((SECONDS + 60))
-  until grep -q "$pattern" "$log" 2>/dev/null; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "scripts/instructions.sh: no '$pattern' in $log after 60 s:" >&2
-      tail -5 "$log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
-}
-
 upstream_port="$(free_port)"
-cat >"$work/upstream.py" <<'EOF'
-import http.server, sys
-BODY = b"0123456789abcdef" * 4
-class Small(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Small).serve_forever()
-EOF
-python3 "$work/upstream.py" "$upstream_port" &
+start_upstream "$upstream_port" "$work"
 pids+=($!)
 
 export RELAY_JWT_SECRET

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs and a fresh machine may lack: redis-server (tests of
-# the Redis directory start their own on free ports) and shellcheck (lints these
-# scripts). Debian/Ubuntu packages; needs root or sudo when something is missing.
+# the Redis directory start their own on free ports), shellcheck (lints these scripts),
+# openssl and wrk. Debian/Ubuntu packages; needs root or sudo when something is missing.
 set -euo pipefail
 
 missing=()
@@ -9,6 +9,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 # Tests of public-key tokens generate their keys with it.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The test of scripts/pgo-build.sh's training loads the relay with it.
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
 echo "setup: installing ${missing[*]}" >&2

@@ -1,5 +1,6 @@
 //! The deploy side: `scripts/smoke-test.sh`, `scripts/deploy.sh` /
-//! `scripts/deploy-staging.sh`, the Fly configs and the Dockerfile.
+//! `scripts/deploy-staging.sh`, the Fly configs, the Dockerfile and the
+//! training run of `scripts/pgo-build.sh`.
 //!
 //! The smoke test runs for real, with curl, against real relay processes.
 //! Each local relay has its own port, so a small HTTP front ([`FlyFront`])
@@ -1855,4 +1856,65 @@ fn dockerfile_builder_stage_builds_the_real_relay_binary() {
         out.status.success() && help.contains("serve"),
         "the image would ship the stub, not the relay: {help}"
     );
+}
+
+// === scripts/pgo-build.sh ===
+
+/// The profile-guided build is three builds long, too long for the suite, but its training
+/// is what rots when the CLI changes: run it, briefly, through the test build of the relay.
+/// It must drive real traffic through both protocols (a profile of failed requests would
+/// optimize the error paths) and end every process it started.
+#[tokio::test]
+async fn pgo_training_drives_both_protocols_through_the_relay_and_ends_cleanly() {
+    let relay = relay_binary();
+    let relay = relay.to_str().expect("utf-8 path");
+    let run = run(
+        &script("pgo-build.sh"),
+        &["--train", relay],
+        &[("PGO_SECS", "1"), ("PGO_BULK_MIB", "4")],
+        &repo(),
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.both());
+    for step in [
+        "h2, 64 connections",
+        "h2, 1 connection",
+        "v1, 64 connections",
+        "v1, 1 connection",
+    ] {
+        let requests: u64 = run
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{step}: ")))
+            .and_then(|rest| rest.strip_suffix(" requests"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no '{step}: <n> requests' line:\n{}", run.both()));
+        assert!(requests > 0, "{step} sent nothing:\n{}", run.both());
+    }
+    let bytes = (4 * 1024 * 1024).to_string();
+    for transfer in ["h2 download", "h2 upload"] {
+        assert_eq!(
+            run.stdout
+                .lines()
+                .filter(|l| *l == format!("{transfer}: {bytes} bytes"))
+                .count(),
+            2,
+            "{}",
+            run.both()
+        );
+    }
+    assert!(run.stdout.contains("training done"), "{}", run.both());
+}
+
+#[tokio::test]
+async fn pgo_build_refuses_a_training_binary_that_is_not_there() {
+    let run = run(
+        &script("pgo-build.sh"),
+        &["--train", "/nonexistent/relay"],
+        &[],
+        &repo(),
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{}", run.both());
+    assert!(run.stderr.contains("usage:"), "{}", run.both());
 }
