@@ -178,7 +178,12 @@ async fn run(name: &str, addr: SocketAddr) -> String {
                 }
             }
             match closed {
-                Some(msg) => format!("host told ws:close {}", msg["code"]),
+                // A v1 host gets codes its WebSocket.close() cannot take (1013) as
+                // 1000 with the original in `reason` (docs/protocol.md).
+                Some(msg) => match msg["reason"].as_str() {
+                    Some(reason) => format!("host told ws:close {} ({reason})", msg["code"]),
+                    None => format!("host told ws:close {}", msg["code"]),
+                },
                 None => "never closed".into(),
             }
         }
