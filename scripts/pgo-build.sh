@@ -5,7 +5,8 @@
 # upstream: small GETs at 64 and 1 connections, 64 MiB downloads and uploads), then build
 # again with the profile it wrote. The result is target/pgo/optimized/release/relay.
 # BENCHMARKS.md (tunnel comparison, run 13) has what it gains over the plain release build
-# and what it costs; the plain `cargo build --release` stays the default build.
+# and what it costs; the plain `cargo build --release` stays the default build. What the
+# training does not run (WebSocket channels, gRPC, TLS, Redis) is optimized as cold code.
 #
 #   scripts/pgo-build.sh                  instrument, train, build (two release builds)
 #   scripts/pgo-build.sh --train <relay>  only the training, through the given binary
