@@ -33,6 +33,7 @@
 //! reaches it through a [`Control`] handle, so nothing is locked across an await and the
 //! byte path takes no lock at all.
 
+mod gate;
 pub(crate) mod stream;
 
 use std::collections::VecDeque;
@@ -314,6 +315,8 @@ enum Incoming {
 /// A WebSocket as the byte stream of an HTTP/2 connection. See the module docs.
 pub struct WsIo<S> {
     socket: S,
+    /// Spares the socket the polls HTTP/2 makes when nothing has arrived.
+    gate: gate::ReadGate,
     /// The rest of the binary message being read.
     read: Bytes,
     /// HTTP/2 bytes not yet sent as a message (at most [`MAX_MESSAGE`]).
@@ -370,6 +373,7 @@ where
         let (inbox, inbox_rx) = mpsc::channel(CONTROL_QUEUE);
         let io = WsIo {
             socket,
+            gate: gate::ReadGate::default(),
             read: Bytes::new(),
             write: BytesMut::new(),
             inbox,
@@ -450,7 +454,8 @@ where
     /// pings and pongs are the library's, and the end of the socket is recorded.
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Incoming> {
         loop {
-            match std::task::ready!(Pin::new(&mut self.socket).poll_next(cx)) {
+            let socket = &mut self.socket;
+            match std::task::ready!(self.gate.poll(cx, |cx| Pin::new(socket).poll_next(cx))) {
                 None => {
                     self.finish(Ended::Gone(
                         "connection closed without a Close frame".into(),
@@ -575,7 +580,8 @@ where
                         self.finish(Ended::Closed(None));
                         return Poll::Ready(());
                     }
-                    match Pin::new(&mut self.socket).poll_next(cx) {
+                    let socket = &mut self.socket;
+                    match self.gate.poll(cx, |cx| Pin::new(socket).poll_next(cx)) {
                         Poll::Ready(Some(Ok(message))) => {
                             if let WsEvent::Close(frame) = message.classify() {
                                 self.finish(Ended::Closed(frame));
