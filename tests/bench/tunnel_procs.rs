@@ -64,6 +64,15 @@ pub fn cpu_ticks(pid: Option<u32>) -> Result<u64> {
     Ok(f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0))
 }
 
+/// utime alone of a process, in clock ticks: the CPU it spent in its own code (the rest
+/// of [`cpu_ticks`] is the kernel's, on its behalf).
+///
+/// # Errors
+/// When /proc cannot be read (the process is gone, or not Linux).
+pub fn user_ticks(pid: u32) -> Result<u64> {
+    Ok(stat_fields(Some(pid))?.get(11).copied().unwrap_or(0))
+}
+
 /// cutime + cstime of this process: the CPU of the children it has reaped, in clock
 /// ticks. Read before and after a `wrk` run, it is what that run cost (wrk cannot be
 /// read from /proc once it has exited).
