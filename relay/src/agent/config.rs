@@ -536,6 +536,11 @@ impl UpstreamUrl {
         &self.authority
     }
 
+    /// The path every request's path goes under (`""` when there is none).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The URL of a request for `path` (host-local path plus `?query`, as the relay sent it).
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{}{}", self.authority, self.prefix, rooted(path))

@@ -10,7 +10,8 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::client::legacy::Client;
@@ -91,6 +92,13 @@ pub enum Upgrade {
 #[derive(Debug)]
 pub struct Upstream {
     url: UpstreamUrl,
+    /// The parts of every request's URI that do not change, parsed once: building a
+    /// URI from text costs a format and a parse per request (see [`Upstream::uri`]).
+    authority: Option<Authority>,
+    /// The `Host` of every HTTP/1.1 request, as hyper-util would write it (host, and
+    /// the port unless 80) if it had to, which it does by formatting on every request.
+    /// `None` for an `h2c://` service: HTTP/2 names it in `:authority`.
+    host: Option<HeaderValue>,
     client: Client<HttpConnector, Body>,
     /// When the last upstream failure was logged at WARN, and how many were not since.
     /// A std Mutex: held for two field writes, never across an await.
@@ -110,11 +118,46 @@ impl Upstream {
         if url.is_h2c() {
             builder.http2_only(true);
         }
+        let authority: Option<Authority> = url.authority().parse().ok();
+        let host = authority
+            .as_ref()
+            .filter(|_| !url.is_h2c())
+            .and_then(|a| match a.port_u16() {
+                Some(port) if port != 80 => {
+                    HeaderValue::from_str(&format!("{}:{port}", a.host())).ok()
+                }
+                _ => HeaderValue::from_str(a.host()).ok(),
+            });
         Upstream {
             client: builder.build(connector),
             url,
+            authority,
+            host,
             last_warn: Mutex::new((None, 0)),
         }
+    }
+
+    /// The service's URI for `path_and_query` (the host-local path and query the relay
+    /// sent): put together from parsed parts when the service has no prefix path, else
+    /// written out and parsed.
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, Failure> {
+        if let (Some(authority), Some(path_and_query), "") =
+            (&self.authority, path_and_query, self.url.prefix())
+            && path_and_query.as_str().starts_with('/')
+        {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(path_and_query.clone());
+            if let Ok(uri) = Uri::from_parts(parts) {
+                return Ok(uri);
+            }
+        }
+        let path = path_and_query.map_or("/", PathAndQuery::as_str);
+        self.url
+            .http_url(path)
+            .parse()
+            .map_err(|_| Failure::BadRequest("invalid path"))
     }
 
     /// The local service's base URL.
@@ -130,16 +173,14 @@ impl Upstream {
     /// See [`Failure`]; failures are logged (rate limited) here.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Failure> {
         let (parts, body) = request.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: http::Uri = self
-            .url
-            .http_url(path)
-            .parse()
-            .map_err(|_| Failure::BadRequest("invalid path"))?;
+        let uri = self.uri(parts.uri.path_and_query())?;
         let mut out = Request::new(Body::empty());
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = headers::to_upstream(&parts.headers);
+        if let Some(host) = &self.host {
+            out.headers_mut().insert(header::HOST, host.clone());
+        }
         // The tunnel carries trailers whatever the client speaks (the relay drops them
         // for an HTTP/1.1 client that did not ask), so ask the service for them: an
         // HTTP/1.1 service sends trailers only to a client that says it takes them.
@@ -329,5 +370,60 @@ mod tests {
         assert_eq!(failure.response().status(), StatusCode::BAD_GATEWAY);
         let refused = up.upgrade("/ws", &HeaderMap::new()).await;
         assert!(matches!(refused, Err(Failure::Unavailable(_))));
+    }
+
+    /// What the URI built from parts replaced: the base URL written out with the path,
+    /// then parsed.
+    fn written_out(up: &Upstream, uri: &str) -> Uri {
+        let uri: Uri = uri.parse().unwrap();
+        let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        up.url.http_url(path).parse().unwrap()
+    }
+
+    #[test]
+    fn the_upstream_uri_built_from_parts_is_the_one_written_out() {
+        let bases = [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:3000",
+            "http://127.0.0.1:8080/api",
+            "h2c://127.0.0.1:50051",
+        ];
+        let paths = [
+            "/",
+            "/x",
+            "/a/b?c=d&e",
+            "//double",
+            "/%2F?q=%20",
+            "http://tunnel/from/h2?x=1",
+            "*",
+        ];
+        for base in bases {
+            let up = Upstream::new(UpstreamUrl::parse(base).unwrap());
+            for path in paths {
+                let request: Uri = path.parse().unwrap();
+                let built = up.uri(request.path_and_query()).unwrap();
+                assert_eq!(built, written_out(&up, path), "{base} + {path}");
+                assert_eq!(built.to_string(), written_out(&up, path).to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn the_host_header_is_the_one_hyper_util_would_write() {
+        let host = |base: &str| {
+            Upstream::new(UpstreamUrl::parse(base).unwrap())
+                .host
+                .map(|h| h.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            host("http://127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(host("http://localhost:80/x").as_deref(), Some("localhost"));
+        assert_eq!(host("http://localhost").as_deref(), Some("localhost"));
+        assert_eq!(host("http://[::1]:3000").as_deref(), Some("[::1]:3000"));
+        // HTTP/2 names the authority in `:authority`.
+        assert_eq!(host("h2c://127.0.0.1:50051"), None);
     }
 }
