@@ -326,7 +326,7 @@ async fn run(name: &str, addr: SocketAddr) -> String {
         }
         "trickle-uploads" => {
             let mut host = RawHost::connect_url(&host_url(addr, "attacker"), None).await;
-            let _serve = tokio::spawn(async move {
+            let serve = tokio::spawn(async move {
                 while let Some(msg) = host.try_recv_json(Duration::from_secs(3600)).await {
                     if msg_type(&msg) == "http" {
                         host.respond(&msg_id(&msg), 200, json!({}), "ok").await;
@@ -374,6 +374,9 @@ async fn run(name: &str, addr: SocketAddr) -> String {
             for trickler in tricklers {
                 cut += usize::from(trickler.await.unwrap_or(false));
             }
+            // Before the relay stops: the host would take the end of its tunnel for a
+            // failure (and say so, panicking in its task).
+            serve.abort();
             format!(
                 "{cut} of 1000 cut with 408; a whole request meanwhile: {}",
                 direct.map_or_else(|e| e, |r| r.status.to_string())
