@@ -127,13 +127,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_that_found_nothing_is_not_repeated_until_woken() {
-        let source = Source::default();
+    /// A source, the task reading it (its waker) and a gate between them.
+    fn reader() -> (Source, Arc<Task>, Waker, ReadGate) {
         let task = Arc::new(Task::default());
         let waker = Waker::from(task.clone());
+        (Source::default(), task, waker, ReadGate::default())
+    }
+
+    #[test]
+    fn a_read_that_found_nothing_is_not_repeated_until_woken() {
+        let (source, task, waker, mut gate) = reader();
         let mut cx = Context::from_waker(&waker);
-        let mut gate = ReadGate::default();
 
         assert!(gate.poll(&mut cx, |cx| source.read(cx)).is_pending());
         assert!(gate.poll(&mut cx, |cx| source.read(cx)).is_pending());
@@ -155,11 +159,8 @@ mod tests {
 
     #[test]
     fn a_wake_up_during_the_read_opens_the_gate_for_the_next_poll() {
-        let source = Source::default();
-        let task = Arc::new(Task::default());
-        let waker = Waker::from(task.clone());
+        let (source, _task, waker, mut gate) = reader();
         let mut cx = Context::from_waker(&waker);
-        let mut gate = ReadGate::default();
 
         // The source is woken while the read is under way (before it returns Pending).
         let polled = gate.poll(&mut cx, |cx| {
