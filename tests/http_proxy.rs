@@ -393,6 +393,48 @@ async fn request_to_host_without_tunnel_returns_503_host_not_connected() {
 }
 
 #[tokio::test]
+async fn paths_that_name_no_host_get_404_an_empty_host_id_400_and_the_rest_the_client_side() {
+    let relay = TestRelay::spawn().await;
+    let token = relay.client_token(&["ghost"]);
+
+    for path in ["/hosts", "/hosts/", "/elsewhere"] {
+        let resp = relay
+            .http()
+            .get(relay.http_url(path))
+            .bearer(&token)
+            .send()
+            .await;
+        resp.assert_status(404);
+        assert_eq!(resp.json(), json!({"error": "not found"}), "{path}");
+    }
+    for path in ["/hosts//anything", "/hosts//"] {
+        let resp = relay
+            .http()
+            .get(relay.http_url(path))
+            .bearer(&token)
+            .send()
+            .await;
+        resp.assert_status(400);
+        assert_eq!(resp.error(), "hostId is empty", "{path}");
+    }
+    // Without a trailing slash, with one, and with a path: the client side, every method.
+    for (method, path) in [
+        (Method::GET, "/hosts/ghost"),
+        (Method::POST, "/hosts/ghost/"),
+        (Method::DELETE, "/hosts/ghost/a/b"),
+    ] {
+        let resp = relay
+            .http()
+            .request(method.clone(), relay.http_url(path))
+            .bearer(&token)
+            .send()
+            .await;
+        resp.assert_status(503);
+        assert_eq!(resp.error(), "host not connected", "{method} {path}");
+    }
+}
+
+#[tokio::test]
 async fn request_after_host_disconnects_returns_503() {
     let stack = Stack::spawn("web-1").await;
     let token = stack.client_token();

@@ -36,7 +36,7 @@ use crate::subdomain::{self, Subdomain};
 use crate::telemetry;
 use crate::tunnel::{Channel, ChannelEvent, ChannelRequest, ExchangeFailure, Opened, TunnelHandle};
 
-/// `ANY /hosts/{hostId}/{*path}`.
+/// `ANY /hosts/{hostId}/{*path}` (reached through the router's fallback).
 pub(crate) async fn host_request(
     State(relay): State<Relay>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
@@ -500,6 +500,14 @@ fn forwarded_of(parts: &http::request::Parts) -> headers::Forwarded {
 }
 
 /// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).
+/// Whether `path` is for the client side: `/hosts/` and something after it (what the
+/// routes `/hosts/{host}`, `/hosts/{host}/` and `/hosts/{host}/{*rest}` match; an empty
+/// hostId, as in `/hosts//x`, then gets its own 400).
+pub(crate) fn is_host_path(path: &str) -> bool {
+    path.strip_prefix("/hosts/")
+        .is_some_and(|after| !after.is_empty())
+}
+
 fn split_host_path(path: &str) -> Option<(&str, &str)> {
     let after = path.strip_prefix("/hosts/")?;
     Some(match after.find('/') {
@@ -534,5 +542,21 @@ mod tests {
         assert_eq!(split_host_path("/hosts/h1/"), Some(("h1", "/")));
         assert_eq!(split_host_path("/hosts/h1"), Some(("h1", "")));
         assert_eq!(split_host_path("/other"), None);
+    }
+
+    #[test]
+    fn only_paths_with_something_after_hosts_are_for_the_client_side() {
+        for path in [
+            "/hosts/h1",
+            "/hosts/h1/",
+            "/hosts/h1/a/b",
+            "/hosts//a",
+            "/hosts//",
+        ] {
+            assert!(is_host_path(path), "{path}");
+        }
+        for path in ["/hosts", "/hosts/", "/hostsx/h1", "/other/hosts/h1"] {
+            assert!(!is_host_path(path), "{path}");
+        }
     }
 }
