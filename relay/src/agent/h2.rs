@@ -29,7 +29,7 @@ use super::streams::Connection;
 use super::tunnel::{Alarm, EndCause, Shared, TunnelEnd, Watchdogs};
 use crate::limits::agent::CLOSE_GRACE;
 use crate::protocol::close_code;
-use crate::protocol::h2::{Ended, Idle, TunnelIo};
+use crate::protocol::h2::{Ended, Gated, Idle, TunnelIo};
 use crate::protocol::v1::{Decoded, HostMessage, RelayMessage};
 
 /// Serves an open `h2` tunnel until it ends.
@@ -65,10 +65,12 @@ where
     let mut ending: Option<EndCause> = None;
     let shutdown_deadline = sleep(CLOSE_GRACE);
     tokio::pin!(shutdown_deadline);
+    // The connection's wake-ups are most of this task's (several per request): the
+    // branches that wait for something else are gated, polled again only once woken.
     let cause = loop {
         tokio::select! {
             biased;
-            () = cancel.cancelled(), if ending.is_none() => {
+            () = Gated::new(Box::pin(cancel.cancelled())), if ending.is_none() => {
                 // Ending goes through a connection (started here if none is up), so the
                 // relay learns from GOAWAY that no new stream will be taken.
                 control.close_on_shutdown(close_code::NORMAL, "agent shutting down");
@@ -114,7 +116,7 @@ where
                     break end_cause(control.ended(), "tunnel WebSocket closed".into());
                 }
             },
-            text = inbox.recv() => {
+            text = Gated::new(Box::pin(inbox.recv())) => {
                 let Some(text) = text else { continue };
                 watchdogs.heard(true);
                 match RelayMessage::parse(&text) {
@@ -129,7 +131,7 @@ where
                     Decoded::Malformed { reason, .. } => debug!(%reason, "ignored a malformed message"),
                 }
             }
-            alarm = watchdogs.next_alarm(), if ending.is_none() => match alarm {
+            alarm = Gated::new(Box::pin(watchdogs.next_alarm())), if ending.is_none() => match alarm {
                 Alarm::Silence(after) => break EndCause::Silence(after),
                 Alarm::Finish => {
                     // GOAWAY: the relay routes new requests to the newer tunnel; the
@@ -199,6 +201,13 @@ mod tests {
     /// listens on (every exchange is answered 502): the relay's end of the socket, the
     /// session's task and its cancellation.
     async fn agent() -> (Ws, tokio::task::JoinHandle<TunnelEnd>, CancellationToken) {
+        agent_silent_after(Duration::from_secs(75)).await
+    }
+
+    /// [`agent`], abandoning the tunnel after `silence` without a control message.
+    async fn agent_silent_after(
+        silence: Duration,
+    ) -> (Ws, tokio::task::JoinHandle<TunnelEnd>, CancellationToken) {
         let (a, b) = tokio::io::duplex(1024 * 1024);
         let agent_side = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let relay_side = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
@@ -211,7 +220,7 @@ mod tests {
             upstream: Arc::new(Upstream::new(UpstreamUrl::parse(&upstream).unwrap())),
             status: StatusHandle::new(HostId::parse("demo").unwrap(), "ws://test"),
             connect_timeout: Duration::from_secs(1),
-            silence_timeout: Duration::from_secs(75),
+            silence_timeout: silence,
             tls: None,
             tasks: TaskTracker::new(),
             protocol: ProtocolChoice::H2,
@@ -255,6 +264,47 @@ mod tests {
         http::Request::get(format!("http://tunnel{path}"))
             .body(())
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_silent_relay_is_abandoned_while_streams_keep_the_connection_busy() {
+        // The watchdogs' branch is gated (polled only once its timer wakes it): the
+        // connection's many wake-ups must not hide that wake-up.
+        let silence = Duration::from_millis(300);
+        let (relay_side, task, _cancel) = agent_silent_after(silence).await;
+        let (io, _control, _inbox) = crate::protocol::h2::WsIo::new(relay_side, || {});
+        let (client, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let started = tokio::time::Instant::now();
+        let busy = tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = client.clone().ready().await else {
+                    return;
+                };
+                let Ok((response, _)) = ready.send_request(get("/busy"), true) else {
+                    return;
+                };
+                if response.await.is_err() {
+                    return;
+                }
+            }
+        });
+        let end = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the silent tunnel was not abandoned")
+            .unwrap();
+        let took = started.elapsed();
+        busy.abort();
+        match end {
+            TunnelEnd::Ended { cause, .. } => {
+                assert_eq!(cause, EndCause::Silence(silence), "ended otherwise");
+            }
+            other => panic!("ended otherwise: {other:?}"),
+        }
+        assert!(
+            took >= silence,
+            "abandoned after {took:?}, before {silence:?}"
+        );
     }
 
     #[tokio::test]

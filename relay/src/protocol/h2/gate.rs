@@ -14,7 +14,14 @@
 //! last ended `Pending` ends `Pending` again at once: this relies only on the contract
 //! of `poll_next`, that `Pending` means the waker it was given will be woken when
 //! polling again could make progress.
+//!
+//! [`Gated`] does the same for any future. The agent drives its HTTP/2 connection from
+//! the tunnel's task, whose `select!` also waits for the watchdogs' timers, control
+//! messages and cancellation: without a gate each of those is polled again on every
+//! one of the connection's wake-ups, several per request, though none of them changed.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
@@ -82,6 +89,32 @@ impl ReadGate {
         let polled = read(&mut Context::from_waker(&self.waker));
         self.pending = polled.is_pending();
         polled
+    }
+}
+
+/// A future polled through a [`ReadGate`]: after it ends `Pending`, it is polled again
+/// only once it has woken its task.
+#[derive(Debug)]
+pub(crate) struct Gated<F> {
+    gate: ReadGate,
+    future: F,
+}
+
+impl<F: Future + Unpin> Gated<F> {
+    pub(crate) fn new(future: F) -> Self {
+        Gated {
+            gate: ReadGate::default(),
+            future,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.gate.poll(cx, |cx| Pin::new(&mut this.future).poll(cx))
     }
 }
 
@@ -174,6 +207,26 @@ mod tests {
             2,
             "the wake-up was lost"
         );
+    }
+
+    #[test]
+    fn a_gated_future_is_polled_again_only_once_it_woke_its_task() {
+        let (source, task, waker, _) = reader();
+        let mut cx = Context::from_waker(&waker);
+        let mut gated = Gated::new(std::future::poll_fn(|cx| source.read(cx)));
+
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(
+            source.polls.load(Ordering::SeqCst),
+            1,
+            "polled again unwoken"
+        );
+
+        source.arrive();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was not woken");
+        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Ready(()));
+        assert_eq!(source.polls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub const SUBPROTOCOL: &str = "relay-h2";
 pub const AUTHORITY: &str = "tunnel";
 
 pub use crate::limits::h2::{CLOSE_WAIT, CONTROL_QUEUE, MAX_MESSAGE};
+pub(crate) use gate::Gated;
 
 /// Spawns hyper's tasks (the connection, request bodies, upgraded streams) on a task
 /// tracker, so shutdown waits for them like for every other task.
