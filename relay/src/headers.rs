@@ -110,28 +110,47 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 fn copy_end_to_end(headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> HeaderMap {
     let listed = connection_listed(headers);
     let mut out = HeaderMap::with_capacity(headers.len() + 3);
-    let mut trailers = false;
     for (name, value) in headers {
-        if name == header::TE {
-            trailers |= value.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-            continue;
+        if crosses(name, &listed, &skip) {
+            out.append(name.clone(), value.clone());
         }
-        if is_hop_by_hop(name)
-            || is_websocket_handshake(name)
-            || skip(name)
-            || listed.iter().any(|n| n == name.as_str())
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
     }
-    if trailers {
+    if asks_for_trailers(headers) {
         out.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     out
+}
+
+/// [`copy_end_to_end`] without the copy when every header crosses: most requests the
+/// agent gets, as the relay has already removed what does not. Otherwise a copy, which
+/// keeps the order of the headers (removing in place would not).
+fn end_to_end(headers: HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    let listed = connection_listed(&headers);
+    if headers.keys().all(|name| crosses(name, &listed, &skip)) {
+        headers
+    } else {
+        copy_end_to_end(&headers, skip)
+    }
+}
+
+/// Whether a header named `name` crosses the hop: not `TE` (see [`asks_for_trailers`]),
+/// hop-by-hop, a WebSocket handshake's, listed in `Connection` (`listed`) or `skip`ped.
+fn crosses(name: &HeaderName, listed: &[String], skip: impl Fn(&HeaderName) -> bool) -> bool {
+    !(name == header::TE
+        || is_hop_by_hop(name)
+        || is_websocket_handshake(name)
+        || skip(name)
+        || listed.iter().any(|n| n == name.as_str()))
+}
+
+/// Whether a `TE` header asks for trailers, the one thing of it that crosses a hop.
+fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
 }
 
 /// Where a client request's `X-Forwarded-*` headers come from.
@@ -301,9 +320,10 @@ pub fn from_host(headers: &mut HeaderMap) {
 
 /// The request headers the agent sends its local service: the relay's, minus what never
 /// crosses a hop, `Host` (the agent's client sets the upstream's) and `Content-Length`
-/// (the agent's client frames the body).
-pub fn to_upstream(headers: &HeaderMap) -> HeaderMap {
-    copy_end_to_end(headers, |name| {
+/// (the agent's client frames the body). The relay has already removed all of that
+/// from what it sent, so there is usually nothing to do.
+pub fn to_upstream(headers: HeaderMap) -> HeaderMap {
+    end_to_end(headers, |name| {
         name == header::HOST || name == header::CONTENT_LENGTH
     })
 }
@@ -475,8 +495,59 @@ mod tests {
         headers.insert(header::HOST, "client.example".parse().unwrap());
         headers.insert(header::CONTENT_LENGTH, "3".parse().unwrap());
         headers.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
-        let out = to_upstream(&headers);
+        let out = to_upstream(headers);
         let names: Vec<_> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-forwarded-for"]);
+    }
+
+    #[test]
+    fn headers_that_all_cross_are_kept_as_they_are_and_others_copied_in_order() {
+        let skip = |name: &HeaderName| name == header::HOST || name == header::CONTENT_LENGTH;
+        let samples: [&[(&str, &str)]; 6] = [
+            &[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("accept", "*/*"),
+                ("accept", "a"),
+            ],
+            &[
+                ("connection", "keep-alive, x-private"),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+                ("host", "h"),
+                ("content-length", "3"),
+            ],
+            &[("te", "gzip, trailers"), ("transfer-encoding", "chunked")],
+            &[
+                ("te", "gzip"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "k"),
+            ],
+            &[
+                ("te", "deflate"),
+                ("te", "Trailers"),
+                ("accept", "a"),
+                ("accept", "b"),
+            ],
+            &[("zz", "1"), ("host", "h"), ("aa", "2"), ("mm", "3")],
+        ];
+        let listed = |headers: &HeaderMap| -> Vec<(String, String)> {
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                .collect()
+        };
+        for sample in samples {
+            let mut headers = HeaderMap::new();
+            for (name, value) in sample {
+                headers.append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                );
+            }
+            let copied = copy_end_to_end(&headers, skip);
+            assert_eq!(listed(&to_upstream(headers)), listed(&copied), "{sample:?}");
+        }
     }
 }

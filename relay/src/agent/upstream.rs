@@ -177,7 +177,7 @@ impl Upstream {
         let mut out = Request::new(Body::empty());
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
-        *out.headers_mut() = headers::to_upstream(&parts.headers);
+        *out.headers_mut() = headers::to_upstream(parts.headers);
         if let Some(host) = &self.host {
             out.headers_mut().insert(header::HOST, host.clone());
         }
@@ -248,7 +248,7 @@ impl Upstream {
             .map_err(|_| Failure::BadRequest("invalid path"))?;
         let mut request = Request::new(Body::empty());
         *request.method_mut() = Method::GET;
-        *request.headers_mut() = headers::to_upstream(headers);
+        *request.headers_mut() = headers::to_upstream(headers.clone());
         let host = HeaderValue::from_str(self.url.authority())
             .map_err(|_| Failure::BadRequest("invalid upstream authority"))?;
         let set = request.headers_mut();

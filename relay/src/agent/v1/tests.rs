@@ -336,7 +336,7 @@ fn request_headers_drop_hop_by_hop_host_and_length() {
     let built = build_request("POST", "/x?y=1", &headers, b"abc".to_vec()).unwrap();
     assert_eq!(built.uri(), "/x?y=1");
     assert_eq!(built.method(), "POST");
-    let upstream = crate::headers::to_upstream(built.headers());
+    let upstream = crate::headers::to_upstream(built.headers().clone());
     let names: Vec<_> = upstream.keys().map(|n| n.as_str()).collect();
     assert_eq!(names, ["x-forwarded-for", "accept"]);
     assert_eq!(upstream.get_all("accept").iter().count(), 2);
