@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header;
 use http::{Method, Uri};
@@ -24,6 +24,7 @@ use crate::auth::{Role, bearer_token};
 use crate::body::Paced;
 use crate::client_socket::{ClientSocket, ClientUpgrade, Received, SendFailed};
 use crate::clients::{IpSlot, peer_ip};
+use crate::connections::Accepted;
 use crate::error::ClientError;
 use crate::headers::{self, Prefix};
 use crate::host_id::HostId;
@@ -39,7 +40,7 @@ use crate::tunnel::{Channel, ChannelEvent, ChannelRequest, ExchangeFailure, Open
 /// `ANY /hosts/{hostId}/{*path}` (reached through the router's fallback).
 pub(crate) async fn host_request(
     State(relay): State<Relay>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    PeerAddr(peer): PeerAddr,
     request: Request,
 ) -> Response {
     let started = Instant::now();
@@ -158,13 +159,11 @@ async fn serve(
     };
     let hop = Hop::of(request.headers(), key.as_deref());
     if hop == Hop::Peer
-        && let Some(place) = request
-            .extensions()
-            .get::<crate::clients::ConnectionPlace>()
+        && let Some(accepted) = Accepted::of(request.extensions())
     {
         // A peer relay's connection is not a client's: it leaves the per-address count
         // (each channel bridged in proxy routing is one).
-        place.give_back();
+        accepted.place().give_back();
     }
     let route_found = match routing::route(&relay, &host, hop.is_hopped()).await {
         Err(ClientError::HostNotConnected) if hop.is_hopped() => return Ok(hop.host_not_here()),
@@ -172,7 +171,7 @@ async fn serve(
     };
     let forwarded = headers::Forwarded {
         trusted: hop == Hop::Peer || relay.config().client_ip_header.is_some(),
-        secure: request.extensions().get::<crate::tls::Secure>().is_some(),
+        secure: Accepted::of(request.extensions()).is_some_and(Accepted::secure),
         prefix: if hop == Hop::Peer {
             Prefix::FromPeer
         } else if on_subdomain {

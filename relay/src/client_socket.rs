@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug};
 
-use crate::connections::{ReadCharge, ReadCharged, SendDebt};
+use crate::connections::{Accepted, ReadCharge, ReadCharged, SendDebt};
 use crate::error::ClientError;
 use crate::limits::{CLOSE_TIMEOUT, Limits, WS_READ_BUFFER, WS_WRITE_BUFFER};
 use crate::protocol::{Frame, close_code};
@@ -73,7 +73,7 @@ impl ClientUpgrade {
             let upgrade = WebSocketUpgrade::from_request_parts(parts, relay)
                 .await
                 .map_err(|_| ClientError::NotWebSocket)?;
-            let reads = parts.extensions.get::<ReadCharge>().cloned();
+            let reads = Accepted::of(&parts.extensions).map(|on| on.reads().clone());
             return Ok(ClientUpgrade(Upgrade::Http1 { upgrade, reads }));
         }
         let websocket = parts.method == Method::CONNECT
@@ -90,7 +90,7 @@ impl ClientUpgrade {
             Some(on_upgrade) if websocket => Ok(ClientUpgrade(Upgrade::Http2 {
                 on_upgrade,
                 reads: ReadCharge::new(relay.memory()),
-                sent: parts.extensions.get::<SendDebt>().cloned(),
+                sent: Accepted::of(&parts.extensions).map(|on| on.sent().clone()),
             })),
             _ => Err(ClientError::NotWebSocket),
         }

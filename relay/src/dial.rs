@@ -12,7 +12,7 @@
 //! replay cannot carry a WebSocket upgrade); a dial forwarded once is never forwarded
 //! again.
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use tracing::debug_span;
 
@@ -28,7 +28,7 @@ use crate::telemetry;
 /// `GET /v2/dial?hostId=<id>&ticket=<t>`.
 pub(crate) async fn accept(
     State(relay): State<Relay>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    PeerAddr(peer): PeerAddr,
     request: Request,
 ) -> Response {
     let (mut parts, _body) = request.into_parts();

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Extension, RawQuery, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tracing::{Instrument, info, info_span};
 use crate::auth::{AuthError, Role, bearer_token};
 use crate::budget::TunnelBudget;
 use crate::config::RoutingMode;
-use crate::connections::ReadCharge;
+use crate::connections::{Accepted, ReadCharge};
 use crate::error::ClientError;
 use crate::host_id::HostId;
 use crate::limits::{self, CLOSE_TIMEOUT};
@@ -58,12 +58,13 @@ enum Door {
 /// `GET /tunnel?hostId=<id>`.
 pub(crate) async fn accept(
     State(relay): State<Relay>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    PeerAddr(peer): PeerAddr,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    reads: Option<Extension<ReadCharge>>,
+    accepted: Option<Extension<Accepted>>,
 ) -> Response {
+    let reads = accepted.map(|Extension(accepted)| accepted.reads().clone());
     let arrival = Arrival {
         peer,
         headers,
@@ -77,12 +78,13 @@ pub(crate) async fn accept(
 /// Refusals close with superset's codes (4400 bad request, 4401 token, 4403 access).
 pub(crate) async fn accept_v2(
     State(relay): State<Relay>,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    PeerAddr(peer): PeerAddr,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    reads: Option<Extension<ReadCharge>>,
+    accepted: Option<Extension<Accepted>>,
 ) -> Response {
+    let reads = accepted.map(|Extension(accepted)| accepted.reads().clone());
     let arrival = Arrival {
         peer,
         headers,
@@ -97,7 +99,7 @@ struct Arrival {
     peer: SocketAddr,
     headers: HeaderMap,
     query: Option<String>,
-    reads: Option<Extension<ReadCharge>>,
+    reads: Option<ReadCharge>,
 }
 
 async fn register(
@@ -154,7 +156,6 @@ async fn register(
             } else {
                 Protocol::V1
             };
-            let reads = reads.map(|Extension(reads)| reads);
             let tunnel = Tunnel {
                 protocol,
                 host,

@@ -123,14 +123,6 @@ fn with_nodelay(stream: TcpStream, addr: SocketAddr) -> (TcpStream, SocketAddr) 
     (stream, addr)
 }
 
-/// The client's address, as handlers extract it (`ConnectInfo<PeerAddr>`).
+/// The client's address, as handlers extract it (from [`crate::connections::Accepted`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, StoppableListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, StoppableListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}

@@ -3,7 +3,6 @@
 //! so tests can drive it directly.
 
 use axum::Router;
-use axum::extract::ConnectInfo;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -89,7 +88,7 @@ async fn metrics() -> impl IntoResponse {
 /// per proxied request) for a handler that reads the path itself.
 async fn hosts_or_not_found(
     state: State<Relay>,
-    peer: ConnectInfo<crate::listener::PeerAddr>,
+    peer: crate::listener::PeerAddr,
     request: Request,
 ) -> Response {
     if client::is_host_path(request.uri().path()) {

@@ -33,10 +33,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// Marks a request that arrived over TLS (its scheme is `https`).
-#[derive(Debug, Clone, Copy)]
-pub struct Secure;
-
 /// What the files held when last read.
 type Contents = (Vec<u8>, Vec<u8>);
 
