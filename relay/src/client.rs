@@ -152,7 +152,7 @@ async fn serve(
         *cookie = subdomain::set_cookie(&token);
     }
 
-    let key = if request.headers().contains_key(crate::headers::HOP) {
+    let key = if request.headers().contains_key(crate::headers::HOP_NAME) {
         relay.hop_key().await
     } else {
         None

@@ -45,7 +45,7 @@ pub(crate) async fn accept(
         return close_at_once(&relay, upgrade, close::UNKNOWN_TICKET, UNKNOWN);
     };
     if parsed.issuer() != &relay.config().owner {
-        let key = if parts.headers.contains_key(crate::headers::HOP) {
+        let key = if parts.headers.contains_key(crate::headers::HOP_NAME) {
             relay.hop_key().await
         } else {
             None

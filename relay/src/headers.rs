@@ -46,7 +46,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
-const HOP_NAME: HeaderName = HeaderName::from_static(HOP);
+/// [`HOP`] as a name, for lookups on every request.
+pub(crate) const HOP_NAME: HeaderName = HeaderName::from_static(HOP);
 const HOP_AUTH_NAME: HeaderName = HeaderName::from_static(HOP_AUTH);
 const NOT_HERE_NAME: HeaderName = HeaderName::from_static(NOT_HERE);
 
@@ -86,7 +87,7 @@ fn is_relay_only(name: &HeaderName) -> bool {
 
 /// Whether `headers` carry the relays' hop key `key` (compared in constant time).
 pub fn hop_authenticated(headers: &HeaderMap, key: Option<&str>) -> bool {
-    let (Some(key), Some(sent)) = (key, headers.get(HOP_AUTH)) else {
+    let (Some(key), Some(sent)) = (key, headers.get(HOP_AUTH_NAME)) else {
         return false;
     };
     let (key, sent) = (key.as_bytes(), sent.as_bytes());

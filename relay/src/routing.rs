@@ -72,6 +72,7 @@ fn not_here() -> Response {
 
 /// Fly's proxy adds this to a replayed request.
 pub const FLY_REPLAY_SRC: &str = "fly-replay-src";
+const FLY_REPLAY_SRC_NAME: http::HeaderName = http::HeaderName::from_static(FLY_REPLAY_SRC);
 
 /// How a request reached this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,13 +91,14 @@ impl Hop {
     /// ignored (counted as `relay_hops_total{outcome="forged"}`), so a client can neither
     /// see the relays' internal answers nor pass for a relay.
     pub fn of(headers: &HeaderMap, key: Option<&str>) -> Hop {
-        if headers.contains_key(HOP_HEADER) {
+        // Names, not strings: a string is parsed again on every lookup.
+        if headers.contains_key(crate::headers::HOP_NAME) {
             if headers::hop_authenticated(headers, key) {
                 return Hop::Peer;
             }
             telemetry::hop("peer", "forged");
         }
-        if headers.contains_key(FLY_REPLAY_SRC) {
+        if headers.contains_key(FLY_REPLAY_SRC_NAME) {
             Hop::Replay
         } else {
             Hop::Direct
