@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header;
 use http::{Method, Uri};
@@ -28,7 +28,6 @@ use crate::connections::Accepted;
 use crate::error::ClientError;
 use crate::headers::{self, Prefix};
 use crate::host_id::HostId;
-use crate::listener::PeerAddr;
 use crate::protocol::close_code;
 use crate::query::strip_token;
 use crate::routing::{self, Forward, Hop, Route};
@@ -37,12 +36,8 @@ use crate::subdomain::{self, Subdomain};
 use crate::telemetry;
 use crate::tunnel::{Channel, ChannelEvent, ChannelRequest, ExchangeFailure, Opened, TunnelHandle};
 
-/// `ANY /hosts/{hostId}/{*path}` (reached through the router's fallback).
-pub(crate) async fn host_request(
-    State(relay): State<Relay>,
-    PeerAddr(peer): PeerAddr,
-    request: Request,
-) -> Response {
+/// `ANY /hosts/{hostId}/{*path}`, from `peer` ([`crate::router::App`] calls it).
+pub(crate) async fn host_request(relay: Relay, peer: SocketAddr, request: Request) -> Response {
     let started = Instant::now();
     let mut route = "none";
     let trpc = split_host_path(request.uri().path())

@@ -40,7 +40,6 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::extract::FromRequestParts;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -54,7 +53,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 use tracing::debug;
 
 use crate::body::Indebted;
@@ -62,6 +60,7 @@ use crate::budget::{Budget, Debt, Held, Reserved, TunnelBudget};
 use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
+use crate::router::App;
 use crate::telemetry;
 use crate::tls::Tls;
 use crate::websocket::ReadAhead;
@@ -133,7 +132,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
 /// idle ones close) and returns once they have.
 pub async fn serve(
     mut listener: StoppableListener,
-    app: Router,
+    app: App,
     limits: &Limits,
     memory: &Budget,
     tls: Option<Tls>,
@@ -184,7 +183,7 @@ pub async fn serve(
             let sent = request_sent.clone();
             let app = app.clone();
             async move {
-                let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+                let response = app.serve(request.map(axum::body::Body::new)).await;
                 Ok::<_, Infallible>(if http2 {
                     sent.charge_body(response)
                 } else {

@@ -16,9 +16,7 @@
 //! request reaches the host ([`crate::headers::to_host`]) and, as every credential, never
 //! logged.
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::Request;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 
@@ -68,20 +66,19 @@ fn authority_of(request: &Request) -> Option<&str> {
         .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
 }
 
-/// Middleware run before routing: a request for `<hostId>.<base>` goes to the path route
-/// of `<hostId>`, marked [`Subdomain`]; any other passes unchanged.
-pub async fn route(
-    State(base): State<std::sync::Arc<str>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let host = authority_of(&request)
-        .and_then(|a| host_of(a, &base))
+/// Run before routing: a request for `<hostId>.<base>` goes to the path route of
+/// `<hostId>`, marked [`Subdomain`]; any other passes unchanged.
+///
+/// # Errors
+/// A subdomain that names no valid host, or a path that cannot follow it.
+pub fn rewrite(request: &mut Request, base: &str) -> Result<(), ClientError> {
+    let host = authority_of(request)
+        .and_then(|a| host_of(a, base))
         .map(str::to_owned);
     if let Some(host) = host {
         // Validated before it goes into a path: `a/b.<base>` must not reach host `a`.
         if let Err(err) = HostId::parse(&host) {
-            return ClientError::from(err).into_response();
+            return Err(ClientError::from(err));
         }
         // The host is told the name it was reached by (`X-Forwarded-Host`), which an
         // HTTP/2 request carries in the URI this rewrite replaces.
@@ -100,10 +97,10 @@ pub async fn route(
                 *request.uri_mut() = uri;
                 request.extensions_mut().insert(Subdomain);
             }
-            Err(_) => return ClientError::BadPath.into_response(),
+            Err(_) => return Err(ClientError::BadPath),
         }
     }
-    next.run(request).await
+    Ok(())
 }
 
 /// The client token a request's [`COOKIE`] carries, if any.
