@@ -33,12 +33,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::net::SocketAddr;
 
 use axum::extract::FromRequestParts;
 use hyper::body::Incoming;
@@ -60,7 +59,6 @@ use crate::budget::{Budget, Debt, Held, Reserved, TunnelBudget};
 use crate::clients::{ConnectionPlace, PerIp};
 use crate::limits::{self, Limits};
 use crate::listener::{PeerAddr, StoppableListener};
-use crate::router::App;
 use crate::telemetry;
 use crate::tls::Tls;
 use crate::websocket::ReadAhead;
@@ -127,17 +125,21 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
     }
 }
 
-/// Serves `app` on every connection `listener` accepts until `finish` is cancelled; then
-/// stops accepting, lets every connection finish gracefully (requests in flight complete,
-/// idle ones close) and returns once they have.
-pub async fn serve(
+/// Serves `app` (the answer to each request: [`crate::router::App::serve`]) on every
+/// connection `listener` accepts until `finish` is cancelled; then stops accepting, lets
+/// every connection finish gracefully (requests in flight complete, idle ones close) and
+/// returns once they have.
+pub async fn serve<A, F>(
     mut listener: StoppableListener,
-    app: App,
+    app: A,
     limits: &Limits,
     memory: &Budget,
     tls: Option<Tls>,
     finish: CancellationToken,
-) {
+) where
+    A: Fn(axum::extract::Request) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = axum::response::Response> + Send + 'static,
+{
     let builder = builder(limits);
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip = PerIp::new(limits.max_connections_per_ip);
@@ -183,7 +185,7 @@ pub async fn serve(
             let sent = request_sent.clone();
             let app = app.clone();
             async move {
-                let response = app.serve(request.map(axum::body::Body::new)).await;
+                let response = app(request.map(axum::body::Body::new)).await;
                 Ok::<_, Infallible>(if http2 {
                     sent.charge_body(response)
                 } else {

@@ -107,6 +107,7 @@ pub async fn serve(
         let app = app(relay.clone());
         let finish = finish_connections.clone();
         let memory = relay.memory().clone();
+        let app = move |request| app.clone().serve(request);
         async move { connections::serve(listener, app, &limits, &memory, tls, finish).await }
     });
     tokio::select! {
