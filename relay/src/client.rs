@@ -493,15 +493,15 @@ fn forwarded_of(parts: &http::request::Parts) -> headers::Forwarded {
         .unwrap_or_default()
 }
 
-/// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).
-/// Whether `path` is for the client side: `/hosts/` and something after it (what the
-/// routes `/hosts/{host}`, `/hosts/{host}/` and `/hosts/{host}/{*rest}` match; an empty
-/// hostId, as in `/hosts//x`, then gets its own 400).
+/// Whether `path` is for the client side: `/hosts/` and something after it. An empty
+/// hostId (`/hosts//x`) is the client side's to refuse (400); `/hosts` and `/hosts/` are
+/// no one's (404).
 pub(crate) fn is_host_path(path: &str) -> bool {
     path.strip_prefix("/hosts/")
         .is_some_and(|after| !after.is_empty())
 }
 
+/// Splits `/hosts/<id>/<rest>` into the raw id segment and `/<rest>` (empty when none).
 fn split_host_path(path: &str) -> Option<(&str, &str)> {
     let after = path.strip_prefix("/hosts/")?;
     Some(match after.find('/') {

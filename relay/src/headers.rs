@@ -134,8 +134,9 @@ fn end_to_end(headers: HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> HeaderM
     }
 }
 
-/// Whether a header named `name` crosses the hop: not `TE` (see [`asks_for_trailers`]),
-/// hop-by-hop, a WebSocket handshake's, listed in `Connection` (`listed`) or `skip`ped.
+/// Whether a header named `name` crosses the hop: it does unless it is `TE` (see
+/// [`asks_for_trailers`]), hop-by-hop, a WebSocket handshake's, listed in `Connection`
+/// (`listed`) or `skip`ped.
 fn crosses(name: &HeaderName, listed: &[String], skip: impl Fn(&HeaderName) -> bool) -> bool {
     !(name == header::TE
         || is_hop_by_hop(name)
